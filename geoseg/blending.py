@@ -1,0 +1,41 @@
+"""Weights for blending overlapping window predictions.
+
+Each window's class probabilities are multiplied by a weight that is high in the window's centre
+and low at its edges, where the model lacks context; the blended value is the weighted sum divided
+by the sum of weights, so the weights need not add to one. A small floor keeps the weight positive,
+so a pixel covered by a single window (at a scene edge) is still predicted.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+
+from geoseg.errors import ConfigError
+
+BLEND_MODES = ("gaussian", "cosine", "none")
+_FLOOR = 1e-3
+
+
+def check_blend(mode: str) -> str:
+    if mode not in BLEND_MODES:
+        raise ConfigError(f"unknown blend {mode!r}; expected one of {', '.join(BLEND_MODES)}")
+    return mode
+
+
+@lru_cache(maxsize=8)
+def window_weights(size: int, mode: str = "gaussian") -> np.ndarray:
+    """A ``(size, size)`` float32 weight map for one window (cached; do not modify)."""
+    check_blend(mode)
+    x = (np.arange(size, dtype=np.float64) + 0.5) / size - 0.5  # -0.5 .. 0.5 across the window
+    if mode == "gaussian":
+        w1 = np.exp(-0.5 * (x / 0.125) ** 2)  # sigma = window / 8
+    elif mode == "cosine":
+        w1 = np.cos(np.pi * x) ** 2
+    else:
+        w1 = np.ones(size)
+    w = np.outer(w1, w1)
+    w = np.maximum(w / w.max(), _FLOOR).astype(np.float32)
+    w.setflags(write=False)
+    return w

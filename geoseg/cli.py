@@ -1,0 +1,362 @@
+"""The ``geoseg`` command line: a thin click group; each command calls one library function.
+
+Errors from geoseg become one line on stderr and exit code 1 (2 for bad usage); ``-v`` shows the
+traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from geoseg import __version__
+from geoseg.errors import GeosegError
+
+log = logging.getLogger("geoseg")
+_state = {"verbose": 0}
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    _state["verbose"] = verbose
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(level)
+    log.propagate = False
+    logging.captureWarnings(True)
+    warn_log = logging.getLogger("py.warnings")
+    warn_log.handlers[:] = [handler]
+    warn_log.propagate = False
+    # Dask's own chatter (worker start-up, closing comms) only at -vv
+    for name in ("distributed", "tornado", "asyncio"):
+        logging.getLogger(name).setLevel(logging.INFO if verbose > 1 else logging.ERROR)
+
+
+def common(f: Callable[..., Any]) -> Callable[..., Any]:
+    """-v/-q on every command."""
+    f = click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")(f)
+    f = click.option(
+        "-v",
+        "--verbose",
+        count=True,
+        help="More detail; tracebacks on error (-vv: Dask's logs too).",
+    )(f)
+    return f
+
+
+def computes(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Options of every command that computes on a Dask cluster."""
+    f = click.option("--overwrite", is_flag=True, help="Replace outputs that exist.")(f)
+    f = click.option(
+        "--scheduler",
+        envvar="DASK_SCHEDULER_ADDRESS",
+        metavar="ADDRESS",
+        help="Use an existing Dask scheduler (e.g. tcp://10.0.0.5:8786) instead of a local cluster. "
+        "Default: $DASK_SCHEDULER_ADDRESS.",
+    )(f)
+    f = click.option(
+        "--workers",
+        type=click.IntRange(min=1),
+        metavar="N",
+        help="Worker processes of the local Dask cluster (default: one per core, at most 8).",
+    )(f)
+    return common(f)
+
+
+def _ints(value: str | None) -> list[int] | None:
+    if value is None or value == "":
+        return None
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(
+            f"expected comma-separated integers such as 1,2,3; got {value!r}"
+        ) from None
+
+
+def _kv(values: tuple[str, ...]) -> dict[str, Any]:
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in values:
+        if "=" not in item:
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k.strip().replace("-", "_")] = yaml.safe_load(v)
+    return out
+
+
+class GeosegGroup(click.Group):
+    """Turns errors into one line on stderr and exit code 1; ``-v`` adds the traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except GeosegError as exc:
+            self._fail(ctx, str(exc))
+        except KeyboardInterrupt:
+            click.echo("geoseg: interrupted", err=True)
+            ctx.exit(130)
+        except Exception as exc:
+            self._fail(
+                ctx,
+                f"unexpected {type(exc).__name__}: {exc} (run again with -v for the "
+                "traceback, and please report it)",
+            )
+
+    @staticmethod
+    def _fail(ctx: click.Context, message: str) -> None:
+        if _state["verbose"]:
+            traceback.print_exc()
+        click.echo(f"geoseg: error: {message}", err=True)
+        ctx.exit(1)
+
+
+@click.group(
+    cls=GeosegGroup,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
+@click.version_option(__version__, prog_name="geoseg")
+def cli() -> None:
+    """Land-cover maps from satellite and aerial scenes of any size, on Dask.
+
+    \b
+    Start with:  geoseg demo
+    """
+
+
+@cli.command(
+    epilog="""\b
+Example:
+  geoseg train scene.tif labels.tif -o model.bundle --epochs 30 --window 64
+  geoseg train scene.tif fields.gpkg --label-field crop -o model.bundle --bands 2,3,4,8
+"""
+)
+@click.argument("scene")
+@click.argument("labels")
+@click.option("-o", "--output", required=True, help="The model bundle to write.")
+@click.option("--arch", default="unet", show_default=True, help="Architecture.")
+@click.option(
+    "--arch-arg",
+    "arch_args",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Architecture argument, repeatable (e.g. depth=3 base_width=16).",
+)
+@click.option("--bands", help="Scene bands to use, 1-based, in order (e.g. 1,2,3,4). Default: all.")
+@click.option(
+    "--classes", "classes", help="YAML class list (id, name, color). Default: from the labels."
+)
+@click.option("--label-field", help="Column of vector labels that holds the class codes.")
+@click.option("--ignore", help="Label codes that mean unlabelled (e.g. 0,99).")
+@click.option("--within", help="Polygons: train only on windows wholly inside them.")
+@click.option(
+    "--nodata", type=float, help="The scene's fill value, if the scene does not declare one."
+)
+@click.option("--window", default=64, show_default=True, help="Training window, px.")
+@click.option(
+    "--predict-window",
+    default=256,
+    show_default=True,
+    help="Default prediction window stored in the bundle, px.",
+)
+@click.option("--epochs", default=20, show_default=True)
+@click.option("--batch-size", default=16, show_default=True)
+@click.option(
+    "--samples-per-epoch",
+    type=int,
+    help="Windows per epoch. Default: twice the labelled area in windows, at least 256.",
+)
+@click.option("--lr", default=2e-3, show_default=True, help="Learning rate (AdamW, cosine decay).")
+@click.option("--loss", default="ce", show_default=True, help="ce, dice, or a sum such as ce+dice.")
+@click.option("--augment", default="light", show_default=True, type=click.Choice(["none", "light"]))
+@click.option("--no-balance", is_flag=True, help="Do not weight the loss by class frequency.")
+@click.option("--seed", default=0, show_default=True)
+@click.option(
+    "--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"])
+)
+@computes
+def train(
+    scene: str,
+    labels: str,
+    output: str,
+    arch_args: tuple[str, ...],
+    bands: str | None,
+    ignore: str | None,
+    no_balance: bool,
+    verbose: int,
+    quiet: bool,
+    **kw: Any,
+) -> None:
+    """Train a model on SCENE with LABELS (a class raster on the scene's grid, or a vector file)."""
+    from geoseg.train import train as run
+
+    _setup_logging(verbose, quiet)
+    result = run(
+        scene,
+        labels,
+        output,
+        arch_args=_kv(arch_args),
+        bands=_ints(bands),
+        ignore=_ints(ignore) or (),
+        balance=not no_balance,
+        **kw,
+    )
+    click.echo(f"wrote {result.path}")
+
+
+@cli.command(
+    epilog="""\b
+Example:
+  geoseg predict model.bundle scene.tif -o classes.tif --block 2048 --workers 4
+"""
+)
+@click.argument("bundle")
+@click.argument("scene")
+@click.option(
+    "-o", "--output", required=True, help="The class map (Cloud-Optimized GeoTIFF) to write."
+)
+@click.option("--window", type=int, help="Model window, px. Default: the bundle's.")
+@click.option(
+    "--overlap",
+    type=int,
+    help="Window overlap, px. Default: the bundle's (from the receptive field).",
+)
+@click.option(
+    "--block", default=2048, show_default=True, help="Block size, px: the unit of scheduling."
+)
+@click.option("--batch-size", default=8, show_default=True, help="Windows per forward pass.")
+@click.option(
+    "--blend",
+    default="gaussian",
+    show_default=True,
+    type=click.Choice(["gaussian", "cosine", "none"]),
+)
+@click.option(
+    "--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"])
+)
+@computes
+def predict(bundle: str, scene: str, output: str, verbose: int, quiet: bool, **kw: Any) -> None:
+    """Predict the class map of SCENE with the model BUNDLE."""
+    from geoseg.predict import predict_scene
+
+    _setup_logging(verbose, quiet)
+    result = predict_scene(bundle, scene, output, **kw)
+    click.echo(f"wrote {result.path}")
+
+
+@cli.command(
+    epilog="""\b
+Example:
+  geoseg vectorize classes.tif -o polygons.geojson
+  geoseg vectorize classes.tif -o polygons.gpkg --classes 1,5
+"""
+)
+@click.argument("classes")
+@click.option(
+    "-o", "--output", required=True, help="Polygons: .geojson (WGS84), .gpkg, .parquet or .fgb."
+)
+@click.option("--classes", "only", help="Only these class ids (e.g. 1,5).")
+@click.option("--crs", help="CRS of the output (not for GeoJSON, which is always WGS84).")
+@click.option("--block", default=2048, show_default=True, help="Block size, px.")
+@computes
+def vectorize(
+    classes: str, output: str, only: str | None, verbose: int, quiet: bool, **kw: Any
+) -> None:
+    """Turn the class map CLASSES into polygons."""
+    from geoseg.vectorize import vectorize as run
+
+    _setup_logging(verbose, quiet)
+    n = run(classes, output, only=_ints(only), **kw)
+    click.echo(f"wrote {n} polygons to {output}")
+
+
+@cli.command(
+    epilog="""\b
+Example:
+  geoseg evaluate classes.tif truth.tif -o report.json
+  geoseg evaluate classes.tif truth.gpkg --truth-field code -o report.md --regions counties.gpkg --region-field NAME
+"""
+)
+@click.argument("classes")
+@click.argument("truth")
+@click.option("-o", "--output", required=True, help="The report: .json or .md.")
+@click.option("--truth-field", help="Column of vector truth that holds the class codes.")
+@click.option("--ignore", help="Truth codes to leave out (e.g. 0,99).")
+@click.option("--regions", help="Polygons to score one by one (regions may overlap).")
+@click.option("--region-field", help="Column that names the regions (default: 'name').")
+@click.option("--within", help="Polygons: score only pixels inside them.")
+@click.option("--block", default=2048, show_default=True, help="Block size, px.")
+@computes
+def evaluate(
+    classes: str, truth: str, output: str, ignore: str | None, verbose: int, quiet: bool, **kw: Any
+) -> None:
+    """Score the class map CLASSES against TRUTH (a class raster or a vector file)."""
+    from geoseg.metrics import evaluate as run
+    from geoseg.report import score_table
+
+    _setup_logging(verbose, quiet)
+    report = run(classes, truth, output, ignore=_ints(ignore) or (), **kw)
+    if not quiet:
+        click.echo(score_table(report))
+    click.echo(f"wrote {output}")
+
+
+def _summary(result: Any) -> None:
+    from geoseg.report import score_table
+
+    report = result.report
+    click.echo(score_table(report))
+    base = report.get("baseline_majority_class")
+    if base:
+        click.echo(
+            f"\nmIoU {report['overall']['miou']:.3f} on the scored area; majority-class baseline "
+            f"(class {base['class_id']} everywhere, same pixels) {base['miou']:.3f}\n"
+        )
+    width = max(len(k) for k in result.outputs)
+    for k, v in result.outputs.items():
+        click.echo(f"{k:<{width}}  {v}")
+
+
+@cli.command(
+    epilog="""\b
+Example:
+  geoseg run workflows/iguazu.yaml -o iguazu-out --workers 2
+"""
+)
+@click.argument("workflow")
+@click.option("-o", "--output", help="Output folder. Default: the workflow's 'output'.")
+@computes
+def run(workflow: str, output: str | None, verbose: int, quiet: bool, **kw: Any) -> None:
+    """Run a whole pipeline (train, predict, vectorize, evaluate) from a YAML WORKFLOW."""
+    from geoseg.pipeline import run_workflow
+
+    _setup_logging(verbose, quiet)
+    _summary(run_workflow(workflow, output, **kw))
+
+
+@cli.command(
+    epilog="""\b
+Example:
+  geoseg demo -o /tmp/geoseg-demo --workers 2
+"""
+)
+@click.option("-o", "--output", default="geoseg-demo", show_default=True, help="Output folder.")
+@computes
+def demo(output: str, verbose: int, quiet: bool, **kw: Any) -> None:
+    """Train, predict, vectorize and evaluate on the NC Landsat 7 scene shipped with geoseg."""
+    from geoseg.pipeline import demo_workflow, run_workflow
+
+    _setup_logging(verbose, quiet)
+    _summary(run_workflow(demo_workflow(), output, **kw))
+
+
+main = cli

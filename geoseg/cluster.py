@@ -1,0 +1,114 @@
+"""Connecting to Dask: the embedded ``LocalCluster`` or an existing scheduler.
+
+``--workers N`` starts a ``LocalCluster`` of N worker processes (one thread each); ``--scheduler
+ADDRESS`` (or ``DASK_SCHEDULER_ADDRESS``) connects to a running cluster. Dask workers start with
+``OMP_NUM_THREADS=1``, so torch in a worker would use one thread; :func:`torch_threads` gives each
+task its worker's share of the machine's cores instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+from geoseg.errors import ClusterError
+from geoseg.progress import Progress
+
+log = logging.getLogger("geoseg")
+
+
+def default_workers() -> int:
+    """Worker processes for the embedded cluster: one per core, at most 8."""
+    return max(1, min(os.cpu_count() or 1, 8))
+
+
+@contextlib.contextmanager
+def session(workers: int | None = None, scheduler: str | None = None) -> Iterator[Any]:
+    """A ``distributed.Client`` for the duration of the block.
+
+    With ``scheduler`` (or ``DASK_SCHEDULER_ADDRESS`` in the environment) it connects to that
+    cluster; otherwise it starts a ``LocalCluster`` of ``workers`` processes and closes it after.
+    """
+    import dask
+    from distributed import Client, LocalCluster
+
+    address = scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS")
+    if address:
+        if workers is not None:
+            log.warning("--workers is ignored with --scheduler %s", address)
+        try:
+            client = Client(address, timeout="20s")
+        except OSError as exc:
+            raise ClusterError(
+                f"cannot reach the Dask scheduler at {address!r} ({exc}); start one with "
+                "'dask scheduler' or drop --scheduler to use a local cluster"
+            ) from None
+        with client:
+            yield client
+        return
+    n = workers or default_workers()
+    if n < 1:
+        raise ClusterError(f"--workers must be at least 1, got {n}")
+    with dask.config.set({"distributed.worker.daemon": False, "logging.distributed": "error"}):
+        cluster = LocalCluster(
+            n_workers=n,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=":0",
+            silence_logs=logging.ERROR,
+            env={"GEOSEG_TORCH_THREADS": str(max(1, (os.cpu_count() or 1) // n))},
+        )
+        with cluster, Client(cluster) as client:
+            log.debug("local Dask cluster: %d worker processes", n)
+            yield client
+
+
+def torch_threads() -> int:
+    """Threads torch should use in this process.
+
+    ``GEOSEG_TORCH_THREADS`` when set (the embedded cluster sets it to its workers' share of the
+    cores); in a Dask worker, the cores divided by the worker's threads; elsewhere, all cores.
+    """
+    env = os.environ.get("GEOSEG_TORCH_THREADS")
+    if env:
+        return max(1, int(env))
+    cores = os.cpu_count() or 1
+    try:
+        from distributed import get_worker
+
+        return max(1, cores // get_worker().state.nthreads)
+    except (ImportError, ValueError):
+        return cores
+
+
+def run_tasks(
+    client: Any,
+    fn: Callable[..., Any],
+    items: Sequence[Any],
+    label: str,
+    *args: Any,
+    unit: str = "blocks",
+    **kwargs: Any,
+) -> list[Any]:
+    """Run ``fn(item, *args, **kwargs)`` for every item on the cluster, showing progress;
+    return the results in the order of ``items``."""
+    from distributed import as_completed
+
+    futures = client.map(fn, items, *[[a] * len(items) for a in args], pure=False, **kwargs)
+    index = {f.key: i for i, f in enumerate(futures)}
+    results: list[Any] = [None] * len(items)
+    with Progress(label, len(items), unit) as progress:
+        for fut in as_completed(futures):
+            results[index[fut.key]] = fut.result()
+            progress.update()
+    return results
+
+
+def gather_sum(values: Iterable[Any]) -> Any:
+    total = None
+    for v in values:
+        total = v if total is None else total + v
+    return total

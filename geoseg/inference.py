@@ -1,0 +1,173 @@
+"""Running the model on one block: the worker's side of prediction.
+
+A block reads its core plus halo once, runs every grid window that touches its core in batches,
+blends the windows' class probabilities with normalised weights, and keeps its core. The model is
+loaded once per worker process (cached by the bundle's path and modification time) and never sent
+through the graph.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import rasterio
+import torch
+from rasterio.windows import Window
+
+from geoseg.blending import window_weights
+from geoseg.bundle import Bundle, load_bundle
+from geoseg.cluster import torch_threads
+from geoseg.errors import ConfigError
+from geoseg.io import NODATA_CLASS, read_window
+from geoseg.tiling import WindowGrid
+
+DEVICES = ("auto", "cpu", "cuda")
+_BUNDLES: dict[tuple[str, float, str], Bundle] = {}
+
+
+def resolve_device(device: str) -> str:
+    if device not in DEVICES:
+        raise ConfigError(f"unknown device {device!r}; expected one of {', '.join(DEVICES)}")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            "--device cuda was asked for but this worker has no CUDA GPU; use auto or cpu"
+        )
+    return device
+
+
+def cached_bundle(path: str, device: str) -> Bundle:
+    """The bundle at ``path``, loaded once per process and device."""
+    key = (path, os.path.getmtime(path), device)
+    if key not in _BUNDLES:
+        _BUNDLES.clear()  # one model per worker at a time
+        _BUNDLES[key] = load_bundle(path, device=device)
+    return _BUNDLES[key]
+
+
+def normalize(data: np.ndarray, valid: np.ndarray, bundle: Bundle) -> np.ndarray:
+    """Scale bands with the bundle's statistics; invalid pixels become 0 (the mean)."""
+    mean = np.asarray(bundle.contract.mean, dtype=np.float32)[:, None, None]
+    std = np.asarray(bundle.contract.std, dtype=np.float32)[:, None, None]
+    out = (data - mean) / std
+    out[:, ~valid] = 0.0
+    return out
+
+
+@dataclass(frozen=True)
+class BlockResult:
+    """What a block task reports back: where its core went and what it cost."""
+
+    core: Window
+    path: str
+    windows_run: int
+    windows_skipped: int
+    valid_pixels: int
+
+
+def _batches(items: list[Window], size: int) -> Iterator[list[Window]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def predict_probabilities(
+    bundle: Bundle,
+    x: np.ndarray,
+    valid: np.ndarray,
+    origin: tuple[int, int],
+    windows: list[Window],
+    *,
+    batch_size: int,
+    blend: str,
+    device: str,
+) -> tuple[np.ndarray, int]:
+    """Blend the model's probabilities over ``windows`` (in scene pixels) into the array ``x``
+    whose top-left pixel is ``origin`` (row, col). Returns ``(probabilities, windows run)``;
+    pixels no window covered have all-zero probabilities."""
+    k = len(bundle.classes)
+    acc = np.zeros((k, *x.shape[1:]), dtype=np.float32)
+    wsum = np.zeros(x.shape[1:], dtype=np.float32)
+    if not windows:
+        return acc, 0
+    size = int(windows[0].height)
+    weights = window_weights(size, blend)
+    local = [(int(w.row_off) - origin[0], int(w.col_off) - origin[1]) for w in windows]
+    todo = [w for w, (r, c) in zip(windows, local) if valid[r : r + size, c : c + size].any()]
+    run = 0
+    with torch.inference_mode():
+        for batch in _batches(todo, batch_size):
+            offs = [(int(w.row_off) - origin[0], int(w.col_off) - origin[1]) for w in batch]
+            xb = np.stack([x[:, r : r + size, c : c + size] for r, c in offs])
+            logits = bundle.model(torch.from_numpy(xb).to(device))
+            probs = torch.softmax(logits.float(), dim=1).cpu().numpy()
+            for p, (r, c) in zip(probs, offs):
+                acc[:, r : r + size, c : c + size] += p * weights
+                wsum[r : r + size, c : c + size] += weights
+            run += len(batch)
+    np.divide(acc, wsum, out=acc, where=wsum > 0)
+    return acc, run
+
+
+def predict_block(
+    core: Window,
+    bundle_path: str,
+    scene_path: str,
+    grid: WindowGrid,
+    parts_dir: str,
+    *,
+    batch_size: int = 8,
+    blend: str = "gaussian",
+    device: str = "auto",
+) -> BlockResult:
+    """Predict the class map of one block's core and write it to ``parts_dir`` (a Dask task)."""
+    torch.set_num_threads(torch_threads())
+    dev = resolve_device(device)
+    bundle = cached_bundle(bundle_path, dev)
+    halo = grid.halo_window(core)
+    with rasterio.open(scene_path) as src:
+        # the scene's own nodata wins; else the fill value the bundle was trained with
+        nodata = None if src.nodata is not None else bundle.contract.nodata
+        data, valid = read_window(src, halo, [b.index for b in bundle.bands], nodata)
+        profile = src.profile
+    x = normalize(data, valid, bundle)
+    windows = grid.windows_for(core)
+    probs, run = predict_probabilities(
+        bundle,
+        x,
+        valid,
+        (int(halo.row_off), int(halo.col_off)),
+        windows,
+        batch_size=batch_size,
+        blend=blend,
+        device=dev,
+    )
+    r0, c0 = int(core.row_off - halo.row_off), int(core.col_off - halo.col_off)
+    h, w = int(core.height), int(core.width)
+    core_probs = probs[:, r0 : r0 + h, c0 : c0 + w]
+    core_valid = valid[r0 : r0 + h, c0 : c0 + w]
+    classes = bundle.class_ids[np.argmax(core_probs, axis=0)]
+    classes[~core_valid] = NODATA_CLASS
+
+    name = f"block_{int(core.row_off)}_{int(core.col_off)}.tif"
+    final = Path(parts_dir) / name
+    tmp = final.with_suffix(".tmp.tif")
+    with rasterio.open(
+        tmp,
+        "w",
+        driver="GTiff",
+        width=w,
+        height=h,
+        count=1,
+        dtype="uint8",
+        nodata=NODATA_CLASS,
+        crs=profile["crs"],
+        transform=rasterio.windows.transform(core, profile["transform"]),
+    ) as dst:
+        dst.write(classes, 1)
+    os.replace(tmp, final)
+    return BlockResult(core, str(final), run, len(windows) - run, int(core_valid.sum()))

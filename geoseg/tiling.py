@@ -1,0 +1,91 @@
+"""Geometry of tiled prediction: blocks, the global window grid, halos. No pixels here.
+
+A scene is cut into *blocks* (the unit of scheduling and writing) whose *cores* tile the scene
+exactly. Model *windows* lie on one grid for the whole scene, so the windows that touch a pixel,
+and therefore its prediction, do not depend on the block size. A block reads the union of the
+windows that touch its core: that is its core plus a *halo*.
+
+>>> grid = WindowGrid(height=443, width=489, window=256, overlap=64)
+>>> grid.row_starts.tolist(), grid.col_starts.tolist()
+([0, 187], [0, 192, 233])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from rasterio.windows import Window
+
+from geoseg.errors import ConfigError
+
+
+def axis_starts(length: int, window: int, stride: int) -> np.ndarray:
+    """Start offsets of windows along one axis: every ``stride`` px, the last one flush with
+    the end so no window runs past the scene (unless the scene is shorter than one window)."""
+    if length <= window:
+        return np.array([0])
+    starts = list(range(0, length - window, stride))
+    starts.append(length - window)
+    return np.array(starts)
+
+
+def block_windows(height: int, width: int, block: int) -> list[Window]:
+    """The cores of all blocks, row-major; they tile the ``height`` x ``width`` scene exactly."""
+    if block <= 0:
+        raise ConfigError(f"block size must be positive, got {block}")
+    return [
+        Window(c, r, min(block, width - c), min(block, height - r))
+        for r in range(0, height, block)
+        for c in range(0, width, block)
+    ]
+
+
+@dataclass(frozen=True)
+class WindowGrid:
+    """The global grid of model windows over a ``height`` x ``width`` scene."""
+
+    height: int
+    width: int
+    window: int
+    overlap: int
+    row_starts: np.ndarray = field(init=False, repr=False, compare=False)
+    col_starts: np.ndarray = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.window <= 0:
+            raise ConfigError(f"window must be positive, got {self.window}")
+        if not 0 <= self.overlap < self.window:
+            raise ConfigError(
+                f"overlap must be at least 0 and less than the window ({self.window}), "
+                f"got {self.overlap}"
+            )
+        object.__setattr__(self, "row_starts", axis_starts(self.height, self.window, self.stride))
+        object.__setattr__(self, "col_starts", axis_starts(self.width, self.window, self.stride))
+
+    @property
+    def stride(self) -> int:
+        return self.window - self.overlap
+
+    def _touching(self, starts: np.ndarray, lo: int, hi: int) -> np.ndarray:
+        return starts[(starts < hi) & (starts + self.window > lo)]
+
+    def windows_for(self, core: Window) -> list[Window]:
+        """Every grid window that overlaps ``core``, row-major."""
+        r0, c0 = int(core.row_off), int(core.col_off)
+        rows = self._touching(self.row_starts, r0, r0 + int(core.height))
+        cols = self._touching(self.col_starts, c0, c0 + int(core.width))
+        return [Window(int(c), int(r), self.window, self.window) for r in rows for c in cols]
+
+    def halo_window(self, core: Window) -> Window:
+        """The area a block reads: the union of the windows touching its core."""
+        wins = self.windows_for(core)
+        r0 = min(int(w.row_off) for w in wins)
+        c0 = min(int(w.col_off) for w in wins)
+        r1 = max(int(w.row_off) + self.window for w in wins)
+        c1 = max(int(w.col_off) + self.window for w in wins)
+        return Window(c0, r0, c1 - c0, r1 - r0)
+
+    @property
+    def n_windows(self) -> int:
+        return len(self.row_starts) * len(self.col_starts)

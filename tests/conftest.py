@@ -1,0 +1,115 @@
+"""Shared fixtures: the NC sample shipped in the package, real data beside the repository,
+a factory for small GeoTIFFs, and bundles trained once per session."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import rasterio
+from affine import Affine
+
+import geoseg
+
+SAMPLE = Path(geoseg.__file__).parent / "sample"
+SCENE = SAMPLE / "nc_landsat7_2000.tif"
+LABELS = SAMPLE / "nc_landclass96.tif"
+WEST = SAMPLE / "nc_train_west60.gpkg"
+EAST = SAMPLE / "nc_holdout_east40.gpkg"
+REGIONS = SAMPLE / "nc_regions_2x2.gpkg"
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def shared(relative: str) -> Path:
+    """A file of ../shared/data; the test is skipped where that folder is absent."""
+    p = SHARED / relative
+    if not p.exists():
+        pytest.skip(f"{p} is not here (shared data lies beside the repository in CI)")
+    return p
+
+
+@pytest.fixture
+def make_raster(tmp_path: Path) -> Callable[..., Path]:
+    """Write a GeoTIFF from an array: ``make_raster("a.tif", data, nodata=0, crs=...)``."""
+
+    def make(name: str, data: np.ndarray, **profile: Any) -> Path:
+        data = data if data.ndim == 3 else data[None]
+        path = tmp_path / name
+        prof = {
+            "driver": "GTiff",
+            "count": data.shape[0],
+            "height": data.shape[1],
+            "width": data.shape[2],
+            "dtype": data.dtype.name,
+            "crs": "EPSG:32119",
+            "transform": Affine(30.0, 0, 600000.0, 0, -30.0, 200000.0),
+        }
+        prof.update(profile)
+        if prof["crs"] is None:
+            del prof["crs"]
+        with rasterio.open(path, "w", **prof) as dst:
+            dst.write(data)
+        return path
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def random_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained, tiny U-Net bundle for the NC scene: for tests about tiling, not learning."""
+    import torch
+
+    from geoseg.bundle import BandInfo, Contract, save_bundle
+    from geoseg.io import ClassInfo, read_profile
+    from geoseg.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("unet", 6, 3, depth=2, base_width=4).eval()
+    prof = read_profile(SCENE)
+    contract = Contract(
+        arch="unet",
+        arch_args={"depth": 2, "base_width": 4},
+        bands=[BandInfo(i, f"b{i}") for i in range(1, 7)],
+        mean=[80.0] * 6,
+        std=[30.0] * 6,
+        classes=[
+            ClassInfo(1, "one", "#ff0000"),
+            ClassInfo(5, "five", "#00ff00"),
+            ClassInfo(9, "nine", "#0000ff"),
+        ],
+        window=64,
+        overlap=16,
+        receptive_field=13,
+        crs=prof.crs.to_string(),
+        pixel_size=prof.res,
+    )
+    path = tmp_path_factory.mktemp("bundle") / "random.bundle"
+    save_bundle(path, model, contract)
+    return path
+
+
+@pytest.fixture(scope="session")
+def nc_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A short real training on the western 60 % of the NC scene, its class map and polygons."""
+    from geoseg.predict import predict_scene
+    from geoseg.train import train
+    from geoseg.vectorize import vectorize
+
+    d = tmp_path_factory.mktemp("nc")
+    out = {"bundle": d / "nc.bundle", "classes": d / "classes.tif", "polygons": d / "polygons.gpkg"}
+    train(
+        SCENE,
+        LABELS,
+        out["bundle"],
+        within=WEST,
+        arch_args={"depth": 2, "base_width": 8},
+        epochs=2,
+        samples_per_epoch=128,
+        workers=1,
+    )
+    predict_scene(out["bundle"], SCENE, out["classes"], block=256, workers=2)
+    vectorize(out["classes"], out["polygons"], block=256, workers=1)
+    return out

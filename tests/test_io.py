@@ -1,0 +1,89 @@
+import numpy as np
+import pytest
+import rasterio
+from affine import Affine
+from rasterio.windows import Window
+
+from geoseg.errors import GridMismatchError, InputNotFoundError, NotARasterError, OutputExistsError
+from geoseg.io import atomic_output, check_same_grid, open_raster, read_profile, read_window
+
+from .conftest import LABELS, SCENE
+
+
+def test_read_window_marks_nodata_and_outside_pixels_invalid(make_raster):
+    data = np.arange(2 * 10 * 12, dtype="uint16").reshape(2, 10, 12) + 1
+    data[1, 3, 4] = 0  # nodata in one band only: the pixel is invalid
+    path = make_raster("s.tif", data, nodata=0)
+    with rasterio.open(path) as src:
+        d, valid = read_window(src, Window(-2, -1, 8, 6))
+    assert d.shape == (2, 6, 8) and d.dtype == np.float32
+    assert not valid[0].any() and not valid[:, :2].any()  # outside the scene
+    assert not valid[4, 6]  # scene pixel (3, 4), nodata in band 2
+    assert valid[1:, 2:].sum() == 5 * 6 - 1
+    with rasterio.open(path) as src:
+        d, valid = read_window(src, Window(0, 0, 12, 10))
+    assert not valid[3, 4] and valid.sum() == 119
+    np.testing.assert_array_equal(d, data.astype(np.float32))
+
+
+def test_read_window_nodata_override_for_undeclared_fill(make_raster):
+    data = np.ones((1, 4, 4), dtype="uint16")
+    data[0, 0, 0] = 0
+    path = make_raster("s.tif", data)  # no nodata declared
+    with rasterio.open(path) as src:
+        assert read_window(src, Window(0, 0, 4, 4))[1].all()
+        assert read_window(src, Window(0, 0, 4, 4), nodata=0)[1].sum() == 15
+
+
+def test_atomic_output_leaves_nothing_behind_on_error(tmp_path):
+    target = tmp_path / "out.tif"
+    with pytest.raises(RuntimeError), atomic_output(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_output_refuses_existing_unless_overwrite(tmp_path):
+    target = tmp_path / "out.txt"
+    target.write_text("old")
+    with pytest.raises(OutputExistsError, match="--overwrite"), atomic_output(target):
+        pass
+    with atomic_output(target, overwrite=True) as tmp:
+        tmp.write_text("new")
+    assert target.read_text() == "new" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_missing_and_non_raster_inputs_are_named(tmp_path):
+    with pytest.raises(InputNotFoundError, match=r"nope\.tif"):
+        open_raster(tmp_path / "nope.tif")
+    bad = tmp_path / "bad.tif"
+    bad.write_text("not a raster")
+    with pytest.raises(NotARasterError, match="not a raster"):
+        open_raster(bad)
+
+
+def test_nad83_and_harn_labels_share_the_scene_grid():
+    # the NC labels are EPSG:3358 on the EPSG:32119-like grid of the scene: sub-metre apart
+    scene, labels = read_profile(SCENE), read_profile(LABELS)
+    assert scene.crs.to_wkt() != labels.crs.to_wkt()
+    check_same_grid(scene, labels, "labels")
+
+
+def test_grid_mismatch_is_explained(make_raster):
+    scene = read_profile(SCENE)
+    shifted = make_raster(
+        "l.tif",
+        np.zeros((1, scene.height, scene.width), "uint8"),
+        crs=scene.crs,
+        transform=scene.transform * Affine.translation(3, 0),
+    )
+    with pytest.raises(GridMismatchError, match="not on the scene's grid"):
+        check_same_grid(scene, read_profile(shifted), "labels")
+    other_crs = make_raster(
+        "g.tif",
+        np.zeros((1, scene.height, scene.width), "uint8"),
+        crs="EPSG:32617",
+        transform=scene.transform,
+    )
+    with pytest.raises(GridMismatchError, match="EPSG:32617"):
+        check_same_grid(scene, read_profile(other_crs), "labels")

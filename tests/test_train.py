@@ -1,0 +1,107 @@
+import geopandas as gpd
+import numpy as np
+import pytest
+import rasterio
+from shapely.affinity import translate
+
+from geoseg import load_bundle
+from geoseg.data import LabelSpec, SampleSpec, WindowSampler, block_stats, pixel_bounds
+from geoseg.errors import BandMismatchError, ConfigError, LabelError
+from geoseg.io import read_profile
+from geoseg.train import train
+
+from .conftest import LABELS, SCENE, WEST, shared
+
+
+def test_bundle_carries_the_whole_contract(nc_run):
+    b = load_bundle(nc_run["bundle"])
+    c = b.contract
+    assert [x.index for x in c.bands] == [1, 2, 3, 4, 5, 6]
+    assert c.bands[0].name.startswith("lsat7_2000_10")
+    assert [x.name for x in c.classes] == [
+        "developed",
+        "agriculture",
+        "herbaceous",
+        "shrubland",
+        "forest",
+        "water",
+        "sediment",
+    ]
+    assert c.nodata == 0 and c.window == 256 and 0 < c.overlap < c.window
+    assert c.receptive_field > 1 and c.crs and c.pixel_size == (28.5, 28.5)
+    assert all(np.isfinite(c.mean)) and all(s > 0 for s in c.std)
+    assert 40 < c.mean[0] < 120  # band 1 DN of this scene, nodata excluded
+    assert len(c.training["history"]) == 2 and c.geoseg_version
+
+
+def test_training_windows_never_leave_the_training_area():
+    profile = read_profile(SCENE)
+    bounds = pixel_bounds(profile, str(WEST))
+    spec_labels = LabelSpec(str(LABELS))
+    stats = block_stats(
+        rasterio.windows.Window(0, 0, profile.width, profile.height),
+        str(SCENE),
+        (1, 2, 3, 4, 5, 6),
+        spec_labels,
+        str(WEST),
+    )
+    split = round(0.6 * profile.width)
+    assert stats.anchors[:, 1].max() < split
+    spec = SampleSpec(
+        str(SCENE),
+        (1, 2, 3, 4, 5, 6),
+        spec_labels,
+        tuple(range(1, 8)),
+        (0.0,) * 6,
+        (1.0,) * 6,
+        64,
+        str(WEST),
+        bounds,
+        stats.anchors,
+    )
+    sampler = WindowSampler(spec, seed=1)
+    for _ in range(300):
+        w = sampler.draw_window()
+        assert w.col_off + w.width <= split and w.col_off >= 0
+    x, m = sampler.sample()
+    assert x.shape == (6, 64, 64) and m.shape == (64, 64) and (m != 255).any()
+    sampler.close()
+
+
+def test_vector_labels_in_another_crs(tmp_path):
+    polygons = shared("nc-landsat7-landclass96/landsat96_polygons.shp")
+    out = tmp_path / "v.bundle"
+    with pytest.raises(LabelError, match=r"column 'label' holds str values.*integer columns: id"):
+        train(SCENE, polygons, out, label_field="label", workers=1)
+    # without --label-field the only integer column, 'id', is used
+    result = train(
+        SCENE,
+        polygons,
+        out,
+        arch_args={"depth": 2, "base_width": 4},
+        epochs=1,
+        samples_per_epoch=32,
+        workers=1,
+    )
+    assert out.exists()
+    assert [c.id for c in result.classes] == sorted(gpd.read_file(polygons)["id"].unique())
+
+
+def test_bad_training_inputs_get_clear_errors(tmp_path, make_raster):
+    out = tmp_path / "m.bundle"
+    with pytest.raises(BandMismatchError, match=r"bands 1-6; --bands asked for \[7\]"):
+        train(SCENE, LABELS, out, bands=[1, 7], workers=1)
+    with pytest.raises(ConfigError, match="larger than the training area"):
+        train(SCENE, LABELS, out, within=WEST, window=512, workers=1)
+    with pytest.raises(LabelError, match=r"codes \[6, 7\] that are not in the class list"):
+        train(SCENE, LABELS, out, classes=[{"id": i} for i in range(1, 6)], epochs=1, workers=1)
+    far = gpd.read_file(WEST)
+    far["geometry"] = far.geometry.apply(lambda g: translate(g, 1e6, 0))
+    far["code"] = 1
+    far.to_file(tmp_path / "far.gpkg")
+    with pytest.raises(LabelError, match="do not overlap"):
+        train(SCENE, tmp_path / "far.gpkg", out, workers=1)
+    far[["name", "geometry"]].to_file(tmp_path / "names.gpkg")
+    with pytest.raises(LabelError, match="integer columns: none; all columns: name"):
+        train(SCENE, tmp_path / "names.gpkg", out, workers=1)
+    assert not out.exists()
