@@ -334,7 +334,7 @@ def block_stats(
 # -- sampling and augmentation -----------------------------------------------------------------
 
 
-def augmentation(preset: str) -> Any:
+def augmentation(preset: str, seed: int | None = None) -> Any:
     """An albumentations pipeline for image (H, W, bands) and mask (H, W) together."""
     import albumentations as A
 
@@ -344,7 +344,9 @@ def augmentation(preset: str) -> Any:
         )
     if preset == "none":
         return None
-    return A.Compose([A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5), A.RandomRotate90(p=0.5)])
+    return A.Compose(
+        [A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5), A.RandomRotate90(p=0.5)], seed=seed
+    )
 
 
 @dataclass(frozen=True)
@@ -397,7 +399,7 @@ class WindowSampler:
         self.lut[list(spec.class_ids)] = np.arange(len(spec.class_ids), dtype=np.uint8)
         self.mean = np.asarray(spec.mean, dtype=np.float32)[:, None, None]
         self.std = np.asarray(spec.std, dtype=np.float32)[:, None, None]
-        self.aug = augmentation(spec.augment)
+        self.aug = augmentation(spec.augment, seed)
 
     def close(self) -> None:
         self.src.close()

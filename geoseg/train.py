@@ -287,9 +287,14 @@ def train(
             window,
         )
         history, state = [], None
+        # every epoch on the same worker while it lives: its imports and caches stay warm
+        home = sorted(client.scheduler_info()["workers"])[:1]
         with Progress("train", epochs, "epochs") as progress:
             for epoch in range(epochs):
-                fut = client.submit(train_epoch, state, cfg, epoch, pure=False)
+                fut = client.submit(
+                    train_epoch, state, cfg, epoch, pure=False, workers=home,
+                    allow_other_workers=True,
+                )
                 result: EpochResult = fut.result()
                 state = result.state
                 history.append({"epoch": epoch + 1, "loss": result.loss, "seconds": result.seconds})

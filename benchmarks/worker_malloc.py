@@ -1,0 +1,64 @@
+"""Training epochs on a LocalCluster with Dask's default worker environment against geoseg's
+(glibc's mmap threshold raised to 32 MiB and heap trimming off).
+
+    python benchmarks/worker_malloc.py [--epochs 3] [--repeats 2]
+
+Prints seconds per epoch (median over epochs after the first, which includes start-up) and the
+ratio, and appends them to benchmarks/results/worker_malloc.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from unittest import mock
+
+import geoseg.cluster
+from geoseg.pipeline import demo_workflow
+from geoseg.train import train
+
+SAMPLE = demo_workflow().parent
+
+
+def run(env: dict[str, str], epochs: int) -> list[float]:
+    with mock.patch.object(geoseg.cluster, "WORKER_MALLOC_ENV", env), tempfile.TemporaryDirectory() as d:
+        result = train(
+            SAMPLE / "nc_landsat7_2000.tif", SAMPLE / "nc_landclass96.tif", Path(d) / "m.bundle",
+            within=SAMPLE / "nc_train_west60.gpkg", arch_args={"depth": 3, "base_width": 16},
+            epochs=epochs, workers=2,
+        )
+    return [h["seconds"] for h in result.history]
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args()
+    rows = {"dask default": {}, "geoseg": dict(geoseg.cluster.WORKER_MALLOC_ENV)}
+    seconds: dict[str, list[float]] = {k: [] for k in rows}
+    for _ in range(args.repeats):
+        for name, env in rows.items():  # interleaved, so drift hits both alike
+            seconds[name] += run(env, args.epochs)[1:]
+    med = {k: statistics.median(v) for k, v in seconds.items()}
+    for k, v in med.items():
+        print(f"{k:>13}: {v:6.2f} s per epoch (median of {len(seconds[k])})")
+    print(f"speed-up: {med['dask default'] / med['geoseg']:.2f}x")
+    out = Path(__file__).parent / "results" / "worker_malloc.json"
+    out.parent.mkdir(exist_ok=True)
+    history = json.loads(out.read_text()) if out.exists() else []
+    history.append({"date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.processor() or platform.machine(),
+                    "epochs": args.epochs, "repeats": args.repeats, "seconds_per_epoch": med,
+                    "speedup": med["dask default"] / med["geoseg"]})
+    out.write_text(json.dumps(history, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
