@@ -27,11 +27,18 @@ SAMPLE = demo_workflow().parent
 
 
 def run(env: dict[str, str], epochs: int) -> list[float]:
-    with mock.patch.object(geoseg.cluster, "WORKER_MALLOC_ENV", env), tempfile.TemporaryDirectory() as d:
+    with (
+        mock.patch.object(geoseg.cluster, "WORKER_MALLOC_ENV", env),
+        tempfile.TemporaryDirectory() as d,
+    ):
         result = train(
-            SAMPLE / "nc_landsat7_2000.tif", SAMPLE / "nc_landclass96.tif", Path(d) / "m.bundle",
-            within=SAMPLE / "nc_train_west60.gpkg", arch_args={"depth": 3, "base_width": 16},
-            epochs=epochs, workers=2,
+            SAMPLE / "nc_landsat7_2000.tif",
+            SAMPLE / "nc_landclass96.tif",
+            Path(d) / "m.bundle",
+            within=SAMPLE / "nc_train_west60.gpkg",
+            arch_args={"depth": 3, "base_width": 16},
+            epochs=epochs,
+            workers=2,
         )
     return [h["seconds"] for h in result.history]
 
@@ -54,9 +61,16 @@ def main() -> None:
     out = Path(__file__).parent / "results" / "worker_malloc.json"
     out.parent.mkdir(exist_ok=True)
     history = json.loads(out.read_text()) if out.exists() else []
-    history.append({"date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.processor() or platform.machine(),
-                    "epochs": args.epochs, "repeats": args.repeats, "seconds_per_epoch": med,
-                    "speedup": med["dask default"] / med["geoseg"]})
+    history.append(
+        {
+            "date": time.strftime("%Y-%m-%d %H:%M"),
+            "machine": platform.processor() or platform.machine(),
+            "epochs": args.epochs,
+            "repeats": args.repeats,
+            "seconds_per_epoch": med,
+            "speedup": med["dask default"] / med["geoseg"],
+        }
+    )
     out.write_text(json.dumps(history, indent=1) + "\n")
 
 

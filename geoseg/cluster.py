@@ -24,7 +24,10 @@ log = logging.getLogger("geoseg")
 # pays page faults for its activation buffers, and Dask's nanny trims the heap eagerly
 # (MALLOC_TRIM_THRESHOLD_=65536). Keeping buffers up to 32 MiB (glibc's maximum) on the heap and
 # not trimming it made a training epoch 1.6x faster here (benchmarks/README.md).
-WORKER_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(2**30)}
+WORKER_MALLOC_ENV = {
+    "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20),
+    "MALLOC_TRIM_THRESHOLD_": str(2**30),
+}
 
 
 def default_workers() -> int:
@@ -47,7 +50,7 @@ def session(workers: int | None = None, scheduler: str | None = None) -> Iterato
         if workers is not None:
             log.warning("--workers is ignored with --scheduler %s", address)
         try:
-            client = Client(address, timeout="20s")
+            client = Client(address, timeout=dask.config.get("distributed.comm.timeouts.connect"))
         except OSError as exc:
             raise ClusterError(
                 f"cannot reach the Dask scheduler at {address!r} ({exc}); start one with "

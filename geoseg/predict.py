@@ -98,13 +98,11 @@ def predict_scene(
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
     win = window or b.window
-    ovl = b.overlap if overlap is None else overlap
-    if ovl >= win:
-        ovl = win // 4
-        log.warning("overlap reduced to %d px to fit window %d", ovl, win)
+    # the bundle's overlap, capped for a window smaller than the bundle's; a given one as given
+    ovl = min(b.overlap, win // 2) if overlap is None else overlap
     grid = WindowGrid(profile.height, profile.width, win, ovl)
     cores = block_windows(profile.height, profile.width, block)
-    log.info(
+    plan = (
         "predict %s: %dx%d px, %d blocks of %d px, window %d, overlap %d (%d windows)",
         profile.path,
         profile.width,
@@ -121,6 +119,7 @@ def predict_scene(
     parts.mkdir()
     try:
         with session(workers, scheduler) as client:
+            log.info(*plan)
             results: list[BlockResult] = run_tasks(
                 client,
                 predict_block,

@@ -292,7 +292,12 @@ def train(
         with Progress("train", epochs, "epochs") as progress:
             for epoch in range(epochs):
                 fut = client.submit(
-                    train_epoch, state, cfg, epoch, pure=False, workers=home,
+                    train_epoch,
+                    state,
+                    cfg,
+                    epoch,
+                    pure=False,
+                    workers=home,
                     allow_other_workers=True,
                 )
                 result: EpochResult = fut.result()

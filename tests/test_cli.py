@@ -4,6 +4,11 @@ one line on stderr, a non-zero exit, no traceback, no partial output."""
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import geopandas as gpd
 import numpy as np
@@ -173,4 +178,74 @@ def test_failed_training_leaves_no_bundle(tmp_path):
     out = tmp_path / "m.bundle"
     r = invoke("train", SCENE, LABELS, "-o", out, "--within", WEST, "--window", 1024)
     assert_one_line_error(r, "larger than the training area")
+    assert not out.exists()
+
+
+def test_predict_through_an_external_scheduler(tmp_path, random_bundle):
+    """--scheduler against real `dask scheduler` and `dask worker` processes on loopback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address = f"tcp://127.0.0.1:{port}"
+    bindir = Path(sys.executable).parent  # the `dask` console script of this environment
+    procs = [
+        subprocess.Popen(
+            [
+                bindir / "dask",
+                "scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--no-dashboard",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    ]
+    try:
+        time.sleep(2)
+        procs.append(
+            subprocess.Popen(
+                [
+                    bindir / "dask",
+                    "worker",
+                    address,
+                    "--nthreads",
+                    "1",
+                    "--no-dashboard",
+                    "--host",
+                    "127.0.0.1",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+        from distributed import Client
+
+        with Client(address, timeout="30s") as c:
+            c.wait_for_workers(1, timeout=60)
+        remote, local = tmp_path / "remote.tif", tmp_path / "local.tif"
+        r = invoke(
+            "predict", random_bundle, SCENE, "-o", remote, "--scheduler", address, "--block", 200
+        )
+        assert r.exit_code == 0, r.stderr
+        invoke("predict", random_bundle, SCENE, "-o", local, "--workers", 1)
+        with rasterio.open(remote) as a, rasterio.open(local) as b:
+            np.testing.assert_array_equal(a.read(1), b.read(1))
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+            p.wait(timeout=30)
+
+
+def test_unreachable_scheduler_is_one_line(tmp_path, random_bundle):
+    import dask
+
+    out = tmp_path / "c.tif"
+    with dask.config.set({"distributed.comm.timeouts.connect": "2s"}):
+        r = invoke(
+            "predict", random_bundle, SCENE, "-o", out, "-q", "--scheduler", "tcp://127.0.0.1:9"
+        )
+    assert_one_line_error(r, "cannot reach the Dask scheduler", "tcp://127.0.0.1:9")
     assert not out.exists()
