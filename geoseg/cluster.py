@@ -62,7 +62,9 @@ def session(workers: int | None = None, scheduler: str | None = None) -> Iterato
     n = workers or default_workers()
     if n < 1:
         raise ClusterError(f"--workers must be at least 1, got {n}")
-    config = {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in WORKER_MALLOC_ENV.items()}
+    config: dict[str, Any] = {
+        f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in WORKER_MALLOC_ENV.items()
+    }
     config.update({"distributed.worker.daemon": False, "logging.distributed": "error"})
     with dask.config.set(config):
         cluster = LocalCluster(
