@@ -47,7 +47,7 @@ class Contract:
     classes: list[ClassInfo]
     window: int
     overlap: int
-    receptive_field: int
+    receptive_field: int | None  # None: every output pixel sees the whole window
     crs: str | None
     pixel_size: tuple[float, float]
     nodata: float | None = None

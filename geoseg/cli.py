@@ -143,7 +143,9 @@ Example:
 @click.argument("scene")
 @click.argument("labels")
 @click.option("-o", "--output", required=True, help="The model bundle to write.")
-@click.option("--arch", default="unet", show_default=True, help="Architecture.")
+@click.option(
+    "--arch", default="unet", show_default=True, help="unet, fcn8s, deeplabv3plus or segformer."
+)
 @click.option(
     "--arch-arg",
     "arch_args",
@@ -176,8 +178,24 @@ Example:
     help="Windows per epoch. Default: twice the labelled area in windows, at least 256.",
 )
 @click.option("--lr", default=2e-3, show_default=True, help="Learning rate (AdamW, cosine decay).")
-@click.option("--loss", default="ce", show_default=True, help="ce, dice, or a sum such as ce+dice.")
-@click.option("--augment", default="light", show_default=True, type=click.Choice(["none", "light"]))
+@click.option(
+    "--loss",
+    default="ce",
+    show_default=True,
+    help="ce, dice, focal, lovasz, or a weighted sum such as ce+0.5*dice.",
+)
+@click.option(
+    "--label-smoothing",
+    default=0.0,
+    show_default=True,
+    help="Label smoothing of the cross-entropy.",
+)
+@click.option(
+    "--augment",
+    default="light",
+    show_default=True,
+    help="none, light, strong, or a YAML pipeline file.",
+)
 @click.option("--no-balance", is_flag=True, help="Do not weight the loss by class frequency.")
 @click.option("--seed", default=0, show_default=True)
 @click.option(

@@ -21,6 +21,7 @@ from rasterio.windows import Window
 from rasterio.windows import bounds as window_bounds
 from rasterio.windows import transform as window_transform
 
+from geoseg.augment import IGNORE, build_augmenter
 from geoseg.errors import LabelError
 from geoseg.io import (
     ClassInfo,
@@ -33,11 +34,6 @@ from geoseg.io import (
     read_vector,
     window_inside,
 )
-
-IGNORE = 255
-"""Mask value for pixels without a usable label (nodata, unlabelled, outside the area)."""
-
-AUGMENT_PRESETS = ("none", "light")
 
 # A qualitative palette for classes that come without colours (ColorBrewer Set1 + Dark2).
 _PALETTE = [
@@ -334,21 +330,6 @@ def block_stats(
 # -- sampling and augmentation -----------------------------------------------------------------
 
 
-def augmentation(preset: str, seed: int | None = None) -> Any:
-    """An albumentations pipeline for image (H, W, bands) and mask (H, W) together."""
-    import albumentations as A
-
-    if preset not in AUGMENT_PRESETS:
-        raise LabelError(
-            f"unknown augmentation {preset!r}; expected one of {', '.join(AUGMENT_PRESETS)}"
-        )
-    if preset == "none":
-        return None
-    return A.Compose(
-        [A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5), A.RandomRotate90(p=0.5)], seed=seed
-    )
-
-
 @dataclass(frozen=True)
 class SampleSpec:
     """What a training task needs to draw windows (all paths and numbers, cheap to send)."""
@@ -399,7 +380,7 @@ class WindowSampler:
         self.lut[list(spec.class_ids)] = np.arange(len(spec.class_ids), dtype=np.uint8)
         self.mean = np.asarray(spec.mean, dtype=np.float32)[:, None, None]
         self.std = np.asarray(spec.std, dtype=np.float32)[:, None, None]
-        self.aug = augmentation(spec.augment, seed)
+        self.aug = build_augmenter(spec.augment, spec.window, seed)
 
     def close(self) -> None:
         self.src.close()
@@ -425,12 +406,13 @@ class WindowSampler:
         return x.astype(np.float32), mask.astype(np.uint8)
 
     def draw_window(self) -> Window:
-        """A window holding a random labelled pixel at a random place, kept inside the bounds."""
+        """A window holding a random labelled pixel at a random place, kept inside the bounds,
+        plus the augmentation's margin on each side."""
         r0, c0, r1, c1 = self.spec.bounds
-        w = self.spec.window
+        w, m = self.spec.window + 2 * self.aug.margin, self.aug.margin
         ar, ac = self.spec.anchors[self.rng.integers(len(self.spec.anchors))]
-        r = int(np.clip(ar - self.rng.integers(w), r0, max(r0, r1 - w)))
-        c = int(np.clip(ac - self.rng.integers(w), c0, max(c0, c1 - w)))
+        r = int(np.clip(ar - m - self.rng.integers(self.spec.window), r0, max(r0, r1 - w)))
+        c = int(np.clip(ac - m - self.rng.integers(self.spec.window), c0, max(c0, c1 - w)))
         return Window(c, r, w, w)
 
     def sample(self, max_tries: int = 200) -> tuple[np.ndarray, np.ndarray]:
@@ -440,11 +422,7 @@ class WindowSampler:
             got = self._read(self.draw_window())
             if got is None:
                 continue
-            x, m = got
-            if self.aug is not None:
-                out = self.aug(image=np.ascontiguousarray(x.transpose(1, 2, 0)), mask=m)
-                x, m = out["image"].transpose(2, 0, 1), out["mask"]
-            return np.ascontiguousarray(x), np.ascontiguousarray(m)
+            return self.aug(*got)
         r0, c0, r1, c1 = self.spec.bounds
         raise LabelError(
             f"no window of {self.spec.window} px with a labelled, valid pixel wholly inside the "

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from geoseg import __version__
+from geoseg.augment import PRESETS, build_augmenter
 from geoseg.bundle import BandInfo, Contract, save_bundle
 from geoseg.cluster import run_tasks, session, torch_threads
 from geoseg.data import (
@@ -37,7 +38,7 @@ from geoseg.errors import BandMismatchError, ConfigError, GeosegError, LabelErro
 from geoseg.inference import resolve_device
 from geoseg.io import ClassInfo, check_output, read_profile
 from geoseg.losses import make_loss
-from geoseg.models import create_model, measure_receptive_field
+from geoseg.models import create_model, parameter_count, receptive_field
 from geoseg.progress import Progress
 from geoseg.tiling import block_windows
 
@@ -61,6 +62,7 @@ class EpochConfig:
     epochs: int
     lr: float
     loss: str
+    label_smoothing: float
     class_weights: tuple[float, ...] | None
     seed: int
     device: str
@@ -90,7 +92,7 @@ def train_epoch(state: dict[str, Any] | None, cfg: EpochConfig, epoch: int) -> E
         opt.load_state_dict(state["optimizer"])
     for g in opt.param_groups:  # cosine decay over the whole run
         g["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))
-    loss_fn = make_loss(cfg.loss, cfg.class_weights, device)
+    loss_fn = make_loss(cfg.loss, cfg.class_weights, device, label_smoothing=cfg.label_smoothing)
     sampler = WindowSampler(cfg.sample, seed=cfg.seed * 100003 + epoch)
     model.train()
     losses, pixels = [], 0
@@ -155,6 +157,7 @@ def train(
     samples_per_epoch: int | None = None,
     lr: float = 2e-3,
     loss: str = "ce",
+    label_smoothing: float = 0.0,
     augment: str = "light",
     balance: bool = True,
     within: str | os.PathLike[str] | None = None,
@@ -184,6 +187,11 @@ def train(
         1-based scene band indexes the model reads, in order; default all.
     window, predict_window
         Training window, and the default window stored for prediction.
+    loss, label_smoothing
+        Loss names joined by ``+`` with optional weights (``ce+0.5*dice``); cross-entropy label
+        smoothing.
+    augment
+        ``none``, ``light``, ``strong``, or a YAML pipeline file (see :mod:`geoseg.augment`).
     within
         A polygon file: training windows lie wholly inside it, statistics are computed inside it.
     balance
@@ -205,7 +213,10 @@ def train(
         )
     if window < 8 or epochs < 1 or batch_size < 1:
         raise ConfigError("--window must be at least 8, --epochs and --batch-size at least 1")
-    make_loss(loss)  # validate the name before any work
+    make_loss(loss)  # validate the names before any work
+    build_augmenter(augment, window)
+    if augment not in PRESETS:  # a pipeline file: workers need its absolute path
+        augment = str(Path(augment).resolve())
     spec = LabelSpec(str(labels), label_field, tuple(ignore))
     check_labels(spec, profile)
     class_list = load_classes(classes) if classes is not None else None
@@ -271,6 +282,7 @@ def train(
             epochs=epochs,
             lr=lr,
             loss=loss,
+            label_smoothing=label_smoothing,
             class_weights=_class_weights(stats.codes, class_list) if balance else None,
             seed=seed,
             device=device,
@@ -309,8 +321,10 @@ def train(
     model = create_model(arch, len(band_list), len(class_list), **arch_args)
     model.load_state_dict(state["model"])
     model.eval()
-    rf = measure_receptive_field(model, len(band_list))
-    overlap = min(rf + rf % 2, predict_window // 2)
+    rf = receptive_field(model, len(band_list))
+    # enough overlap that every pixel is predicted with its whole receptive field in one window;
+    # models that see the whole window (attention, image pooling) get a quarter of it
+    overlap = predict_window // 4 if rf is None else min(rf + rf % 2, predict_window // 2)
     names = [
         d or f"band {i}"
         for i, d in zip(band_list, [profile.descriptions[i - 1] for i in band_list])
@@ -342,9 +356,16 @@ def train(
             "augment": augment,
             "class_weights": cfg.class_weights,
             "class_pixels": {str(k): v for k, v in sorted(stats.codes.items())},
+            "parameters": parameter_count(model),
             "history": history,
         },
     )
     digest = save_bundle(out, model, contract, overwrite=overwrite)
-    log.info("wrote %s (receptive field %d px, default overlap %d px)", out, rf, overlap)
+    log.info(
+        "wrote %s (%s, receptive field %s, default overlap %d px)",
+        out,
+        arch,
+        "the whole window" if rf is None else f"{rf} px",
+        overlap,
+    )
     return TrainResult(out, list(class_list), history, digest)

@@ -105,3 +105,35 @@ def test_bad_training_inputs_get_clear_errors(tmp_path, make_raster):
     with pytest.raises(LabelError, match="integer columns: none; all columns: name"):
         train(SCENE, tmp_path / "names.gpkg", out, workers=1)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("arch", ["fcn8s", "deeplabv3plus", "segformer"])
+def test_train_and_predict_accept_every_architecture(arch, tmp_path):
+    from geoseg.predict import predict_scene
+
+    from .test_models import SMALL
+
+    bundle = tmp_path / f"{arch}.bundle"
+    train(
+        SCENE,
+        LABELS,
+        bundle,
+        arch=arch,
+        arch_args=SMALL[arch],
+        within=WEST,
+        epochs=1,
+        samples_per_epoch=16,
+        loss="ce+lovasz",
+        augment="strong",
+        workers=1,
+    )
+    b = load_bundle(bundle)
+    assert b.contract.arch == arch and b.contract.training["parameters"] > 0
+    if arch == "fcn8s":
+        assert b.contract.receptive_field == 344 and b.overlap == 128  # capped at window / 2
+    else:  # attention or image pooling: the whole window
+        assert b.contract.receptive_field is None and b.overlap == 64
+    out = tmp_path / "classes.tif"
+    predict_scene(bundle, SCENE, out, block=256, workers=1)
+    with rasterio.open(out) as c:
+        assert set(np.unique(c.read(1))) <= {1, 2, 3, 4, 5, 6, 7, 255}

@@ -2,24 +2,37 @@
 
 >>> model = create_model("unet", in_channels=6, num_classes=7, depth=3, base_width=16)
 >>> sorted(MODELS)
-['unet']
+['deeplabv3plus', 'fcn8s', 'segformer', 'unet']
+
+Every model takes any band count and any height and width: models that downsample pad their input
+to a multiple of their output stride and crop the output back, so output size equals input size.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import inspect
+from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from geoseg.errors import ConfigError
+from geoseg.models.deeplab import DeepLabV3Plus, DeepLabV3PlusConfig
+from geoseg.models.fcn import FCN8s, FCN8sConfig
+from geoseg.models.segformer import SegFormer, SegFormerConfig
 from geoseg.models.unet import UNet, UNetConfig
 
 # name -> (module class, its config dataclass)
 MODELS: dict[str, tuple[type[nn.Module], type[Any]]] = {
     "unet": (UNet, UNetConfig),
+    "fcn8s": (FCN8s, FCN8sConfig),
+    "deeplabv3plus": (DeepLabV3Plus, DeepLabV3PlusConfig),
+    "segformer": (SegFormer, SegFormerConfig),
 }
 
 
@@ -55,37 +68,80 @@ def model_arguments(name: str) -> dict[str, Any]:
     }
 
 
+def parameter_count(model: nn.Module) -> int:
+    """Trainable parameters of ``model``."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def receptive_field(model: nn.Module, in_channels: int) -> int | None:
+    """The model's receptive field in pixels, measured; ``None`` where every output pixel sees
+    the whole input (attention, image-level pooling)."""
+    if getattr(model, "global_context", False):
+        return None
+    return measure_receptive_field(model, in_channels)
+
+
 def measure_receptive_field(model: nn.Module, in_channels: int, start: int = 64) -> int:
-    """Measure how far one output pixel sees: the side of the input square whose pixels change
-    the centre output pixel's logits (gradient support over 8 random inputs, in float64, so no
-    dead activation or max-pool choice hides part of it).
+    """Measure the receptive field: perturb one input pixel and see how far the output changes,
+    the widest over the pixel's positions relative to the model's stride.
 
-    The input grows until the support no longer reaches its border.
+    The measurement runs on a slim copy (every width 2; the field depends on the geometry only)
+    whose activations are made linear (ReLU becomes identity, max-pooling average pooling of the
+    same geometry), in float64, so no dead unit or max choice hides part of the field. Kernels are
+    square, so the field is measured along rows on a narrow strip. The input grows until the
+    change no longer reaches its border.
     """
-    m = _copy_float64(model)
+    m = _slim(model).double().eval()
+    stride = int(getattr(model, "stride", 1))
+    phases = min(stride, 32)
+    width = max(2 * stride, 32)
     size = start
-    generator = torch.Generator().manual_seed(0)
-    while True:
-        x = torch.randn(8, in_channels, size, size, dtype=torch.float64, generator=generator)
-        x.requires_grad_(True)
-        c = size // 2
-        m(x)[:, :, c, c].sum().backward()
-        assert x.grad is not None
-        support = x.grad.abs().sum((0, 1)) > 0
-        rows = torch.nonzero(support.any(1)).flatten()
-        cols = torch.nonzero(support.any(0)).flatten()
-        if len(rows) == 0:
-            return 1
-        edge = (
-            rows.min() == 0 or cols.min() == 0 or rows.max() == size - 1 or cols.max() == size - 1
-        )
-        if not edge or size >= 2048:
-            return int(max(rows.max() - rows.min(), cols.max() - cols.min()) + 1)
-        size *= 2
+    with torch.no_grad(), _linear_activations():
+        while True:
+            x = torch.zeros(phases, in_channels, size, width, dtype=torch.float64)
+            c = size // 2 - phases // 2
+            for k in range(phases):  # sample k perturbs pixel (c + k, centre): every phase at once
+                x[k, :, c + k, width // 2] = 1.0
+            changed = (m(x) - m(torch.zeros_like(x))).abs().sum(1) > 0  # (phases, size, width)
+            extent, edge = 1, False
+            for g in changed:
+                rows = torch.nonzero(g.any(1)).flatten()
+                if len(rows) == 0:
+                    continue
+                extent = max(extent, int(rows.max() - rows.min()) + 1)
+                edge |= bool(rows.min() == 0 or rows.max() == size - 1)
+            if not edge or size >= 8192:
+                return extent
+            size *= 2
 
 
-def _copy_float64(model: nn.Module) -> nn.Module:
-    import copy
+def _slim(model: nn.Module) -> nn.Module:
+    """A copy with the same geometry and every width set to 2 (for models built from a config)."""
+    cfg = getattr(model, "cfg", None)
+    if cfg is None or not dataclasses.is_dataclass(cfg):
+        return copy.deepcopy(model)
+    narrow: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if "width" in f.name and isinstance(v, int):
+            narrow[f.name] = 2
+        elif "width" in f.name and isinstance(v, tuple):
+            narrow[f.name] = tuple(2 for _ in v)
+    return type(model)(dataclasses.replace(cfg, **narrow))  # type: ignore[type-var]
 
-    m = copy.deepcopy(model).double().eval()
-    return m
+
+@contextlib.contextmanager
+def _linear_activations() -> Iterator[None]:
+    def avg_pool(
+        x: torch.Tensor, kernel_size: Any, stride: Any = None, padding: Any = 0, *a: Any, **k: Any
+    ) -> torch.Tensor:
+        return F.avg_pool2d(x, kernel_size, stride if stride is not None else kernel_size, padding)
+
+    saved = (F.relu, F.max_pool2d, F.gelu)
+    F.relu = lambda x, inplace=False: x  # type: ignore[assignment]
+    F.gelu = lambda x, approximate="none": x  # type: ignore[assignment]
+    F.max_pool2d = avg_pool  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        F.relu, F.max_pool2d, F.gelu = saved

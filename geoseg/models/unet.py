@@ -10,9 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from geoseg.errors import ConfigError
-
-_NORMS = ("batch", "group", "none")
-_UPSAMPLING = ("bilinear", "transposed")
+from geoseg.models.common import check_choice, conv_bn_relu, pad_to_multiple
 
 
 @dataclass
@@ -25,34 +23,14 @@ class UNetConfig:
     upsample: str = "bilinear"
 
     def __post_init__(self) -> None:
-        if self.norm not in _NORMS:
-            raise ConfigError(f"unknown norm {self.norm!r}; expected one of {', '.join(_NORMS)}")
-        if self.upsample not in _UPSAMPLING:
-            raise ConfigError(
-                f"unknown upsample {self.upsample!r}; expected one of {', '.join(_UPSAMPLING)}"
-            )
+        check_choice("norm", self.norm, ("batch", "group", "none"))
+        check_choice("upsample", self.upsample, ("bilinear", "transposed"))
         if self.depth < 1:
             raise ConfigError(f"depth must be at least 1, got {self.depth}")
 
 
-def _norm(kind: str, channels: int) -> nn.Module:
-    if kind == "batch":
-        return nn.BatchNorm2d(channels)
-    if kind == "group":
-        return nn.GroupNorm(min(8, channels), channels)
-    return nn.Identity()
-
-
-class DoubleConv(nn.Sequential):
-    def __init__(self, cin: int, cout: int, norm: str) -> None:
-        super().__init__(
-            nn.Conv2d(cin, cout, 3, padding=1, bias=norm == "none"),
-            _norm(norm, cout),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(cout, cout, 3, padding=1, bias=norm == "none"),
-            _norm(norm, cout),
-            nn.ReLU(inplace=True),
-        )
+def double_conv(cin: int, cout: int, norm: str) -> nn.Sequential:
+    return nn.Sequential(conv_bn_relu(cin, cout, norm=norm), conv_bn_relu(cout, cout, norm=norm))
 
 
 class Up(nn.Module):
@@ -65,7 +43,7 @@ class Up(nn.Module):
                 nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
                 nn.Conv2d(cin, cout, 1),
             )
-        self.conv = DoubleConv(2 * cout, cout, cfg.norm)
+        self.conv = double_conv(2 * cout, cout, cfg.norm)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         return self.conv(torch.cat([self.up(x), skip], dim=1))
@@ -75,24 +53,18 @@ class UNet(nn.Module):
     def __init__(self, cfg: UNetConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        self.stride = 2 ** (cfg.depth - 1)
         widths = [cfg.base_width * 2**i for i in range(cfg.depth)]
-        self.down = nn.ModuleList([DoubleConv(cfg.in_channels, widths[0], cfg.norm)])
-        self.down.extend(DoubleConv(a, b, cfg.norm) for a, b in itertools.pairwise(widths))
+        self.down = nn.ModuleList([double_conv(cfg.in_channels, widths[0], cfg.norm)])
+        self.down.extend(double_conv(a, b, cfg.norm) for a, b in itertools.pairwise(widths))
         self.up = nn.ModuleList(
             Up(b, a, cfg) for a, b in reversed(list(itertools.pairwise(widths)))
         )
         self.head = nn.Conv2d(widths[0], cfg.num_classes, 1)
 
-    @property
-    def stride(self) -> int:
-        return 2 ** (self.cfg.depth - 1)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
-        s = self.stride
-        ph, pw = -h % s, -w % s  # pad to a multiple of the output stride, crop back below
-        if ph or pw:
-            x = F.pad(x, (0, pw, 0, ph), mode="reflect" if min(h, w) > max(ph, pw) else "replicate")
+        x = pad_to_multiple(x, self.stride)
         skips = []
         for i, block in enumerate(self.down):
             x = block(F.max_pool2d(x, 2) if i else x)
