@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
+from _results import append_result
 from torch.utils.flop_counter import FlopCounterMode
 
 from geoseg.models import MODELS, create_model, parameter_count, receptive_field
@@ -81,20 +80,16 @@ def main() -> None:
     print("\n| " + " | ".join(keys) + " |\n|" + " --- |" * len(keys))
     for r in rows:
         print("| " + " | ".join(str(r[k]) for k in keys) + " |")
-    out = Path(__file__).parent / "results" / "models.json"
-    history = json.loads(out.read_text()) if out.exists() else []
-    history.append(
+    append_result(
+        "models",
         {
-            "date": time.strftime("%Y-%m-%d %H:%M"),
-            "machine": platform.processor() or platform.machine(),
             "torch": torch.__version__,
             "threads": args.threads,
             "window": args.window,
             "batch": args.batch,
             "rows": rows,
-        }
+        },
     )
-    out.write_text(json.dumps(history, indent=1) + "\n")
 
 
 if __name__ == "__main__":

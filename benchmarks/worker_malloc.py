@@ -10,14 +10,13 @@ ratio, and appends them to benchmarks/results/worker_malloc.json.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import platform
 import statistics
 import tempfile
-import time
 from pathlib import Path
 from unittest import mock
+
+from _results import append_result
 
 import geoseg.cluster
 from geoseg.pipeline import demo_workflow
@@ -58,20 +57,15 @@ def main() -> None:
     for k, v in med.items():
         print(f"{k:>13}: {v:6.2f} s per epoch (median of {len(seconds[k])})")
     print(f"speed-up: {med['dask default'] / med['geoseg']:.2f}x")
-    out = Path(__file__).parent / "results" / "worker_malloc.json"
-    out.parent.mkdir(exist_ok=True)
-    history = json.loads(out.read_text()) if out.exists() else []
-    history.append(
+    append_result(
+        "worker_malloc",
         {
-            "date": time.strftime("%Y-%m-%d %H:%M"),
-            "machine": platform.processor() or platform.machine(),
             "epochs": args.epochs,
             "repeats": args.repeats,
             "seconds_per_epoch": med,
             "speedup": med["dask default"] / med["geoseg"],
-        }
+        },
     )
-    out.write_text(json.dumps(history, indent=1) + "\n")
 
 
 if __name__ == "__main__":
