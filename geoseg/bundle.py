@@ -152,6 +152,12 @@ def load_bundle(path: str | os.PathLike[str], *, device: str | torch.device = "c
     model = create_model(
         contract.arch, len(contract.bands), len(contract.classes), **contract.arch_args
     )
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError:
+        raise BundleError(
+            f"bundle {p!r} ({contract.arch}, written by geoseg {contract.geoseg_version or '?'}) does "
+            f"not fit this geoseg's {contract.arch}; train it again with this version"
+        ) from None
     model.to(device).eval()
     return Bundle(model=model, contract=contract, hash=raw["hash"], path=str(Path(p).resolve()))

@@ -261,6 +261,14 @@ Example:
 @click.option(
     "--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"])
 )
+@click.option(
+    "--precision",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+    help="auto: bf16 where the CPU or GPU has it, else fp32 (CPU) or fp16 (GPU).",
+)
+@click.option("--allow-no-crs", is_flag=True, help="Predict a scene that has no CRS.")
 @computes
 def predict(bundle: str, scene: str, output: str, verbose: int, quiet: bool, **kw: Any) -> None:
     """Predict the class map of SCENE with the model BUNDLE."""

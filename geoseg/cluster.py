@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from geoseg.errors import ClusterError
@@ -105,10 +105,11 @@ def run_tasks(
     label: str,
     *args: Any,
     unit: str = "blocks",
+    pixels: Sequence[int] | None = None,
     **kwargs: Any,
 ) -> list[Any]:
-    """Run ``fn(item, *args, **kwargs)`` for every item on the cluster, showing progress;
-    return the results in the order of ``items``."""
+    """Run ``fn(item, *args, **kwargs)`` for every item on the cluster, showing progress (with
+    throughput when ``pixels`` gives each item's size); return the results in ``items``' order."""
     from distributed import as_completed
 
     futures = client.map(fn, items, *[[a] * len(items) for a in args], pure=False, **kwargs)
@@ -116,13 +117,7 @@ def run_tasks(
     results: list[Any] = [None] * len(items)
     with Progress(label, len(items), unit) as progress:
         for fut in as_completed(futures):
-            results[index[fut.key]] = fut.result()
-            progress.update()
+            i = index[fut.key]
+            results[i] = fut.result()
+            progress.update(pixels=pixels[i] if pixels else 0)
     return results
-
-
-def gather_sum(values: Iterable[Any]) -> Any:
-    total = None
-    for v in values:
-        total = v if total is None else total + v
-    return total

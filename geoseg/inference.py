@@ -16,16 +16,18 @@ from pathlib import Path
 import numpy as np
 import rasterio
 import torch
+from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
 from geoseg.blending import window_weights
 from geoseg.bundle import Bundle, load_bundle
 from geoseg.cluster import torch_threads
-from geoseg.errors import ConfigError
+from geoseg.errors import ConfigError, NotARasterError
 from geoseg.io import NODATA_CLASS, read_window
 from geoseg.tiling import WindowGrid
 
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _BUNDLES: dict[tuple[str, float, str], Bundle] = {}
 
 
@@ -41,12 +43,30 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def resolve_precision(precision: str, device: str) -> str:
+    """``auto``: bf16 on a GPU that has it (else fp16), bf16 on a CPU with native bf16
+    instructions, fp32 otherwise."""
+    if precision not in PRECISIONS:
+        raise ConfigError(
+            f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}"
+        )
+    if precision != "auto":
+        if precision == "fp16" and device == "cpu":
+            raise ConfigError("--precision fp16 needs a GPU; use bf16 or fp32 on a CPU")
+        return precision
+    if device == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+
+
 def cached_bundle(path: str, device: str) -> Bundle:
-    """The bundle at ``path``, loaded once per process and device."""
+    """The bundle at ``path``, loaded once per process and device, in channels-last layout."""
     key = (path, os.path.getmtime(path), device)
     if key not in _BUNDLES:
         _BUNDLES.clear()  # one model per worker at a time
-        _BUNDLES[key] = load_bundle(path, device=device)
+        bundle = load_bundle(path, device=device)
+        bundle.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        _BUNDLES[key] = bundle
     return _BUNDLES[key]
 
 
@@ -67,7 +87,11 @@ class BlockResult:
     path: str
     windows_run: int
     windows_skipped: int
-    valid_pixels: int
+
+
+def part_name(core: Window) -> str:
+    """The part file of a block: named for its position, so a later run can find it."""
+    return f"block_{int(core.row_off)}_{int(core.col_off)}.tif"
 
 
 def _batches(items: list[Window], size: int) -> Iterator[list[Window]]:
@@ -85,6 +109,7 @@ def predict_probabilities(
     batch_size: int,
     blend: str,
     device: str,
+    precision: str = "fp32",
 ) -> tuple[np.ndarray, int]:
     """Blend the model's probabilities over ``windows`` (in scene pixels) into the array ``x``
     whose top-left pixel is ``origin`` (row, col). Returns ``(probabilities, windows run)``;
@@ -99,11 +124,12 @@ def predict_probabilities(
     local = [(int(w.row_off) - origin[0], int(w.col_off) - origin[1]) for w in windows]
     todo = [w for w, (r, c) in zip(windows, local) if valid[r : r + size, c : c + size].any()]
     run = 0
-    with torch.inference_mode():
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    with torch.inference_mode(), torch.autocast(device, dtype=dtype, enabled=dtype is not None):
         for batch in _batches(todo, batch_size):
             offs = [(int(w.row_off) - origin[0], int(w.col_off) - origin[1]) for w in batch]
-            xb = np.stack([x[:, r : r + size, c : c + size] for r, c in offs])
-            logits = bundle.model(torch.from_numpy(xb).to(device))
+            xb = torch.from_numpy(np.stack([x[:, r : r + size, c : c + size] for r, c in offs]))
+            logits = bundle.model(xb.to(device).contiguous(memory_format=torch.channels_last))
             probs = torch.softmax(logits.float(), dim=1).cpu().numpy()
             for p, (r, c) in zip(probs, offs):
                 acc[:, r : r + size, c : c + size] += p * weights
@@ -123,17 +149,29 @@ def predict_block(
     batch_size: int = 8,
     blend: str = "gaussian",
     device: str = "auto",
+    precision: str = "auto",
 ) -> BlockResult:
     """Predict the class map of one block's core and write it to ``parts_dir`` (a Dask task)."""
     torch.set_num_threads(torch_threads())
     dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
     bundle = cached_bundle(bundle_path, dev)
     halo = grid.halo_window(core)
-    with rasterio.open(scene_path) as src:
-        # the scene's own nodata wins; else the fill value the bundle was trained with
-        nodata = None if src.nodata is not None else bundle.contract.nodata
-        data, valid = read_window(src, halo, [b.index for b in bundle.bands], nodata)
-        profile = src.profile
+    failure = None
+    try:
+        with rasterio.open(scene_path) as src:
+            # the scene's own nodata wins; else the fill value the bundle was trained with
+            nodata = None if src.nodata is not None else bundle.contract.nodata
+            data, valid = read_window(src, halo, [b.index for b in bundle.bands], nodata)
+            profile = src.profile
+    except RasterioError as exc:
+        failure = str(exc)
+    if failure is not None:  # raised outside the handler: GDAL's error must not travel with it
+        raise NotARasterError(
+            f"scene {scene_path!r} could not be read at rows {int(core.row_off)}-"
+            f"{int(core.row_off + core.height)}, columns {int(core.col_off)}-"
+            f"{int(core.col_off + core.width)} ({failure}); the file may be truncated or damaged"
+        )
     x = normalize(data, valid, bundle)
     windows = grid.windows_for(core)
     probs, run = predict_probabilities(
@@ -145,6 +183,7 @@ def predict_block(
         batch_size=batch_size,
         blend=blend,
         device=dev,
+        precision=prec,
     )
     r0, c0 = int(core.row_off - halo.row_off), int(core.col_off - halo.col_off)
     h, w = int(core.height), int(core.width)
@@ -153,8 +192,7 @@ def predict_block(
     classes = bundle.class_ids[np.argmax(core_probs, axis=0)]
     classes[~core_valid] = NODATA_CLASS
 
-    name = f"block_{int(core.row_off)}_{int(core.col_off)}.tif"
-    final = Path(parts_dir) / name
+    final = Path(parts_dir) / part_name(core)
     tmp = final.with_suffix(".tmp.tif")
     with rasterio.open(
         tmp,
@@ -170,4 +208,4 @@ def predict_block(
     ) as dst:
         dst.write(classes, 1)
     os.replace(tmp, final)
-    return BlockResult(core, str(final), run, len(windows) - run, int(core_valid.sum()))
+    return BlockResult(core, str(final), run, len(windows) - run)

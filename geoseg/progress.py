@@ -17,6 +17,7 @@ class Progress:
     def __init__(self, label: str, total: int, unit: str = "blocks") -> None:
         self.label, self.total, self.unit = label, total, unit
         self.done = 0
+        self.pixels = 0
         self.note = ""
         self.start = self._last = time.monotonic()
         self.enabled = log.isEnabledFor(logging.INFO)
@@ -34,8 +35,9 @@ class Progress:
         elif self.enabled and self.tty:
             sys.stderr.write("\n")
 
-    def update(self, n: int = 1, note: str = "") -> None:
+    def update(self, n: int = 1, note: str = "", pixels: int = 0) -> None:
         self.done += n
+        self.pixels += pixels
         if note:
             self.note = note
         now = time.monotonic()
@@ -50,9 +52,13 @@ class Progress:
         elapsed = time.monotonic() - self.start
         frac = self.done / self.total if self.total else 1.0
         bar = "#" * int(24 * frac)
+        rate = f"{self.pixels / elapsed / 1e6:.2f} Mpx/s " if self.pixels and elapsed > 0 else ""
+        left = ""
+        if 0 < self.done < self.total:
+            left = f"{elapsed / self.done * (self.total - self.done):.0f}s left "
         line = (
             f"{self.label}: [{bar:<24}] {self.done}/{self.total} {self.unit} "
-            f"{elapsed:5.1f}s {self.note}".rstrip()
+            f"{elapsed:5.1f}s {rate}{left}{self.note}".rstrip()
         )
         sys.stderr.write("\r" + line + ("\n" if final else "") if self.tty else line + "\n")
         sys.stderr.flush()

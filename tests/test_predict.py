@@ -1,4 +1,7 @@
+import os
+
 import numpy as np
+import pytest
 import rasterio
 
 from geoseg.io import NODATA_CLASS, read_class_metadata
@@ -47,3 +50,122 @@ def test_scene_larger_than_a_block_gets_mode_overviews(random_bundle, tmp_path, 
         assert c.overviews(1)[:2] == [2, 4]
         ov = c.read(1, out_shape=(550, 650))
         assert set(np.unique(ov)) <= {1, 5, 9, NODATA_CLASS}  # categorical, never averaged
+
+
+def test_a_stopped_run_resumes_and_recomputes_only_missing_blocks(random_bundle, tmp_path):
+    """Kill a real `geoseg predict` (client and workers) mid-run, then run it again."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    out = tmp_path / "classes.tif"
+    parts = tmp_path / ".classes.tif.parts"
+    cmd = [
+        str(Path(sys.executable).parent / "geoseg"),
+        "predict",
+        str(random_bundle),
+        str(SCENE),
+        "-o",
+        str(out),
+        "--block",
+        "48",
+        "--workers",
+        "1",
+        "-q",
+    ]
+    proc = subprocess.Popen(cmd, start_new_session=True, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(list(parts.glob("block_*.tif"))) < 8:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = {p.name for p in parts.glob("block_*.tif")}
+    assert len(done_before) >= 8 and not out.exists()  # stopped part-way, nothing half-written
+
+    result = predict_scene(random_bundle, SCENE, out, block=48, workers=1)
+    assert result.resumed == len(done_before)
+    assert result.blocks == 110 and result.resumed < result.blocks
+    assert not parts.exists()  # cleaned up once complete
+    fresh = tmp_path / "fresh.tif"
+    predict_scene(random_bundle, SCENE, fresh, block=48, workers=1)
+    with rasterio.open(out) as a, rasterio.open(fresh) as b:
+        np.testing.assert_array_equal(a.read(1), b.read(1))
+
+
+def test_parts_from_a_run_with_other_settings_are_not_reused(random_bundle, tmp_path):
+    out = tmp_path / "c.tif"
+    parts = tmp_path / ".c.tif.parts"
+    parts.mkdir()
+    (parts / "run.json").write_text('{"window": 1}')
+    (parts / "block_0_0.tif").write_text("stale")
+    result = predict_scene(random_bundle, SCENE, out, block=1024, workers=1)
+    assert result.resumed == 0 and rasterio.open(out).count == 1
+
+
+def test_scene_smaller_than_a_window_is_padded(random_bundle, tmp_path, make_raster):
+    rng = np.random.default_rng(0)
+    small = make_raster("small.tif", rng.integers(1, 255, (6, 20, 30), dtype=np.uint8), nodata=0)
+    out = tmp_path / "small_classes.tif"
+    predict_scene(random_bundle, small, out, workers=1)  # window 64 > 20 x 30
+    with rasterio.open(out) as c:
+        assert c.shape == (20, 30) and set(np.unique(c.read(1))) <= {1, 5, 9}
+
+
+def test_bf16_and_fp32_agree_almost_everywhere(random_bundle, tmp_path):
+    maps = {}
+    for p in ("fp32", "bf16"):
+        out = tmp_path / f"{p}.tif"
+        predict_scene(random_bundle, SCENE, out, precision=p, workers=1)
+        with rasterio.open(out) as c:
+            maps[p] = c.read(1)
+    valid = maps["fp32"] != NODATA_CLASS
+    agreement = (maps["fp32"] == maps["bf16"])[valid].mean()
+    assert agreement > 0.99
+
+
+def test_bad_prediction_inputs(random_bundle, tmp_path, make_raster):
+    import shutil
+
+    from geoseg.errors import ConfigError, NotARasterError
+
+    rng = np.random.default_rng(0)
+    data = rng.integers(1, 255, (6, 64, 64), dtype=np.uint8)
+    with pytest.raises(NotARasterError, match=r"no CRS.*--allow-no-crs"):
+        predict_scene(
+            random_bundle, make_raster("nocrs.tif", data, crs=None), tmp_path / "a.tif", workers=1
+        )
+    with pytest.raises(ConfigError, match="less than the window"):
+        predict_scene(random_bundle, SCENE, tmp_path / "b.tif", window=64, overlap=64, workers=1)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if not os.access(locked, os.W_OK):  # root may write anywhere
+            with pytest.raises(ConfigError, match="cannot write"):
+                predict_scene(random_bundle, SCENE, locked / "c.tif", workers=1)
+    finally:
+        locked.chmod(0o700)
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA GPU"):
+            predict_scene(random_bundle, SCENE, tmp_path / "d.tif", device="cuda", workers=1)
+    # a truncated file: the header opens, the pixels do not
+    tiled = make_raster(
+        "big.tif",
+        rng.integers(1, 255, (6, 512, 512), dtype=np.uint8),
+        tiled=True,
+        blockxsize=128,
+        blockysize=128,
+        compress="deflate",
+    )
+    cut = tmp_path / "cut.tif"
+    shutil.copy(tiled, cut)
+    with open(cut, "r+b") as f:
+        f.truncate(cut.stat().st_size // 2)
+    with pytest.raises(NotARasterError, match="truncated or damaged"):
+        predict_scene(random_bundle, cut, tmp_path / "e.tif", workers=1)
+    assert not list(tmp_path.glob("[a-e].tif"))
