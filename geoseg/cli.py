@@ -254,9 +254,9 @@ Example:
 @click.option("--batch-size", default=8, show_default=True, help="Windows per forward pass.")
 @click.option(
     "--blend",
-    default="gaussian",
+    default="auto",
     show_default=True,
-    type=click.Choice(["gaussian", "cosine", "none"]),
+    type=click.Choice(["auto", "trim", "gaussian", "cosine", "none"]),
 )
 @click.option(
     "--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"])

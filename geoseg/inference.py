@@ -110,6 +110,7 @@ def predict_probabilities(
     blend: str,
     device: str,
     precision: str = "fp32",
+    overlap: int = 0,
 ) -> tuple[np.ndarray, int]:
     """Blend the model's probabilities over ``windows`` (in scene pixels) into the array ``x``
     whose top-left pixel is ``origin`` (row, col). Returns ``(probabilities, windows run)``;
@@ -120,7 +121,7 @@ def predict_probabilities(
     if not windows:
         return acc, 0
     size = int(windows[0].height)
-    weights = window_weights(size, blend)
+    weights = window_weights(size, blend, overlap)
     local = [(int(w.row_off) - origin[0], int(w.col_off) - origin[1]) for w in windows]
     todo = [w for w, (r, c) in zip(windows, local) if valid[r : r + size, c : c + size].any()]
     run = 0
@@ -184,6 +185,7 @@ def predict_block(
         blend=blend,
         device=dev,
         precision=prec,
+        overlap=grid.overlap,
     )
     r0, c0 = int(core.row_off - halo.row_off), int(core.col_off - halo.col_off)
     h, w = int(core.height), int(core.width)

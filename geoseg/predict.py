@@ -23,7 +23,7 @@ import numpy as np
 import rasterio
 import rasterio.shutil
 
-from geoseg.blending import check_blend
+from geoseg.blending import check_blend, resolve_blend
 from geoseg.bundle import Bundle, load_bundle
 from geoseg.cluster import run_tasks, session
 from geoseg.errors import ConfigError, NotARasterError
@@ -63,7 +63,7 @@ def predict_scene(
     overlap: int | None = None,
     block: int = 2048,
     batch_size: int = 8,
-    blend: str = "gaussian",
+    blend: str = "auto",
     device: str = "auto",
     precision: str = "auto",
     allow_no_crs: bool = False,
@@ -86,7 +86,9 @@ def predict_scene(
     batch_size
         Windows per forward pass.
     blend
-        ``gaussian``, ``cosine`` or ``none``: how overlapping windows are weighted.
+        How overlapping windows are weighted: ``trim`` (each pixel from the window where it is
+        farthest from an edge), ``gaussian``, ``cosine``, ``none`` (equal weights), or ``auto``:
+        ``trim`` when the overlap covers the model's receptive field, else ``gaussian``.
     device
         ``auto`` (a GPU when the worker has one), ``cpu`` or ``cuda``.
     precision
@@ -129,9 +131,9 @@ def predict_scene(
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
     win = window or b.window
-    # the bundle's overlap, capped for a window smaller than the bundle's; a given one as given
-    ovl = min(b.overlap, win // 2) if overlap is None else overlap
+    ovl = overlap if overlap is not None else default_overlap(b, win)
     grid = WindowGrid(profile.height, profile.width, win, ovl)
+    blend = resolve_blend(blend, b.contract.receptive_field, ovl)
     cores = block_windows(profile.height, profile.width, block)
     scene_path = str(scene) if is_url(scene) else str(Path(scene).resolve())
     settings = {
@@ -149,7 +151,7 @@ def predict_scene(
     resumed = len(cores) - len(todo)
     with session(workers, scheduler) as client:
         log.info(
-            "predict %s: %dx%d px, %d blocks of %d px%s, window %d, overlap %d (%d windows)",
+            "predict %s: %dx%d px, %d blocks of %d px%s, window %d, overlap %d (%d windows), blend %s",
             profile.path,
             profile.width,
             profile.height,
@@ -159,6 +161,7 @@ def predict_scene(
             win,
             ovl,
             grid.n_windows,
+            blend,
         )
         _log_dashboard(client)
         results: list[BlockResult] = run_tasks(
@@ -186,6 +189,16 @@ def predict_scene(
         windows_skipped=sum(r.windows_skipped for r in results),
         valid_pixels=valid,
     )
+
+
+def default_overlap(bundle: Bundle, window: int) -> int:
+    """The bundle's overlap, capped at half of ``window``, then raised so the stride between
+    windows is a multiple of the model's own stride: every window then sees each pixel at the
+    same offset of the model's pooling grid."""
+    ovl = min(bundle.overlap, window // 2)
+    step = int(getattr(bundle.model, "stride", 1))
+    stride = (window - ovl) // step * step
+    return window - stride if stride > 0 else ovl
 
 
 def _check_writable(folder: Path) -> None:

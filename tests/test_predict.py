@@ -169,3 +169,48 @@ def test_bad_prediction_inputs(random_bundle, tmp_path, make_raster):
     with pytest.raises(NotARasterError, match="truncated or damaged"):
         predict_scene(random_bundle, cut, tmp_path / "e.tif", workers=1)
     assert not list(tmp_path.glob("[a-e].tif"))
+
+
+def _disagreement_at_window_edges(bundle, tmp_path, blend):
+    from geoseg import load_bundle
+    from geoseg.predict import default_overlap
+    from geoseg.tiling import WindowGrid
+
+    window = 64
+    tiled, whole = tmp_path / f"tiled_{blend}.tif", tmp_path / f"whole_{blend}.tif"
+    predict_scene(
+        bundle,
+        SCENE,
+        tiled,
+        window=window,
+        blend=blend,
+        precision="fp32",
+        workers=2,
+        overwrite=True,
+    )
+    # one window over the whole scene: every pixel with all the context the scene has
+    predict_scene(
+        bundle, SCENE, whole, window=512, overlap=0, precision="fp32", workers=1, overwrite=True
+    )
+    with rasterio.open(tiled) as a, rasterio.open(whole) as b:
+        t, w = a.read(1), b.read(1)
+    grid = WindowGrid(*t.shape, window, default_overlap(load_bundle(bundle), window))
+    edge = np.zeros(t.shape, dtype=bool)
+    for s in grid.row_starts:
+        for e in (s, s + window):
+            edge[max(0, e - 2) : e + 2] = True
+    for s in grid.col_starts:
+        for e in (s, s + window):
+            edge[:, max(0, e - 2) : e + 2] = True
+    valid = t != NODATA_CLASS
+    differ = (t != w) & valid
+    return differ[edge & valid].mean(), differ[~edge & valid].mean()
+
+
+def test_no_seams_at_window_edges(nc_run, tmp_path):
+    # the default (trim: the overlap covers the receptive field) equals one whole-scene window
+    at_edges, elsewhere = _disagreement_at_window_edges(nc_run["bundle"], tmp_path, "auto")
+    assert at_edges <= elsewhere and at_edges < 0.001
+    # equal weights leave seams, and the test sees them
+    raw_edges, raw_elsewhere = _disagreement_at_window_edges(nc_run["bundle"], tmp_path, "none")
+    assert raw_edges > raw_elsewhere and raw_edges > 0.01

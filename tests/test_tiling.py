@@ -25,13 +25,14 @@ def test_block_cores_tile_the_scene_exactly(h, w, block):
 def test_window_starts_cover_the_axis_and_stay_inside(n, window, data):
     overlap = data.draw(st.integers(0, window - 1))
     starts = axis_starts(n, window, window - overlap)
-    covered = np.zeros(max(n, window), dtype=bool)
+    covered = np.zeros(starts.max() + window, dtype=bool)
     for s in starts:
         covered[s : s + window] = True
     assert covered[:n].all()
-    if n >= window:
-        assert starts.min() >= 0 and starts.max() + window == n
-    assert (np.diff(starts) <= window - overlap).all() and (np.diff(starts) > 0).all()
+    stride = window - overlap
+    assert starts[0] == 0 and (starts % stride == 0).all()  # one phase for every window
+    assert starts.max() + window - n < max(stride, window)  # no window wholly past the end
+    assert (np.diff(starts) == stride).all()
 
 
 @given(h=sizes, w=sizes, window=st.integers(4, 96), block=st.integers(8, 160), data=st.data())
