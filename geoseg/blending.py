@@ -34,23 +34,14 @@ def resolve_blend(mode: str, receptive_field: int | None, overlap: int) -> str:
 
 
 @lru_cache(maxsize=8)
-def window_weights(size: int, mode: str = "gaussian", overlap: int = 0) -> np.ndarray:
+def window_weights(size: int, mode: str = "gaussian") -> np.ndarray:
     """A ``(size, size)`` float32 weight map for one window (cached; do not modify).
 
-    ``trim`` keeps each window's centre, ``overlap / 2`` px in from every edge, at full weight and
-    nearly nothing outside it: the centres of neighbouring windows tile the scene, so each pixel
-    comes from the one window in which it is farthest from an edge. With an overlap of at least
-    the model's receptive field, that equals predicting the whole scene in one window.
+    ``trim`` is not a weight map but a geometry: see :class:`geoseg.tiling.WindowGrid`.
     """
-    check_blend(mode)
+    if check_blend(mode) in ("trim", "auto"):
+        raise ConfigError(f"blend {mode!r} has no fixed weight map; ask the window grid")
     x = (np.arange(size, dtype=np.float64) + 0.5) / size - 0.5  # -0.5 .. 0.5 across the window
-    if mode == "trim":
-        lo = overlap // 2
-        w1 = np.full(size, 1e-6)  # not zero: scene-edge pixels lie in no window's centre
-        w1[lo : size - (overlap - lo)] = 1.0
-        w = np.outer(w1, w1).astype(np.float32)
-        w.setflags(write=False)
-        return w
     if mode == "gaussian":
         w1 = np.exp(-0.5 * (x / 0.125) ** 2)  # sigma = window / 8
     elif mode == "cosine":

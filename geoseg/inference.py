@@ -110,7 +110,7 @@ def predict_probabilities(
     blend: str,
     device: str,
     precision: str = "fp32",
-    overlap: int = 0,
+    grid: WindowGrid | None = None,
 ) -> tuple[np.ndarray, int]:
     """Blend the model's probabilities over ``windows`` (in scene pixels) into the array ``x``
     whose top-left pixel is ``origin`` (row, col). Returns ``(probabilities, windows run)``;
@@ -121,7 +121,7 @@ def predict_probabilities(
     if not windows:
         return acc, 0
     size = int(windows[0].height)
-    weights = window_weights(size, blend, overlap)
+    fixed = None if blend == "trim" else window_weights(size, blend)
     local = [(int(w.row_off) - origin[0], int(w.col_off) - origin[1]) for w in windows]
     todo = [w for w, (r, c) in zip(windows, local) if valid[r : r + size, c : c + size].any()]
     run = 0
@@ -132,7 +132,8 @@ def predict_probabilities(
             xb = torch.from_numpy(np.stack([x[:, r : r + size, c : c + size] for r, c in offs]))
             logits = bundle.model(xb.to(device).contiguous(memory_format=torch.channels_last))
             probs = torch.softmax(logits.float(), dim=1).cpu().numpy()
-            for p, (r, c) in zip(probs, offs):
+            for p, (r, c), win in zip(probs, offs, batch):
+                weights = fixed if fixed is not None else grid.weights(win)  # type: ignore[union-attr]
                 acc[:, r : r + size, c : c + size] += p * weights
                 wsum[r : r + size, c : c + size] += weights
             run += len(batch)
@@ -185,7 +186,7 @@ def predict_block(
         blend=blend,
         device=dev,
         precision=prec,
-        overlap=grid.overlap,
+        grid=grid,
     )
     r0, c0 = int(core.row_off - halo.row_off), int(core.col_off - halo.col_off)
     h, w = int(core.height), int(core.width)

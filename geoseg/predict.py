@@ -37,7 +37,7 @@ from geoseg.io import (
     read_profile,
     write_class_metadata,
 )
-from geoseg.tiling import WindowGrid, block_windows
+from geoseg.tiling import WindowGrid
 
 log = logging.getLogger("geoseg")
 
@@ -132,9 +132,11 @@ def predict_scene(
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
     win = window or b.window
     ovl = overlap if overlap is not None else default_overlap(b, win)
-    grid = WindowGrid(profile.height, profile.width, win, ovl)
+    if not 0 <= ovl < win:
+        raise ConfigError(f"overlap must be at least 0 and less than the window ({win}), got {ovl}")
     blend = resolve_blend(blend, b.contract.receptive_field, ovl)
-    cores = block_windows(profile.height, profile.width, block)
+    grid = WindowGrid(profile.height, profile.width, win, ovl, trim=blend == "trim")
+    cores = grid.blocks(block)
     scene_path = str(scene) if is_url(scene) else str(Path(scene).resolve())
     settings = {
         "bundle": b.hash,

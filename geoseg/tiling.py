@@ -12,6 +12,7 @@ windows that touch its core: that is its core plus a *halo*.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -42,12 +43,19 @@ def block_windows(height: int, width: int, block: int) -> list[Window]:
 
 @dataclass(frozen=True)
 class WindowGrid:
-    """The global grid of model windows over a ``height`` x ``width`` scene."""
+    """The global grid of model windows over a ``height`` x ``width`` scene.
+
+    With ``trim``, each window owns a *plateau*: the part of it at least ``overlap // 2`` px from
+    its start, up to the next window's plateau (the first and last plateaus reach the scene's
+    edges). Plateaus tile the scene, so each pixel is predicted by exactly one window, and a
+    block whose edges lie on plateau edges (:meth:`blocks`) runs each window exactly once.
+    """
 
     height: int
     width: int
     window: int
     overlap: int
+    trim: bool = False
     row_starts: np.ndarray = field(init=False, repr=False, compare=False)
     col_starts: np.ndarray = field(init=False, repr=False, compare=False)
 
@@ -66,14 +74,62 @@ class WindowGrid:
     def stride(self) -> int:
         return self.window - self.overlap
 
-    def _touching(self, starts: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    def _edges(self, starts: np.ndarray, length: int) -> np.ndarray:
+        """Plateau edges along one axis: plateau k is ``[edges[k], edges[k + 1])``."""
+        edges = starts + self.overlap // 2
+        edges[0] = 0
+        return np.append(edges, length)
+
+    def _touching(self, starts: np.ndarray, length: int, lo: int, hi: int) -> np.ndarray:
+        if self.trim:
+            e = self._edges(starts, length)
+            return starts[(e[:-1] < hi) & (e[1:] > lo)]
         return starts[(starts < hi) & (starts + self.window > lo)]
 
+    def weights(self, window: Window) -> np.ndarray:
+        """For ``trim``: 1 on ``window``'s plateau, 0 elsewhere (a ``(window, window)`` array)."""
+        out = []
+        for starts, length, off in (
+            (self.row_starts, self.height, int(window.row_off)),
+            (self.col_starts, self.width, int(window.col_off)),
+        ):
+            e = self._edges(starts, length)
+            k = int(np.searchsorted(starts, off))
+            w1 = np.zeros(self.window, dtype=np.float32)
+            w1[e[k] - off : min(e[k + 1] - off, self.window)] = 1.0
+            out.append(w1)
+        return np.outer(out[0], out[1])
+
+    def blocks(self, block: int) -> list[Window]:
+        """Block cores of about ``block`` px whose edges lie on plateau edges (with ``trim``), so
+        no window is needed by two blocks; plain :func:`block_windows` otherwise."""
+        if not self.trim:
+            return block_windows(self.height, self.width, block)
+        if block <= 0:
+            raise ConfigError(f"block size must be positive, got {block}")
+        cuts = []
+        for starts, length in ((self.row_starts, self.height), (self.col_starts, self.width)):
+            e = self._edges(starts, length)
+            inner = e[1:-1]
+            snapped = (
+                {int(inner[np.abs(inner - b).argmin()]) for b in range(block, length, block)}
+                if len(inner)
+                else set()
+            )
+            cuts.append([0, *sorted(snapped), length])
+        rows, cols = cuts
+        return [
+            Window(c0, r0, c1 - c0, r1 - r0)
+            for r0, r1 in itertools.pairwise(rows)
+            for c0, c1 in itertools.pairwise(cols)
+        ]
+
     def windows_for(self, core: Window) -> list[Window]:
-        """Every grid window that overlaps ``core``, row-major."""
+        """Every grid window that contributes to ``core`` (overlaps it, or with ``trim`` has
+        its plateau in it), row-major."""
         r0, c0 = int(core.row_off), int(core.col_off)
-        rows = self._touching(self.row_starts, r0, r0 + int(core.height))
-        cols = self._touching(self.col_starts, c0, c0 + int(core.width))
+        rows = self._touching(self.row_starts, self.height, r0, r0 + int(core.height))
+        cols = self._touching(self.col_starts, self.width, c0, c0 + int(core.width))
         return [Window(int(c), int(r), self.window, self.window) for r in rows for c in cols]
 
     def halo_window(self, core: Window) -> Window:

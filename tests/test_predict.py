@@ -33,9 +33,14 @@ def test_class_map_is_on_the_scene_grid_with_nodata_and_classes(random_bundle, t
 
 
 def test_class_map_does_not_depend_on_block_size_or_workers(random_bundle, tmp_path):
+    from geoseg.tiling import WindowGrid
+
     a_path, b_path = tmp_path / "a.tif", tmp_path / "b.tif"
-    predict_scene(random_bundle, SCENE, a_path, block=96, workers=2)
-    predict_scene(random_bundle, SCENE, b_path, block=1024, workers=1)
+    a = predict_scene(random_bundle, SCENE, a_path, block=96, workers=2)
+    b = predict_scene(random_bundle, SCENE, b_path, block=1024, workers=1)
+    # trim blending (the overlap covers the field): every window runs once, in one block
+    n_windows = WindowGrid(443, 489, 64, 16).n_windows
+    assert a.windows_run + a.windows_skipped == n_windows == b.windows_run + b.windows_skipped
     with rasterio.open(a_path) as a, rasterio.open(b_path) as b:
         np.testing.assert_array_equal(a.read(1), b.read(1))
 
@@ -82,12 +87,12 @@ def test_a_stopped_run_resumes_and_recomputes_only_missing_blocks(random_bundle,
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    done_before = {p.name for p in parts.glob("block_*.tif")}
+    done_before = {p.name for p in parts.glob("block_*.tif") if ".tmp" not in p.name}
     assert len(done_before) >= 8 and not out.exists()  # stopped part-way, nothing half-written
 
     result = predict_scene(random_bundle, SCENE, out, block=48, workers=1)
     assert result.resumed == len(done_before)
-    assert result.blocks == 110 and result.resumed < result.blocks
+    assert 0 < result.resumed < result.blocks
     assert not parts.exists()  # cleaned up once complete
     fresh = tmp_path / "fresh.tif"
     predict_scene(random_bundle, SCENE, fresh, block=48, workers=1)

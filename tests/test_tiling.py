@@ -64,3 +64,29 @@ def test_bad_grid_settings_say_what_is_valid():
         WindowGrid(100, 100, 64, 64)
     with pytest.raises(ConfigError, match="block size must be positive"):
         block_windows(10, 10, 0)
+
+
+@given(h=sizes, w=sizes, window=st.integers(4, 96), block=st.integers(8, 200), data=st.data())
+@settings(max_examples=60, deadline=None)
+def test_trim_plateaus_give_each_pixel_one_window_and_each_window_one_block(
+    h, w, window, block, data
+):
+    overlap = data.draw(st.integers(0, window - 1))
+    grid = WindowGrid(h, w, window, overlap, trim=True)
+    owners = np.zeros((h, w), dtype=int)
+    runs: dict[tuple[int, int], int] = {}
+    cover = np.zeros((h, w), dtype=int)
+    for core in grid.blocks(block):
+        r0, c0 = int(core.row_off), int(core.col_off)
+        cover[r0 : r0 + int(core.height), c0 : c0 + int(core.width)] += 1
+        for win in grid.windows_for(core):
+            key = (int(win.row_off), int(win.col_off))
+            runs[key] = runs.get(key, 0) + 1
+            wts = grid.weights(win)
+            assert set(np.unique(wts)) <= {0.0, 1.0}
+            r, c = key
+            part = owners[max(r, 0) : r + window, max(c, 0) : c + window]
+            part += wts[: part.shape[0], : part.shape[1]].astype(int)
+    assert (cover == 1).all()  # the snapped cores still tile the scene
+    assert (owners == 1).all()  # every pixel from exactly one window
+    assert set(runs.values()) == {1} and len(runs) == grid.n_windows  # each window run once
