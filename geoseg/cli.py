@@ -235,12 +235,19 @@ def train(
     epilog="""\b
 Example:
   geoseg predict model.bundle scene.tif -o classes.tif --block 2048 --workers 4
+  geoseg predict model.bundle a.tif b.tif /vsis3/bucket/c.tif -o maps/ --probabilities
 """
 )
 @click.argument("bundle")
-@click.argument("scene")
+@click.argument("scenes", nargs=-1, required=True)
 @click.option(
-    "-o", "--output", required=True, help="The class map (Cloud-Optimized GeoTIFF) to write."
+    "-o",
+    "--output",
+    required=True,
+    help="The class map (Cloud-Optimized GeoTIFF) to write; with several scenes, a folder.",
+)
+@click.option(
+    "--probabilities", is_flag=True, help="Also write NAME_probabilities.tif, a band per class."
 )
 @click.option("--window", type=int, help="Model window, px. Default: the bundle's.")
 @click.option(
@@ -270,13 +277,15 @@ Example:
 )
 @click.option("--allow-no-crs", is_flag=True, help="Predict a scene that has no CRS.")
 @computes
-def predict(bundle: str, scene: str, output: str, verbose: int, quiet: bool, **kw: Any) -> None:
-    """Predict the class map of SCENE with the model BUNDLE."""
-    from geoseg.predict import predict_scene
+def predict(
+    bundle: str, scenes: tuple[str, ...], output: str, verbose: int, quiet: bool, **kw: Any
+) -> None:
+    """Predict the class maps of SCENES with the model BUNDLE, all in one Dask graph."""
+    from geoseg.predict import predict_scenes
 
     _setup_logging(verbose, quiet)
-    result = predict_scene(bundle, scene, output, **kw)
-    click.echo(f"wrote {result.path}")
+    for r in predict_scenes(bundle, list(scenes), output, **kw):
+        click.echo(f"wrote {r.path}" + (f" and {r.probabilities}" if r.probabilities else ""))
 
 
 @cli.command(

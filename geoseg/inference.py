@@ -12,6 +12,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import rasterio
@@ -141,20 +142,30 @@ def predict_probabilities(
     return acc, run
 
 
+@dataclass(frozen=True)
+class BlockJob:
+    """One block of one scene: what a task needs besides the bundle and the settings."""
+
+    core: Window
+    scene: str
+    grid: WindowGrid
+    parts: str  # the folder its part files go to
+
+
 def predict_block(
-    core: Window,
+    job: BlockJob,
     bundle_path: str,
-    scene_path: str,
-    grid: WindowGrid,
-    parts_dir: str,
     *,
     batch_size: int = 8,
     blend: str = "gaussian",
     device: str = "auto",
     precision: str = "auto",
+    probabilities: bool = False,
 ) -> BlockResult:
-    """Predict the class map of one block's core and write it to ``parts_dir`` (a Dask task)."""
+    """Predict the class map of one block's core and write it to ``job.parts`` (a Dask task);
+    with ``probabilities``, also each class's probability scaled to 0-254 (255: nodata)."""
     torch.set_num_threads(torch_threads())
+    core, scene_path, grid = job.core, job.scene, job.grid
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
     bundle = cached_bundle(bundle_path, dev)
@@ -195,20 +206,29 @@ def predict_block(
     classes = bundle.class_ids[np.argmax(core_probs, axis=0)]
     classes[~core_valid] = NODATA_CLASS
 
-    final = Path(parts_dir) / part_name(core)
-    tmp = final.with_suffix(".tmp.tif")
+    final = Path(job.parts) / part_name(core)
+    transform = rasterio.windows.transform(core, profile["transform"])
+    if probabilities:
+        scaled = np.rint(core_probs * 254).astype(np.uint8)
+        scaled[:, ~core_valid] = NODATA_CLASS
+        _write_part(final.with_suffix(".prob.tif"), scaled, profile["crs"], transform)
+    _write_part(final, classes[None], profile["crs"], transform)  # last: marks the block done
+    return BlockResult(core, str(final), run, len(windows) - run)
+
+
+def _write_part(path: Path, data: np.ndarray, crs: Any, transform: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
     with rasterio.open(
         tmp,
         "w",
         driver="GTiff",
-        width=w,
-        height=h,
-        count=1,
+        width=data.shape[2],
+        height=data.shape[1],
+        count=data.shape[0],
         dtype="uint8",
         nodata=NODATA_CLASS,
-        crs=profile["crs"],
-        transform=rasterio.windows.transform(core, profile["transform"]),
+        crs=crs,
+        transform=transform,
     ) as dst:
-        dst.write(classes, 1)
-    os.replace(tmp, final)
-    return BlockResult(core, str(final), run, len(windows) - run)
+        dst.write(data)
+    os.replace(tmp, path)

@@ -153,7 +153,8 @@ def read_window(
     h, w = int(window.height), int(window.width)
     inside = window_inside(src, window)
     # boundless reads go through a VRT and cost several times more: only where needed
-    data = src.read(indexes, window=window, boundless=not inside, fill_value=0)
+    # no fill_value: rasterio would write it over the nodata pixels too, hiding them
+    data = src.read(indexes, window=window, boundless=not inside)
     flags = [src.mask_flag_enums[i - 1] for i in indexes]
     if nodata is not None:
         valid = np.all(data != np.asarray(nodata).astype(data.dtype), axis=0)

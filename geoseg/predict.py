@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,12 +23,20 @@ from typing import Any
 import numpy as np
 import rasterio
 import rasterio.shutil
+from rasterio.windows import Window
 
 from geoseg.blending import check_blend, resolve_blend
 from geoseg.bundle import Bundle, load_bundle
 from geoseg.cluster import run_tasks, session
 from geoseg.errors import ConfigError, NotARasterError
-from geoseg.inference import BlockResult, part_name, predict_block, resolve_precision
+from geoseg.inference import (
+    BlockJob,
+    BlockResult,
+    part_name,
+    predict_block,
+    resolve_device,
+    resolve_precision,
+)
 from geoseg.io import (
     NODATA_CLASS,
     SceneProfile,
@@ -44,7 +53,7 @@ log = logging.getLogger("geoseg")
 
 @dataclass(frozen=True)
 class PredictResult:
-    """What :func:`predict_scene` wrote and how much work it was."""
+    """What :func:`predict_scene` wrote for one scene and how much work it was."""
 
     path: Path
     blocks: int
@@ -52,11 +61,37 @@ class PredictResult:
     windows_run: int
     windows_skipped: int  # all-nodata windows, never sent to the model
     valid_pixels: int
+    probabilities: Path | None = None
+
+
+@dataclass
+class _Plan:
+    """One scene's share of a prediction run."""
+
+    profile: SceneProfile
+    out: Path
+    grid: WindowGrid
+    cores: list[Window]
+    parts: Path
+    todo: list[Window]
 
 
 def predict_scene(
     bundle: str | os.PathLike[str],
     scene: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    **options: Any,
+) -> PredictResult:
+    """Predict ``scene`` with ``bundle`` and write the class map to ``output`` (a COG).
+
+    Takes the options of :func:`predict_scenes`; see there.
+    """
+    return predict_scenes(bundle, [scene], output, **options)[0]
+
+
+def predict_scenes(
+    bundle: str | os.PathLike[str],
+    scenes: Sequence[str | os.PathLike[str]],
     output: str | os.PathLike[str],
     *,
     window: int | None = None,
@@ -66,20 +101,24 @@ def predict_scene(
     blend: str = "auto",
     device: str = "auto",
     precision: str = "auto",
+    probabilities: bool = False,
     allow_no_crs: bool = False,
     workers: int | None = None,
     scheduler: str | None = None,
     overwrite: bool = False,
-) -> PredictResult:
-    """Predict ``scene`` with ``bundle`` and write the class map to ``output`` (a COG).
+) -> list[PredictResult]:
+    """Predict every scene with ``bundle`` in one Dask graph and write their class maps (COGs).
 
     Parameters
     ----------
-    bundle, scene, output
-        Paths: the model bundle, the scene (a path or GDAL URL), the class map to write.
+    bundle, scenes
+        The model bundle; the scenes (paths or GDAL URLs such as ``/vsis3/...``).
+    output
+        With one scene, the class map to write; with several, a folder that receives
+        ``<scene name>.tif`` for each.
     window, overlap
         Model window and overlap in pixels; default to the bundle's (the overlap from the model's
-        receptive field, at most half the window).
+        receptive field, at most half the window, aligned to the model's stride).
     block
         Block size in pixels: the unit of scheduling, writing and resuming. Memory per task
         grows with it.
@@ -87,45 +126,40 @@ def predict_scene(
         Windows per forward pass.
     blend
         How overlapping windows are weighted: ``trim`` (each pixel from the window where it is
-        farthest from an edge), ``gaussian``, ``cosine``, ``none`` (equal weights), or ``auto``:
-        ``trim`` when the overlap covers the model's receptive field, else ``gaussian``.
+        farthest from an edge; every window then runs once), ``gaussian``, ``cosine``, ``none``
+        (equal weights), or ``auto``: ``trim`` when the overlap covers the model's receptive
+        field, else ``gaussian``.
     device
         ``auto`` (a GPU when the worker has one), ``cpu`` or ``cuda``.
     precision
         ``auto`` (bf16 where the hardware has it, else fp32 on a CPU, fp16 on an older GPU),
         ``fp32``, ``bf16`` or ``fp16`` (GPU only). Channels-last layout in every case.
+    probabilities
+        Also write ``<class map name>_probabilities.tif``: one band per class, the probability
+        scaled to 0-254, 255 for nodata.
     allow_no_crs
         Predict a scene without a CRS (the class map then has none either).
     workers, scheduler
         A local cluster of ``workers`` processes, or the address of an existing scheduler.
     overwrite
-        Replace ``output`` if it exists.
+        Replace outputs that exist.
 
     Returns
     -------
-    PredictResult
+    list of PredictResult, one per scene.
 
     Raises
     ------
     BandMismatchError
-        The scene's bands are not those the bundle was trained on.
+        A scene's bands are not those the bundle was trained on.
     OutputExistsError
-        ``output`` exists and ``overwrite`` is false.
+        An output exists and ``overwrite`` is false.
     """
-    out = check_output(output, overwrite)
-    _check_writable(out.parent)
+    if not scenes:
+        raise ConfigError("no scene to predict")
     b = load_bundle(bundle)
-    profile = read_profile(scene)
-    if profile.crs is None and not allow_no_crs:
-        raise NotARasterError(
-            f"scene {profile.path!r} has no CRS, so its class map could not be placed on a map; "
-            "assign one (gdal_edit.py -a_srs) or pass --allow-no-crs"
-        )
-    b.check_scene(profile)
     check_blend(blend)
     if device == "cuda":
-        from geoseg.inference import resolve_device
-
         resolve_device("cuda")  # fail here, not on every worker, when there is no GPU
     resolve_precision(precision, "cuda" if device == "cuda" else "cpu")
     if batch_size < 1:
@@ -135,62 +169,141 @@ def predict_scene(
     if not 0 <= ovl < win:
         raise ConfigError(f"overlap must be at least 0 and less than the window ({win}), got {ovl}")
     blend = resolve_blend(blend, b.contract.receptive_field, ovl)
-    grid = WindowGrid(profile.height, profile.width, win, ovl, trim=blend == "trim")
-    cores = grid.blocks(block)
-    scene_path = str(scene) if is_url(scene) else str(Path(scene).resolve())
+    outs = _outputs(scenes, Path(output))
     settings = {
         "bundle": b.hash,
-        "scene": scene_path,
-        "scene_stamp": _stamp(scene_path),
         "window": win,
         "overlap": ovl,
         "block": block,
         "blend": blend,
         "precision": precision,
+        "probabilities": probabilities,
     }
-    parts = _parts_folder(out, settings)
-    todo = [c for c in cores if not (parts / part_name(c)).exists()]
-    resumed = len(cores) - len(todo)
+    plans: list[_Plan] = []
+    try:
+        for scene, out in zip(scenes, outs):
+            plans.append(
+                _plan(
+                    b,
+                    scene,
+                    out,
+                    settings,
+                    allow_no_crs=allow_no_crs,
+                    overwrite=overwrite,
+                    probabilities=probabilities,
+                )
+            )
+    except Exception:
+        for p in plans:  # a later scene was refused: leave no fresh, empty part folders
+            if len(p.todo) == len(p.cores):
+                shutil.rmtree(p.parts, ignore_errors=True)
+        raise
+    jobs = [BlockJob(c, p.profile.path, p.grid, str(p.parts)) for p in plans for c in p.todo]
     with session(workers, scheduler) as client:
-        log.info(
-            "predict %s: %dx%d px, %d blocks of %d px%s, window %d, overlap %d (%d windows), blend %s",
-            profile.path,
-            profile.width,
-            profile.height,
-            len(cores),
-            block,
-            f" ({resumed} already done, resuming)" if resumed else "",
-            win,
-            ovl,
-            grid.n_windows,
-            blend,
-        )
+        for p in plans:
+            resumed = len(p.cores) - len(p.todo)
+            log.info(
+                "predict %s: %dx%d px, %d blocks of %d px%s, window %d, overlap %d (%d windows), blend %s",
+                p.profile.path,
+                p.profile.width,
+                p.profile.height,
+                len(p.cores),
+                block,
+                f" ({resumed} already done, resuming)" if resumed else "",
+                win,
+                ovl,
+                p.grid.n_windows,
+                blend,
+            )
         _log_dashboard(client)
         results: list[BlockResult] = run_tasks(
             client,
             predict_block,
-            todo,
+            jobs,
             "predict",
             str(Path(bundle).resolve()),
-            scene_path,
-            grid,
-            str(parts.resolve()),
             batch_size=batch_size,
             blend=blend,
             device=device,
             precision=precision,
-            pixels=[int(c.width * c.height) for c in todo],
+            probabilities=probabilities,
+            pixels=[int(j.core.width * j.core.height) for j in jobs],
         )
-    valid = assemble_class_map(parts, cores, profile, b, out, overwrite=overwrite)
-    shutil.rmtree(parts, ignore_errors=True)
-    return PredictResult(
-        path=out,
-        blocks=len(cores),
-        resumed=resumed,
-        windows_run=sum(r.windows_run for r in results),
-        windows_skipped=sum(r.windows_skipped for r in results),
-        valid_pixels=valid,
+    done = []
+    for p in plans:
+        mine = [r for r in results if Path(r.path).parent == p.parts]
+        valid = assemble_class_map(p.parts, p.cores, p.profile, b, p.out, overwrite=overwrite)
+        prob_path = None
+        if probabilities:
+            prob_path = probabilities_path(p.out)
+            assemble_probabilities(p.parts, p.cores, p.profile, b, prob_path, overwrite=overwrite)
+        shutil.rmtree(p.parts, ignore_errors=True)
+        done.append(
+            PredictResult(
+                path=p.out,
+                blocks=len(p.cores),
+                resumed=len(p.cores) - len(p.todo),
+                windows_run=sum(r.windows_run for r in mine),
+                windows_skipped=sum(r.windows_skipped for r in mine),
+                valid_pixels=valid,
+                probabilities=prob_path,
+            )
+        )
+    return done
+
+
+def probabilities_path(class_map: Path) -> Path:
+    return class_map.with_name(f"{class_map.stem}_probabilities{class_map.suffix}")
+
+
+def _outputs(scenes: Sequence[str | os.PathLike[str]], output: Path) -> list[Path]:
+    if len(scenes) == 1:
+        return [output]
+    if output.suffix.lower() in (".tif", ".tiff"):
+        raise ConfigError(
+            f"{len(scenes)} scenes need an output folder, not the file {str(output)!r}; pass -o DIR"
+        )
+    output.mkdir(parents=True, exist_ok=True)
+    names = [Path(str(s)).stem for s in scenes]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"scenes share the names {dupes}; predict them into separate folders")
+    return [output / f"{n}.tif" for n in names]
+
+
+def _plan(
+    b: Bundle,
+    scene: str | os.PathLike[str],
+    out: Path,
+    settings: dict[str, Any],
+    *,
+    allow_no_crs: bool,
+    overwrite: bool,
+    probabilities: bool,
+) -> _Plan:
+    check_output(out, overwrite)
+    if probabilities:
+        check_output(probabilities_path(out), overwrite)
+    _check_writable(out.parent)
+    scene_path = str(scene) if is_url(scene) else str(Path(scene).resolve())
+    profile = read_profile(scene_path)
+    if profile.crs is None and not allow_no_crs:
+        raise NotARasterError(
+            f"scene {str(scene)!r} has no CRS, so its class map could not be placed on a map; "
+            "assign one (gdal_edit.py -a_srs) or pass --allow-no-crs"
+        )
+    b.check_scene(profile)
+    grid = WindowGrid(
+        profile.height,
+        profile.width,
+        settings["window"],
+        settings["overlap"],
+        trim=settings["blend"] == "trim",
     )
+    cores = grid.blocks(settings["block"])
+    parts = _parts_folder(out, {**settings, "scene": scene_path, "scene_stamp": _stamp(scene_path)})
+    todo = [c for c in cores if not (parts / part_name(c)).exists()]
+    return _Plan(profile, out, grid, cores, parts.resolve(), todo)
 
 
 def default_overlap(bundle: Bundle, window: int) -> int:
@@ -288,3 +401,49 @@ def assemble_class_map(
             OVERVIEWS="AUTO",
         )
     return valid
+
+
+def assemble_probabilities(
+    parts: Path,
+    cores: list[Any],
+    profile: SceneProfile,
+    bundle: Bundle,
+    output: Path,
+    *,
+    overwrite: bool,
+) -> None:
+    """Copy the probability parts into one COG: a band per class, 0-254, nodata 255."""
+    staging = parts / "probabilities.tif"
+    k = len(bundle.classes)
+    with rasterio.open(
+        staging,
+        "w",
+        driver="GTiff",
+        width=profile.width,
+        height=profile.height,
+        count=k,
+        dtype="uint8",
+        nodata=NODATA_CLASS,
+        crs=profile.crs,
+        transform=profile.transform,
+        tiled=True,
+        blockxsize=512,
+        blockysize=512,
+        interleave="band",
+    ) as dst:
+        for core in cores:
+            with rasterio.open(parts / Path(part_name(core)).with_suffix(".prob.tif")) as src:
+                dst.write(src.read(), window=core)
+        for i, c in enumerate(bundle.classes, start=1):
+            dst.set_band_description(i, f"{c.name} (class {c.id}), probability x 254")
+        dst.update_tags(GEOSEG_SCALE="probability = value / 254; 255 = nodata")
+    with atomic_output(output, overwrite) as tmp:
+        rasterio.shutil.copy(
+            staging,
+            tmp,
+            driver="COG",
+            COMPRESS="DEFLATE",
+            BLOCKSIZE=512,
+            OVERVIEW_RESAMPLING="AVERAGE",
+            OVERVIEWS="AUTO",
+        )

@@ -57,9 +57,8 @@ def make_raster(tmp_path: Path) -> Callable[..., Path]:
     return make
 
 
-@pytest.fixture(scope="session")
-def random_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An untrained, tiny U-Net bundle for the NC scene: for tests about tiling, not learning."""
+def make_random_bundle(path: Path, bands: int, mean: float, std: float) -> Path:
+    """An untrained, tiny U-Net bundle: for tests about tiling, not learning."""
     import torch
 
     from geoseg.bundle import BandInfo, Contract, save_bundle
@@ -67,14 +66,14 @@ def random_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from geoseg.models import create_model
 
     torch.manual_seed(0)
-    model = create_model("unet", 6, 3, depth=2, base_width=4).eval()
+    model = create_model("unet", bands, 3, depth=2, base_width=4).eval()
     prof = read_profile(SCENE)
     contract = Contract(
         arch="unet",
         arch_args={"depth": 2, "base_width": 4},
-        bands=[BandInfo(i, f"b{i}") for i in range(1, 7)],
-        mean=[80.0] * 6,
-        std=[30.0] * 6,
+        bands=[BandInfo(i, f"b{i}") for i in range(1, bands + 1)],
+        mean=[mean] * bands,
+        std=[std] * bands,
         classes=[
             ClassInfo(1, "one", "#ff0000"),
             ClassInfo(5, "five", "#00ff00"),
@@ -86,9 +85,14 @@ def random_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
         crs=prof.crs.to_string(),
         pixel_size=prof.res,
     )
-    path = tmp_path_factory.mktemp("bundle") / "random.bundle"
     save_bundle(path, model, contract)
     return path
+
+
+@pytest.fixture(scope="session")
+def random_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random tiny U-Net for the 6-band NC scene."""
+    return make_random_bundle(tmp_path_factory.mktemp("bundle") / "random.bundle", 6, 80.0, 30.0)
 
 
 @pytest.fixture(scope="session")

@@ -87,3 +87,15 @@ def test_grid_mismatch_is_explained(make_raster):
     )
     with pytest.raises(GridMismatchError, match="EPSG:32617"):
         check_same_grid(scene, read_profile(other_crs), "labels")
+
+
+def test_read_window_sees_a_negative_nodata_value(make_raster):
+    # a fill value that is not 0 must survive the read (rasterio's fill_value would hide it)
+    data = np.full((1, 6, 6), 500, dtype="int16")
+    data[0, :, :2] = -9999
+    path = make_raster("neg.tif", data, nodata=-9999)
+    with rasterio.open(path) as src:
+        d, valid = read_window(src, Window(0, 0, 6, 6))
+        assert valid.sum() == 24 and not valid[:, :2].any()
+        d, valid = read_window(src, Window(-2, 0, 6, 6))  # boundless as well
+        assert valid.sum() == 12

@@ -87,7 +87,7 @@ def test_a_stopped_run_resumes_and_recomputes_only_missing_blocks(random_bundle,
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    done_before = {p.name for p in parts.glob("block_*.tif") if ".tmp" not in p.name}
+    done_before = {p.name for p in parts.glob("block_*.tif")}
     assert len(done_before) >= 8 and not out.exists()  # stopped part-way, nothing half-written
 
     result = predict_scene(random_bundle, SCENE, out, block=48, workers=1)
@@ -219,3 +219,49 @@ def test_no_seams_at_window_edges(nc_run, tmp_path):
     # equal weights leave seams, and the test sees them
     raw_edges, raw_elsewhere = _disagreement_at_window_edges(nc_run["bundle"], tmp_path, "none")
     assert raw_edges > raw_elsewhere and raw_edges > 0.01
+
+
+def test_several_scenes_in_one_graph_with_probabilities_and_a_gdal_url(random_bundle, tmp_path):
+    import zipfile
+
+    from geoseg.errors import ConfigError
+    from geoseg.predict import predict_scenes
+
+    archive = tmp_path / "scenes.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.write(SCENE, "nc_copy.tif")
+    url = f"/vsizip/{archive}/nc_copy.tif"  # a GDAL URL, read by the workers through GDAL
+    out = tmp_path / "maps"
+    results = predict_scenes(
+        random_bundle, [SCENE, url], out, block=256, probabilities=True, workers=2
+    )
+    assert [r.path.name for r in results] == ["nc_landsat7_2000.tif", "nc_copy.tif"]
+    with rasterio.open(results[0].path) as a, rasterio.open(results[1].path) as b:
+        classes = a.read(1)
+        np.testing.assert_array_equal(classes, b.read(1))
+    with rasterio.open(results[0].probabilities) as p:
+        probs = p.read()
+        assert p.count == 3 and p.descriptions[1].startswith("five")
+    valid = classes != NODATA_CLASS
+    np.testing.assert_array_equal(probs[:, ~valid], NODATA_CLASS)
+    total = probs[:, valid].astype(int).sum(0)
+    assert np.abs(total - 254).max() <= 2  # probabilities sum to one, up to rounding
+    ids = np.array([1, 5, 9])
+    assert (ids[probs[:, valid].argmax(0)] == classes[valid]).mean() > 0.99
+    with pytest.raises(ConfigError, match="need an output folder"):
+        predict_scenes(random_bundle, [SCENE, url], tmp_path / "one.tif", workers=1)
+
+
+def test_nebraska_stripes_of_nodata_in_a_geographic_crs(tmp_path):
+    from .conftest import make_random_bundle, shared
+
+    scene = shared("large-scenes/nebraska_landsat5_with_nodata_wgs84.tif")
+    bundle = make_random_bundle(tmp_path / "one_band.bundle", 1, 8000.0, 3000.0)
+    out = tmp_path / "nebraska.tif"
+    result = predict_scene(bundle, scene, out, block=1024, window=128, workers=2)
+    with rasterio.open(scene) as s, rasterio.open(out) as c:
+        assert c.crs == s.crs and c.crs.is_geographic and c.transform == s.transform
+        nodata = s.read_masks(1) == 0
+        np.testing.assert_array_equal(c.read(1) == NODATA_CLASS, nodata)
+    assert 0.5 < nodata.mean() < 0.7  # the scene's 59 % nodata in stripes
+    assert result.windows_skipped > 0  # all-nodata windows never reach the model
