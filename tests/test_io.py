@@ -96,6 +96,6 @@ def test_read_window_sees_a_negative_nodata_value(make_raster):
     path = make_raster("neg.tif", data, nodata=-9999)
     with rasterio.open(path) as src:
         d, valid = read_window(src, Window(0, 0, 6, 6))
-        assert valid.sum() == 24 and not valid[:, :2].any()
+        assert valid.sum() == 24 and not valid[:, :2].any() and (d[0, :, :2] == -9999).all()
         d, valid = read_window(src, Window(-2, 0, 6, 6))  # boundless as well
-        assert valid.sum() == 12
+        assert valid.sum() == 12 and (d[0][valid] == 500).all()
