@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,7 @@ class PredictResult:
     windows_skipped: int  # all-nodata windows, never sent to the model
     valid_pixels: int
     probabilities: Path | None = None
+    seconds: dict[str, float] | None = None  # wall time of the run: "blocks", "assemble"
 
 
 @dataclass
@@ -199,6 +201,7 @@ def predict_scenes(
                 shutil.rmtree(p.parts, ignore_errors=True)
         raise
     jobs = [BlockJob(c, p.profile.path, p.grid, str(p.parts)) for p in plans for c in p.todo]
+    t0 = time.perf_counter()
     with session(workers, scheduler) as client:
         for p in plans:
             resumed = len(p.cores) - len(p.todo)
@@ -229,8 +232,10 @@ def predict_scenes(
             probabilities=probabilities,
             pixels=[int(j.core.width * j.core.height) for j in jobs],
         )
+    t_blocks = time.perf_counter() - t0
     done = []
     for p in plans:
+        t1 = time.perf_counter()
         mine = [r for r in results if Path(r.path).parent == p.parts]
         valid = assemble_class_map(p.parts, p.cores, p.profile, b, p.out, overwrite=overwrite)
         prob_path = None
@@ -247,6 +252,7 @@ def predict_scenes(
                 windows_skipped=sum(r.windows_skipped for r in mine),
                 valid_pixels=valid,
                 probabilities=prob_path,
+                seconds={"blocks": t_blocks, "assemble": time.perf_counter() - t1},
             )
         )
     return done

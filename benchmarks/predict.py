@@ -1,0 +1,209 @@
+"""Prediction throughput and memory: the model alone (the limit), geoseg predict on 1 and 2
+workers, and MONAI's sliding_window_inference, on scenes made by tiling the NC Landsat 7 scene.
+
+    python benchmarks/predict.py --sizes 2048 [8192 16384] [--window 512 --batch 4]
+
+Same model (the default U-Net, 6 bands, 7 classes, random weights: speed does not depend on
+training), window and batch size in every row. Peak memory is the sum of resident memory over this
+process and all its children (Dask workers), sampled every 50 ms. Prints a table and appends it to
+benchmarks/results/predict.json. Needs `pip install monai psutil` for row (c).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import logging
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import rasterio
+import torch
+from _results import append_result
+
+from geoseg import load_bundle
+from geoseg.bundle import BandInfo, Contract, save_bundle
+from geoseg.io import ClassInfo
+from geoseg.models import create_model, receptive_field
+from geoseg.pipeline import demo_workflow
+from geoseg.predict import default_overlap, predict_scene
+
+SAMPLE = demo_workflow().parent / "nc_landsat7_2000.tif"
+
+
+class PeakMemory:
+    """Peak of the summed RSS of this process and its descendants while the block runs."""
+
+    def __enter__(self) -> PeakMemory:
+        self.peak, self._stop = 0, False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        me = psutil.Process()
+        while not self._stop:
+            total = 0
+            for p in [me, *me.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    total += p.memory_info().rss
+            self.peak = max(self.peak, total)
+            time.sleep(0.05)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop = True
+        self._thread.join()
+
+
+def make_scene(path: Path, size: int) -> None:
+    with rasterio.open(SAMPLE) as src:
+        tile, profile = src.read(), src.profile
+    reps = (1, -(-size // tile.shape[1]), -(-size // tile.shape[2]))
+    with rasterio.open(
+        path,
+        "w",
+        **{
+            **profile,
+            "width": size,
+            "height": size,
+            "tiled": True,
+            "blockxsize": 512,
+            "blockysize": 512,
+            "compress": "deflate",
+        },
+    ) as dst:
+        for r in range(0, size, 2048):  # written in strips: the scene never is whole in memory
+            h = min(2048, size - r)
+            rows = np.arange(r, r + h) % tile.shape[1]
+            strip = np.tile(tile[:, rows], (1, 1, reps[2]))[:, :, :size]
+            dst.write(strip, window=rasterio.windows.Window(0, r, size, h))
+
+
+def make_bundle(path: Path, window: int) -> Path:
+    model = create_model("unet", 6, 7).eval()
+    rf = receptive_field(model, 6)
+    with rasterio.open(SAMPLE) as src:
+        crs, res = src.crs, src.res
+    contract = Contract(
+        arch="unet",
+        arch_args={},
+        bands=[BandInfo(i, f"band {i}") for i in range(1, 7)],
+        mean=[90.0] * 6,
+        std=[30.0] * 6,
+        classes=[ClassInfo(i, f"class {i}", "#808080") for i in range(1, 8)],
+        window=window,
+        overlap=min(rf or window // 4, window // 2),
+        receptive_field=rf,
+        crs=crs.to_string(),
+        pixel_size=res,
+        nodata=0,
+    )
+    save_bundle(path, model, contract, overwrite=True)
+    return path
+
+
+def model_alone(bundle: Path, windows: int, window: int, batch: int, bf16: bool) -> float:
+    """Seconds for the model on ``windows`` windows from memory, all cores."""
+    model = load_bundle(bundle).model.to(memory_format=torch.channels_last)
+    x = torch.randn(batch, 6, window, window).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        model(x)  # warm-up
+        t = time.perf_counter()
+        for _ in range(-(-windows // batch)):
+            model(x)
+    return time.perf_counter() - t
+
+
+def monai_run(bundle: Path, scene: Path, out: Path, window: int, batch: int) -> float:
+    from monai.inferers import sliding_window_inference
+
+    t = time.perf_counter()
+    model = load_bundle(bundle).model
+    with rasterio.open(scene) as src:
+        data, profile = src.read().astype(np.float32), src.profile
+    x = torch.from_numpy((data - 90.0) / 30.0)[None]
+    with torch.inference_mode():
+        logits = sliding_window_inference(
+            x, (window, window), batch, model, overlap=0.25, mode="gaussian"
+        )
+    classes = (logits[0].argmax(0) + 1).numpy().astype(np.uint8)
+    profile.update(count=1, dtype="uint8", nodata=255, compress="deflate", tiled=True)
+    with rasterio.open(out, "w", **profile) as dst:
+        dst.write(classes, 1)
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[2048])
+    ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--no-monai", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(psutil.cpu_count())
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        bundle = make_bundle(d / "unet.bundle", args.window)
+        overlap = default_overlap(load_bundle(bundle), args.window)
+        for size in args.sizes:
+            scene = d / f"scene_{size}.tif"
+            make_scene(scene, size)
+            mpx = size * size / 1e6
+            runs = {}
+            for workers in (1, 2):
+                gc.collect()
+                with PeakMemory() as mem:
+                    t = time.perf_counter()
+                    r = predict_scene(
+                        bundle,
+                        scene,
+                        d / f"c{workers}.tif",
+                        block=2048,
+                        batch_size=args.batch,
+                        workers=workers,
+                        overwrite=True,
+                    )
+                    wall = time.perf_counter() - t
+                runs[workers] = (r, wall, mem.peak)
+            windows = runs[1][0].windows_run
+            limit = model_alone(bundle, windows, args.window, args.batch, bf16=True)
+            limit_fp32 = model_alone(bundle, windows, args.window, args.batch, bf16=False)
+            win_mpx = windows * args.window**2 / 1e6
+            row = {
+                "size": size,
+                "window": args.window,
+                "overlap": overlap,
+                "batch": args.batch,
+                "windows": windows,
+                "model_alone_bf16_window_mpx_s": round(win_mpx / limit, 3),
+                "model_alone_fp32_window_mpx_s": round(win_mpx / limit_fp32, 3),
+            }
+            for workers, (r, wall, peak) in runs.items():
+                row[f"geoseg_{workers}w_scene_mpx_s"] = round(mpx / wall, 3)
+                row[f"geoseg_{workers}w_window_mpx_s"] = round(win_mpx / wall, 3)
+                row[f"geoseg_{workers}w_ratio_to_limit"] = round(limit / wall, 3)
+                row[f"geoseg_{workers}w_peak_gb"] = round(peak / 1e9, 2)
+                row[f"geoseg_{workers}w_writer_share"] = round(r.seconds["assemble"] / wall, 3)
+            if not args.no_monai:
+                gc.collect()
+                with PeakMemory() as mem:
+                    t_monai = monai_run(bundle, scene, d / "monai.tif", args.window, args.batch)
+                row["monai_fp32_scene_mpx_s"] = round(mpx / t_monai, 3)
+                row["monai_peak_gb"] = round(mem.peak / 1e9, 2)
+                row["geoseg_2w_over_monai"] = round(t_monai / runs[2][1], 2)
+            rows.append(row)
+            print(row, flush=True)
+    for k in rows[0]:
+        print(f"{k:>32}: " + "  ".join(str(r[k]) for r in rows))
+    append_result("predict", {"torch": torch.__version__, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
