@@ -16,7 +16,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -361,6 +361,57 @@ def _log_dashboard(client: Any) -> None:
         log.info("Dask dashboard: %s", link)
 
 
+def _assemble(
+    parts: Path,
+    cores: list[Any],
+    profile: SceneProfile,
+    output: Path,
+    *,
+    overwrite: bool,
+    count: int,
+    suffix: str,
+    resampling: str,
+    describe: Callable[[Any], None],
+) -> int:
+    """Copy the ``suffix`` parts of every block, block by block, into one tiled GeoTIFF, then
+    write it as a COG at ``output``; return the number of valid pixels (band 1 not nodata)."""
+    staging = parts / f"assembled{suffix}"
+    valid = 0
+    with rasterio.open(
+        staging,
+        "w",
+        driver="GTiff",
+        width=profile.width,
+        height=profile.height,
+        count=count,
+        dtype="uint8",
+        nodata=NODATA_CLASS,
+        crs=profile.crs,
+        transform=profile.transform,
+        tiled=True,
+        blockxsize=512,
+        blockysize=512,
+        interleave="band",
+    ) as dst:
+        for core in cores:
+            with rasterio.open(parts / Path(part_name(core)).with_suffix(suffix)) as src:
+                data = src.read()
+            dst.write(data, window=core)
+            valid += int(np.count_nonzero(data[0] != NODATA_CLASS))
+        describe(dst)
+    with atomic_output(output, overwrite) as tmp:
+        rasterio.shutil.copy(
+            staging,
+            tmp,
+            driver="COG",
+            COMPRESS="DEFLATE",
+            BLOCKSIZE=512,
+            OVERVIEW_RESAMPLING=resampling,
+            OVERVIEWS="AUTO",
+        )
+    return valid
+
+
 def assemble_class_map(
     parts: Path,
     cores: list[Any],
@@ -370,43 +421,24 @@ def assemble_class_map(
     *,
     overwrite: bool,
 ) -> int:
-    """Copy the block parts into one tiled GeoTIFF, then write it as a COG at ``output``;
-    return the number of valid (predicted) pixels."""
-    staging = parts / "assembled.tif"
-    valid = 0
-    with rasterio.open(
-        staging,
-        "w",
-        driver="GTiff",
-        width=profile.width,
-        height=profile.height,
-        count=1,
-        dtype="uint8",
-        nodata=NODATA_CLASS,
-        crs=profile.crs,
-        transform=profile.transform,
-        tiled=True,
-        blockxsize=512,
-        blockysize=512,
-    ) as dst:
-        for core in cores:
-            with rasterio.open(parts / part_name(core)) as src:
-                data = src.read(1)
-            dst.write(data, 1, window=core)
-            valid += int(np.count_nonzero(data != NODATA_CLASS))
+    """The class map COG from the block parts (mode-resampled overviews, colour table, class
+    names); returns the number of valid (predicted) pixels."""
+
+    def describe(dst: Any) -> None:
         write_class_metadata(dst, bundle.classes)
         dst.update_tags(GEOSEG_BUNDLE_HASH=bundle.hash)
-    with atomic_output(output, overwrite) as tmp:
-        rasterio.shutil.copy(
-            staging,
-            tmp,
-            driver="COG",
-            COMPRESS="DEFLATE",
-            BLOCKSIZE=512,
-            OVERVIEW_RESAMPLING="MODE",
-            OVERVIEWS="AUTO",
-        )
-    return valid
+
+    return _assemble(
+        parts,
+        cores,
+        profile,
+        output,
+        overwrite=overwrite,
+        count=1,
+        suffix=".tif",
+        resampling="MODE",
+        describe=describe,
+    )
 
 
 def assemble_probabilities(
@@ -418,38 +450,21 @@ def assemble_probabilities(
     *,
     overwrite: bool,
 ) -> None:
-    """Copy the probability parts into one COG: a band per class, 0-254, nodata 255."""
-    staging = parts / "probabilities.tif"
-    k = len(bundle.classes)
-    with rasterio.open(
-        staging,
-        "w",
-        driver="GTiff",
-        width=profile.width,
-        height=profile.height,
-        count=k,
-        dtype="uint8",
-        nodata=NODATA_CLASS,
-        crs=profile.crs,
-        transform=profile.transform,
-        tiled=True,
-        blockxsize=512,
-        blockysize=512,
-        interleave="band",
-    ) as dst:
-        for core in cores:
-            with rasterio.open(parts / Path(part_name(core)).with_suffix(".prob.tif")) as src:
-                dst.write(src.read(), window=core)
+    """The probabilities COG from the block parts: a band per class, 0-254, nodata 255."""
+
+    def describe(dst: Any) -> None:
         for i, c in enumerate(bundle.classes, start=1):
             dst.set_band_description(i, f"{c.name} (class {c.id}), probability x 254")
         dst.update_tags(GEOSEG_SCALE="probability = value / 254; 255 = nodata")
-    with atomic_output(output, overwrite) as tmp:
-        rasterio.shutil.copy(
-            staging,
-            tmp,
-            driver="COG",
-            COMPRESS="DEFLATE",
-            BLOCKSIZE=512,
-            OVERVIEW_RESAMPLING="AVERAGE",
-            OVERVIEWS="AUTO",
-        )
+
+    _assemble(
+        parts,
+        cores,
+        profile,
+        output,
+        overwrite=overwrite,
+        count=len(bundle.classes),
+        suffix=".prob.tif",
+        resampling="AVERAGE",
+        describe=describe,
+    )
