@@ -165,7 +165,6 @@ def main() -> None:
                         bundle,
                         scene,
                         d / f"c{workers}.tif",
-                        block=2048,
                         batch_size=args.batch,
                         workers=workers,
                         overwrite=True,

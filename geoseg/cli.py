@@ -256,7 +256,10 @@ Example:
     help="Window overlap, px. Default: the bundle's (from the receptive field).",
 )
 @click.option(
-    "--block", default=2048, show_default=True, help="Block size, px: the unit of scheduling."
+    "--block",
+    type=int,
+    help="Block size, px: the unit of scheduling and resuming. Default: 2048, or less so that "
+    "each local worker gets two blocks.",
 )
 @click.option("--batch-size", default=8, show_default=True, help="Windows per forward pass.")
 @click.option(

@@ -28,7 +28,7 @@ from rasterio.windows import Window
 
 from geoseg.blending import check_blend, resolve_blend
 from geoseg.bundle import Bundle, load_bundle
-from geoseg.cluster import run_tasks, session
+from geoseg.cluster import default_workers, run_tasks, session
 from geoseg.errors import ConfigError, NotARasterError
 from geoseg.inference import (
     BlockJob,
@@ -98,7 +98,7 @@ def predict_scenes(
     *,
     window: int | None = None,
     overlap: int | None = None,
-    block: int = 2048,
+    block: int | None = None,
     batch_size: int = 8,
     blend: str = "auto",
     device: str = "auto",
@@ -122,8 +122,9 @@ def predict_scenes(
         Model window and overlap in pixels; default to the bundle's (the overlap from the model's
         receptive field, at most half the window, aligned to the model's stride).
     block
-        Block size in pixels: the unit of scheduling, writing and resuming. Memory per task
-        grows with it.
+        Block size in pixels: the unit of scheduling, writing and resuming; memory per task
+        grows with it. Default: :func:`default_block`, about two blocks per local worker, at
+        most 2048.
     batch_size
         Windows per forward pass.
     blend
@@ -176,7 +177,7 @@ def predict_scenes(
         "bundle": b.hash,
         "window": win,
         "overlap": ovl,
-        "block": block,
+        "block": block or default_block(scenes, workers, scheduler),
         "blend": blend,
         "precision": precision,
         "probabilities": probabilities,
@@ -211,7 +212,7 @@ def predict_scenes(
                 p.profile.width,
                 p.profile.height,
                 len(p.cores),
-                block,
+                settings["block"],
                 f" ({resumed} already done, resuming)" if resumed else "",
                 win,
                 ovl,
@@ -310,6 +311,19 @@ def _plan(
     parts = _parts_folder(out, {**settings, "scene": scene_path, "scene_stamp": _stamp(scene_path)})
     todo = [c for c in cores if not (parts / part_name(c)).exists()]
     return _Plan(profile, out, grid, cores, parts.resolve(), todo)
+
+
+def default_block(
+    scenes: Sequence[str | os.PathLike[str]], workers: int | None, scheduler: str | None
+) -> int:
+    """2048 px, or less where a scene is small, so that every local worker gets at least two
+    blocks of it (a multiple of 256, at least 256)."""
+    if scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS"):
+        return 2048  # an existing cluster: its size is not known before connecting
+    n = workers or default_workers()
+    largest = max(p.height * p.width for p in (read_profile(s) for s in scenes))
+    side = (largest / (2 * n)) ** 0.5
+    return int(min(2048, max(256, -(-side // 256) * 256)))
 
 
 def default_overlap(bundle: Bundle, window: int) -> int:
