@@ -95,7 +95,7 @@ def part_name(core: Window) -> str:
     return f"block_{int(core.row_off)}_{int(core.col_off)}.tif"
 
 
-def _batches(items: list[Window], size: int) -> Iterator[list[Window]]:
+def _batches(items: list[Any], size: int) -> Iterator[list[Any]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
 
@@ -123,17 +123,23 @@ def predict_probabilities(
         return acc, 0
     size = int(windows[0].height)
     fixed = None if blend == "trim" else window_weights(size, blend)
-    local = [(int(w.row_off) - origin[0], int(w.col_off) - origin[1]) for w in windows]
-    todo = [w for w, (r, c) in zip(windows, local) if valid[r : r + size, c : c + size].any()]
+    # (window, its top-left in x) for the windows holding any valid pixel
+    todo = [
+        (w, (r, c))
+        for w in windows
+        for r, c in [(int(w.row_off) - origin[0], int(w.col_off) - origin[1])]
+        if valid[r : r + size, c : c + size].any()
+    ]
     run = 0
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     with torch.inference_mode(), torch.autocast(device, dtype=dtype, enabled=dtype is not None):
         for batch in _batches(todo, batch_size):
-            offs = [(int(w.row_off) - origin[0], int(w.col_off) - origin[1]) for w in batch]
-            xb = torch.from_numpy(np.stack([x[:, r : r + size, c : c + size] for r, c in offs]))
+            xb = torch.from_numpy(
+                np.stack([x[:, r : r + size, c : c + size] for _, (r, c) in batch])
+            )
             logits = bundle.model(xb.to(device).contiguous(memory_format=torch.channels_last))
             probs = torch.softmax(logits.float(), dim=1).cpu().numpy()
-            for p, (r, c), win in zip(probs, offs, batch):
+            for p, (win, (r, c)) in zip(probs, batch):
                 weights = fixed if fixed is not None else grid.weights(win)  # type: ignore[union-attr]
                 acc[:, r : r + size, c : c + size] += p * weights
                 wsum[r : r + size, c : c + size] += weights

@@ -26,7 +26,7 @@ import rasterio
 import rasterio.shutil
 from rasterio.windows import Window
 
-from geoseg.blending import check_blend, resolve_blend
+from geoseg.blending import resolve_blend
 from geoseg.bundle import Bundle, load_bundle
 from geoseg.cluster import default_workers, run_tasks, session
 from geoseg.errors import ConfigError, NotARasterError
@@ -161,7 +161,6 @@ def predict_scenes(
     if not scenes:
         raise ConfigError("no scene to predict")
     b = load_bundle(bundle)
-    check_blend(blend)
     if device == "cuda":
         resolve_device("cuda")  # fail here, not on every worker, when there is no GPU
     resolve_precision(precision, "cuda" if device == "cuda" else "cpu")
@@ -173,22 +172,24 @@ def predict_scenes(
         raise ConfigError(f"overlap must be at least 0 and less than the window ({win}), got {ovl}")
     blend = resolve_blend(blend, b.contract.receptive_field, ovl)
     outs = _outputs(scenes, Path(output))
+    # each scene's header is read once, here: for a GDAL URL every read is a request
+    profiles = [read_profile(str(s) if is_url(s) else str(Path(s).resolve())) for s in scenes]
     settings = {
         "bundle": b.hash,
         "window": win,
         "overlap": ovl,
-        "block": block or default_block(scenes, workers, scheduler),
+        "block": block or default_block(profiles, workers, scheduler),
         "blend": blend,
         "precision": precision,
         "probabilities": probabilities,
     }
     plans: list[_Plan] = []
     try:
-        for scene, out in zip(scenes, outs):
+        for profile, out in zip(profiles, outs):
             plans.append(
                 _plan(
                     b,
-                    scene,
+                    profile,
                     out,
                     settings,
                     allow_no_crs=allow_no_crs,
@@ -280,7 +281,7 @@ def _outputs(scenes: Sequence[str | os.PathLike[str]], output: Path) -> list[Pat
 
 def _plan(
     b: Bundle,
-    scene: str | os.PathLike[str],
+    profile: SceneProfile,
     out: Path,
     settings: dict[str, Any],
     *,
@@ -292,11 +293,10 @@ def _plan(
     if probabilities:
         check_output(probabilities_path(out), overwrite)
     _check_writable(out.parent)
-    scene_path = str(scene) if is_url(scene) else str(Path(scene).resolve())
-    profile = read_profile(scene_path)
+    scene_path = profile.path
     if profile.crs is None and not allow_no_crs:
         raise NotARasterError(
-            f"scene {str(scene)!r} has no CRS, so its class map could not be placed on a map; "
+            f"scene {scene_path!r} has no CRS, so its class map could not be placed on a map; "
             "assign one (gdal_edit.py -a_srs) or pass --allow-no-crs"
         )
     b.check_scene(profile)
@@ -314,14 +314,14 @@ def _plan(
 
 
 def default_block(
-    scenes: Sequence[str | os.PathLike[str]], workers: int | None, scheduler: str | None
+    profiles: Sequence[SceneProfile], workers: int | None, scheduler: str | None
 ) -> int:
     """2048 px, or less where a scene is small, so that every local worker gets at least two
     blocks of it (a multiple of 256, at least 256)."""
     if scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS"):
         return 2048  # an existing cluster: its size is not known before connecting
     n = workers or default_workers()
-    largest = max(p.height * p.width for p in (read_profile(s) for s in scenes))
+    largest = max(p.height * p.width for p in profiles)
     side = (largest / (2 * n)) ** 0.5
     return int(min(2048, max(256, -(-side // 256) * 256)))
 

@@ -268,11 +268,12 @@ def test_nebraska_stripes_of_nodata_in_a_geographic_crs(tmp_path):
 
 
 def test_default_block_gives_every_local_worker_two_blocks(make_raster, monkeypatch):
+    from geoseg.io import read_profile
     from geoseg.predict import default_block
 
     monkeypatch.delenv("DASK_SCHEDULER_ADDRESS", raising=False)
-    big = make_raster("big.tif", np.zeros((1, 2048, 2048), "uint8"))
+    big = read_profile(make_raster("big.tif", np.zeros((1, 2048, 2048), "uint8")))
     assert default_block([big], 2, None) == 1024  # 4 blocks for 2 workers
     assert default_block([big], 1, None) == 1536  # 2 blocks: 1449 px rounded up to 256s
-    assert default_block([SCENE], 2, None) == 256
+    assert default_block([read_profile(SCENE)], 2, None) == 256
     assert default_block([big], 2, "tcp://127.0.0.1:8786") == 2048  # cluster size unknown
