@@ -1,12 +1,15 @@
 """Prediction throughput and memory: the model alone (the limit), geoseg predict on 1 and 2
 workers, and MONAI's sliding_window_inference, on scenes made by tiling the NC Landsat 7 scene.
 
-    python benchmarks/predict.py --sizes 2048 [8192 16384] [--window 512 --batch 4]
+    python benchmarks/predict.py --sizes 2048 [8192 16384] [--window 512 --batch N --base-width 32]
 
 Same model (the default U-Net, 6 bands, 7 classes, random weights: speed does not depend on
 training), window and batch size in every row. Peak memory is the sum of resident memory over this
 process and all its children (Dask workers), sampled every 50 ms. Prints a table and appends it to
 benchmarks/results/predict.json. Needs `pip install monai psutil` for row (c).
+
+The script re-runs itself with the allocator settings geoseg gives its Dask workers, so the
+model-alone limit and MONAI run under the same malloc as geoseg's workers.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import argparse
 import contextlib
 import gc
 import logging
+import os
+import sys
 import tempfile
 import threading
 import time
@@ -28,6 +33,8 @@ from _results import append_result
 
 from geoseg import load_bundle
 from geoseg.bundle import BandInfo, Contract, save_bundle
+from geoseg.cluster import WORKER_MALLOC_ENV
+from geoseg.inference import default_batch_size
 from geoseg.io import ClassInfo
 from geoseg.models import create_model, receptive_field
 from geoseg.pipeline import demo_workflow
@@ -84,14 +91,15 @@ def make_scene(path: Path, size: int) -> None:
             dst.write(strip, window=rasterio.windows.Window(0, r, size, h))
 
 
-def make_bundle(path: Path, window: int) -> Path:
-    model = create_model("unet", 6, 7).eval()
+def make_bundle(path: Path, window: int, base_width: int = 32) -> Path:
+    arch_args = {"base_width": base_width}
+    model = create_model("unet", 6, 7, **arch_args).eval()
     rf = receptive_field(model, 6)
     with rasterio.open(SAMPLE) as src:
         crs, res = src.crs, src.res
     contract = Contract(
         arch="unet",
-        arch_args={},
+        arch_args=arch_args,
         bands=[BandInfo(i, f"band {i}") for i in range(1, 7)],
         mean=[90.0] * 6,
         std=[30.0] * 6,
@@ -126,7 +134,9 @@ def monai_run(bundle: Path, scene: Path, out: Path, window: int, batch: int) -> 
     model = load_bundle(bundle).model
     with rasterio.open(scene) as src:
         data, profile = src.read().astype(np.float32), src.profile
-    x = torch.from_numpy((data - 90.0) / 30.0)[None]
+    data -= 90.0  # in place, as a careful user would: the scene is held whole
+    data /= 30.0
+    x = torch.from_numpy(data)[None]
     with torch.inference_mode():
         logits = sliding_window_inference(
             x, (window, window), batch, model, overlap=0.25, mode="gaussian"
@@ -139,18 +149,22 @@ def monai_run(bundle: Path, scene: Path, out: Path, window: int, batch: int) -> 
 
 
 def main() -> None:
+    if any(os.environ.get(k) != v for k, v in WORKER_MALLOC_ENV.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **WORKER_MALLOC_ENV})
     logging.basicConfig(level=logging.WARNING)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[2048])
     ap.add_argument("--window", type=int, default=512)
-    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--batch", type=int, help="default: geoseg's default on a CPU")
+    ap.add_argument("--base-width", type=int, default=32, help="the U-Net's first width")
     ap.add_argument("--no-monai", action="store_true")
     args = ap.parse_args()
+    args.batch = args.batch or default_batch_size("cpu", args.window)
     torch.set_num_threads(psutil.cpu_count())
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
-        bundle = make_bundle(d / "unet.bundle", args.window)
+        bundle = make_bundle(d / "unet.bundle", args.window, args.base_width)
         overlap = default_overlap(load_bundle(bundle), args.window)
         for size in args.sizes:
             scene = d / f"scene_{size}.tif"
@@ -173,16 +187,21 @@ def main() -> None:
                 runs[workers] = (r, wall, mem.peak)
             windows = runs[1][0].windows_run
             limit = model_alone(bundle, windows, args.window, args.batch, bf16=True)
-            limit_fp32 = model_alone(bundle, windows, args.window, args.batch, bf16=False)
+            # fp32 only sets the scale of MONAI's row: a rate from at most 64 windows
+            fp32_windows = min(windows, 64)
+            limit_fp32 = model_alone(bundle, fp32_windows, args.window, args.batch, bf16=False)
             win_mpx = windows * args.window**2 / 1e6
             row = {
                 "size": size,
                 "window": args.window,
                 "overlap": overlap,
                 "batch": args.batch,
+                "base_width": args.base_width,
                 "windows": windows,
                 "model_alone_bf16_window_mpx_s": round(win_mpx / limit, 3),
-                "model_alone_fp32_window_mpx_s": round(win_mpx / limit_fp32, 3),
+                "model_alone_fp32_window_mpx_s": round(
+                    fp32_windows * args.window**2 / 1e6 / limit_fp32, 3
+                ),
             }
             for workers, (r, wall, peak) in runs.items():
                 row[f"geoseg_{workers}w_scene_mpx_s"] = round(mpx / wall, 3)
@@ -190,6 +209,11 @@ def main() -> None:
                 row[f"geoseg_{workers}w_ratio_to_limit"] = round(limit / wall, 3)
                 row[f"geoseg_{workers}w_peak_gb"] = round(peak / 1e9, 2)
                 row[f"geoseg_{workers}w_writer_share"] = round(r.seconds["assemble"] / wall, 3)
+                row[f"geoseg_{workers}w_cluster_start_s"] = round(r.seconds["start"], 2)
+                # the workers' busy share of the time after the cluster started
+                row[f"geoseg_{workers}w_task_share"] = round(
+                    r.seconds["tasks"] / workers / (r.seconds["blocks"] - r.seconds["start"]), 3
+                )
             if not args.no_monai:
                 gc.collect()
                 with PeakMemory() as mem:

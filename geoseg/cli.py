@@ -261,7 +261,11 @@ Example:
     help="Block size, px: the unit of scheduling and resuming. Default: 2048, or less so that "
     "each local worker gets two blocks.",
 )
-@click.option("--batch-size", default=8, show_default=True, help="Windows per forward pass.")
+@click.option(
+    "--batch-size",
+    type=int,
+    help="Windows per forward pass. Default: 8 on a GPU, one 512 px window's worth on a CPU.",
+)
 @click.option(
     "--blend",
     default="auto",

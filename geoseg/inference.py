@@ -9,6 +9,7 @@ through the graph.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,16 @@ def resolve_precision(precision: str, device: str) -> str:
     return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
 
 
+def default_batch_size(device: str, window: int) -> int:
+    """Windows per forward pass: 8 on a GPU; on a CPU about one 512 px window's worth of pixels
+    (one 512 px window, four of 256 px), because buffers larger than glibc's 32 MiB mmap ceiling
+    are mapped afresh on every call: batch 8 ran the default U-Net 1.48x slower per window than
+    batch 1 here (``benchmarks/README.md``)."""
+    if device == "cuda":
+        return 8
+    return max(1, (512 * 512) // (window * window))
+
+
 def cached_bundle(path: str, device: str) -> Bundle:
     """The bundle at ``path``, loaded once per process and device, in channels-last layout."""
     key = (path, os.path.getmtime(path), device)
@@ -73,10 +84,12 @@ def cached_bundle(path: str, device: str) -> Bundle:
 
 def normalize(data: np.ndarray, valid: np.ndarray, bundle: Bundle) -> np.ndarray:
     """Scale bands with the bundle's statistics; invalid pixels become 0 (the mean)."""
-    mean = np.asarray(bundle.contract.mean, dtype=np.float32)[:, None, None]
-    std = np.asarray(bundle.contract.std, dtype=np.float32)[:, None, None]
-    out = (data - mean) / std
-    out[:, ~valid] = 0.0
+    out = data.astype(np.float32, copy=True)
+    invalid = ~valid
+    for band, m, s in zip(out, bundle.contract.mean, bundle.contract.std):
+        band -= np.float32(m)
+        band *= np.float32(1 / s)
+        np.copyto(band, 0, where=invalid)
     return out
 
 
@@ -88,6 +101,7 @@ class BlockResult:
     path: str
     windows_run: int
     windows_skipped: int
+    seconds: float = 0.0  # the task's own wall time, model loading included
 
 
 def part_name(core: Window) -> str:
@@ -100,7 +114,17 @@ def _batches(items: list[Any], size: int) -> Iterator[list[Any]]:
         yield items[i : i + size]
 
 
-def predict_probabilities(
+@dataclass
+class WindowsPrediction:
+    """The blended prediction over an array: per pixel, the index of the winning class (-1
+    where no window ran) and, when asked for, every class's probability."""
+
+    index: np.ndarray  # (H, W) int16
+    probabilities: np.ndarray | None  # (classes, H, W) float32
+    windows_run: int
+
+
+def predict_windows(
     bundle: Bundle,
     x: np.ndarray,
     valid: np.ndarray,
@@ -112,17 +136,25 @@ def predict_probabilities(
     device: str,
     precision: str = "fp32",
     grid: WindowGrid | None = None,
-) -> tuple[np.ndarray, int]:
-    """Blend the model's probabilities over ``windows`` (in scene pixels) into the array ``x``
-    whose top-left pixel is ``origin`` (row, col). Returns ``(probabilities, windows run)``;
-    pixels no window covered have all-zero probabilities."""
+    probabilities: bool = False,
+) -> WindowsPrediction:
+    """Run the model over ``windows`` (in scene pixels) of the array ``x``, whose top-left pixel
+    is ``origin`` (row, col), and blend them. Windows with no valid pixel are skipped.
+
+    With ``trim`` blending (needs ``grid``), each window gives only its plateau: the class is the
+    argmax of its logits there, and probabilities are computed only if asked for. Otherwise the
+    windows' softmax probabilities are summed with the blend's weights and normalised.
+    """
     k = len(bundle.classes)
-    acc = np.zeros((k, *x.shape[1:]), dtype=np.float32)
-    wsum = np.zeros(x.shape[1:], dtype=np.float32)
-    if not windows:
-        return acc, 0
-    size = int(windows[0].height)
-    fixed = None if blend == "trim" else window_weights(size, blend)
+    shape = x.shape[1:]
+    trim = blend == "trim"
+    if trim and grid is None:
+        raise ConfigError("trim blending needs the window grid")
+    index = np.full(shape, -1, dtype=np.int16)
+    acc = None if trim and not probabilities else np.zeros((k, *shape), dtype=np.float32)
+    wsum = None if trim else np.zeros(shape, dtype=np.float32)
+    size = int(windows[0].height) if windows else 0
+    fixed = None if trim or not windows else window_weights(size, blend)
     # (window, its top-left in x) for the windows holding any valid pixel
     todo = [
         (w, (r, c))
@@ -130,22 +162,36 @@ def predict_probabilities(
         for r, c in [(int(w.row_off) - origin[0], int(w.col_off) - origin[1])]
         if valid[r : r + size, c : c + size].any()
     ]
-    run = 0
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    with torch.inference_mode(), torch.autocast(device, dtype=dtype, enabled=dtype is not None):
+    with torch.inference_mode():
         for batch in _batches(todo, batch_size):
             xb = torch.from_numpy(
                 np.stack([x[:, r : r + size, c : c + size] for _, (r, c) in batch])
             )
-            logits = bundle.model(xb.to(device).contiguous(memory_format=torch.channels_last))
-            probs = torch.softmax(logits.float(), dim=1).cpu().numpy()
-            for p, (win, (r, c)) in zip(probs, batch):
-                weights = fixed if fixed is not None else grid.weights(win)  # type: ignore[union-attr]
-                acc[:, r : r + size, c : c + size] += p * weights
-                wsum[r : r + size, c : c + size] += weights
-            run += len(batch)
-    np.divide(acc, wsum, out=acc, where=wsum > 0)
-    return acc, run
+            xb = xb.to(device).contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
+                logits = bundle.model(xb)
+            logits = logits.float()
+            for lg, (win, (r, c)) in zip(logits, batch):
+                if trim:
+                    pr0, pr1, pc0, pc1 = grid.plateau(win)  # type: ignore[union-attr]
+                    wr, wc = int(win.row_off), int(win.col_off)
+                    part = lg[:, pr0 - wr : pr1 - wr, pc0 - wc : pc1 - wc]
+                    rows = slice(pr0 - origin[0], pr1 - origin[0])
+                    cols = slice(pc0 - origin[1], pc1 - origin[1])
+                    index[rows, cols] = part.argmax(0).cpu().numpy()
+                    if acc is not None:
+                        acc[:, rows, cols] = torch.softmax(part, 0).cpu().numpy()
+                else:
+                    assert acc is not None and wsum is not None and fixed is not None
+                    p = torch.softmax(lg, 0).cpu().numpy()
+                    acc[:, r : r + size, c : c + size] += p * fixed
+                    wsum[r : r + size, c : c + size] += fixed
+    if wsum is not None and acc is not None:
+        covered = wsum > 0
+        np.divide(acc, wsum, out=acc, where=covered)
+        index[covered] = np.argmax(acc[:, covered], axis=0)
+    return WindowsPrediction(index, acc if probabilities else None, len(todo))
 
 
 @dataclass(frozen=True)
@@ -162,7 +208,7 @@ def predict_block(
     job: BlockJob,
     bundle_path: str,
     *,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     blend: str = "gaussian",
     device: str = "auto",
     precision: str = "auto",
@@ -170,6 +216,7 @@ def predict_block(
 ) -> BlockResult:
     """Predict the class map of one block's core and write it to ``job.parts`` (a Dask task);
     with ``probabilities``, also each class's probability scaled to 0-254 (255: nodata)."""
+    t0 = time.perf_counter()
     torch.set_num_threads(torch_threads())
     core, scene_path, grid = job.core, job.scene, job.grid
     dev = resolve_device(device)
@@ -193,33 +240,39 @@ def predict_block(
         )
     x = normalize(data, valid, bundle)
     windows = grid.windows_for(core)
-    probs, run = predict_probabilities(
+    pred = predict_windows(
         bundle,
         x,
         valid,
         (int(halo.row_off), int(halo.col_off)),
         windows,
-        batch_size=batch_size,
+        batch_size=batch_size or default_batch_size(dev, grid.window),
         blend=blend,
         device=dev,
         precision=prec,
         grid=grid,
+        probabilities=probabilities,
     )
     r0, c0 = int(core.row_off - halo.row_off), int(core.col_off - halo.col_off)
-    h, w = int(core.height), int(core.width)
-    core_probs = probs[:, r0 : r0 + h, c0 : c0 + w]
-    core_valid = valid[r0 : r0 + h, c0 : c0 + w]
-    classes = bundle.class_ids[np.argmax(core_probs, axis=0)]
+    rows, cols = slice(r0, r0 + int(core.height)), slice(c0, c0 + int(core.width))
+    core_valid = valid[rows, cols]
+    classes = bundle.class_ids[pred.index[rows, cols]]
     classes[~core_valid] = NODATA_CLASS
 
     final = Path(job.parts) / part_name(core)
     transform = rasterio.windows.transform(core, profile["transform"])
-    if probabilities:
-        scaled = np.rint(core_probs * 254).astype(np.uint8)
+    if pred.probabilities is not None:
+        scaled = np.rint(pred.probabilities[:, rows, cols] * 254).astype(np.uint8)
         scaled[:, ~core_valid] = NODATA_CLASS
         _write_part(final.with_suffix(".prob.tif"), scaled, profile["crs"], transform)
     _write_part(final, classes[None], profile["crs"], transform)  # last: marks the block done
-    return BlockResult(core, str(final), run, len(windows) - run)
+    return BlockResult(
+        core,
+        str(final),
+        pred.windows_run,
+        len(windows) - pred.windows_run,
+        time.perf_counter() - t0,
+    )
 
 
 def _write_part(path: Path, data: np.ndarray, crs: Any, transform: Any) -> None:

@@ -63,7 +63,9 @@ class PredictResult:
     windows_skipped: int  # all-nodata windows, never sent to the model
     valid_pixels: int
     probabilities: Path | None = None
-    seconds: dict[str, float] | None = None  # wall time of the run: "blocks", "assemble"
+    # wall time: "start" (the cluster), "blocks" (start included), "tasks" (summed over the
+    # block tasks of this scene), "assemble"
+    seconds: dict[str, float] | None = None
 
 
 @dataclass
@@ -99,7 +101,7 @@ def predict_scenes(
     window: int | None = None,
     overlap: int | None = None,
     block: int | None = None,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     blend: str = "auto",
     device: str = "auto",
     precision: str = "auto",
@@ -126,7 +128,8 @@ def predict_scenes(
         grows with it. Default: :func:`default_block`, about two blocks per local worker, at
         most 2048.
     batch_size
-        Windows per forward pass.
+        Windows per forward pass; default :func:`geoseg.inference.default_batch_size` (8 on a
+        GPU, one 512 px window's worth of pixels on a CPU).
     blend
         How overlapping windows are weighted: ``trim`` (each pixel from the window where it is
         farthest from an edge; every window then runs once), ``gaussian``, ``cosine``, ``none``
@@ -164,7 +167,7 @@ def predict_scenes(
     if device == "cuda":
         resolve_device("cuda")  # fail here, not on every worker, when there is no GPU
     resolve_precision(precision, "cuda" if device == "cuda" else "cpu")
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
     win = window or b.window
     ovl = overlap if overlap is not None else default_overlap(b, win)
@@ -205,6 +208,7 @@ def predict_scenes(
     jobs = [BlockJob(c, p.profile.path, p.grid, str(p.parts)) for p in plans for c in p.todo]
     t0 = time.perf_counter()
     with session(workers, scheduler) as client:
+        t_start = time.perf_counter() - t0
         for p in plans:
             resumed = len(p.cores) - len(p.todo)
             log.info(
@@ -254,7 +258,12 @@ def predict_scenes(
                 windows_skipped=sum(r.windows_skipped for r in mine),
                 valid_pixels=valid,
                 probabilities=prob_path,
-                seconds={"blocks": t_blocks, "assemble": time.perf_counter() - t1},
+                seconds={
+                    "start": t_start,
+                    "blocks": t_blocks,
+                    "tasks": sum(r.seconds for r in mine),
+                    "assemble": time.perf_counter() - t1,
+                },
             )
         )
     return done

@@ -86,8 +86,8 @@ class WindowGrid:
             return starts[(e[:-1] < hi) & (e[1:] > lo)]
         return starts[(starts < hi) & (starts + self.window > lo)]
 
-    def weights(self, window: Window) -> np.ndarray:
-        """For ``trim``: 1 on ``window``'s plateau, 0 elsewhere (a ``(window, window)`` array)."""
+    def plateau(self, window: Window) -> tuple[int, int, int, int]:
+        """For ``trim``: ``window``'s plateau as scene rows ``r0:r1`` and columns ``c0:c1``."""
         out = []
         for starts, length, off in (
             (self.row_starts, self.height, int(window.row_off)),
@@ -95,10 +95,19 @@ class WindowGrid:
         ):
             e = self._edges(starts, length)
             k = int(np.searchsorted(starts, off))
-            w1 = np.zeros(self.window, dtype=np.float32)
-            w1[e[k] - off : min(e[k + 1] - off, self.window)] = 1.0
-            out.append(w1)
-        return np.outer(out[0], out[1])
+            out += [int(e[k]), int(min(e[k + 1], off + self.window))]
+        r0, r1, c0, c1 = out
+        return r0, r1, c0, c1
+
+    def weights(self, window: Window) -> np.ndarray:
+        """For ``trim``: 1 on ``window``'s plateau, 0 elsewhere (a ``(window, window)`` array)."""
+        r0, r1, c0, c1 = self.plateau(window)
+        w = np.zeros((self.window, self.window), dtype=np.float32)
+        w[
+            r0 - int(window.row_off) : r1 - int(window.row_off),
+            c0 - int(window.col_off) : c1 - int(window.col_off),
+        ] = 1.0
+        return w
 
     def blocks(self, block: int) -> list[Window]:
         """Block cores of about ``block`` px whose edges lie on plateau edges (with ``trim``), so
