@@ -138,10 +138,11 @@ def cli() -> None:
 Example:
   geoseg train scene.tif labels.tif -o model.bundle --epochs 30 --window 64
   geoseg train scene.tif fields.gpkg --label-field crop -o model.bundle --bands 2,3,4,8
+  geoseg train a.tif b.tif a_labels.tif b_labels.gpkg -o model.bundle --val-fraction 0.2
+  geoseg train scene.tif labels.tif -o model.bundle --resume model.bundle.checkpoint
 """
 )
-@click.argument("scene")
-@click.argument("labels")
+@click.argument("inputs", nargs=-1, required=True, metavar="SCENE... LABELS...")
 @click.option("-o", "--output", required=True, help="The model bundle to write.")
 @click.option(
     "--arch", default="unet", show_default=True, help="unet, fcn8s, deeplabv3plus or segformer."
@@ -160,6 +161,23 @@ Example:
 @click.option("--label-field", help="Column of vector labels that holds the class codes.")
 @click.option("--ignore", help="Label codes that mean unlabelled (e.g. 0,99).")
 @click.option("--within", help="Polygons: train only on windows wholly inside them.")
+@click.option("--val-region", help="Polygons: validation pixels; no training window touches them.")
+@click.option(
+    "--val-fraction",
+    type=float,
+    help="Share of labelled pixels kept for validation, as whole blocks (e.g. 0.2).",
+)
+@click.option(
+    "--sampler",
+    default="random",
+    show_default=True,
+    type=click.Choice(["random", "balanced", "grid"]),
+    help="Windows around random labelled pixels, with classes equally likely, or on a grid.",
+)
+@click.option(
+    "--resume",
+    help="A checkpoint (NAME.bundle.checkpoint) of a stopped run with the same settings.",
+)
 @click.option(
     "--nodata", type=float, help="The scene's fill value, if the scene does not declare one."
 )
@@ -203,8 +221,7 @@ Example:
 )
 @computes
 def train(
-    scene: str,
-    labels: str,
+    inputs: tuple[str, ...],
     output: str,
     arch_args: tuple[str, ...],
     bands: str | None,
@@ -214,13 +231,22 @@ def train(
     quiet: bool,
     **kw: Any,
 ) -> None:
-    """Train a model on SCENE with LABELS (a class raster on the scene's grid, or a vector file)."""
+    """Train a model on each SCENE with its LABELS (a class raster on the scene's grid, or a
+    vector file), given in the same order: scenes first, then as many label files.
+
+    Writes the bundle (the best epoch by validation mIoU, or the last), a checkpoint after every
+    epoch (NAME.checkpoint) and a log line per epoch (NAME.log.jsonl)."""
     from geoseg.train import train as run
 
     _setup_logging(verbose, quiet)
+    if len(inputs) < 2 or len(inputs) % 2:
+        raise click.UsageError(
+            f"got {len(inputs)} paths; give the scenes, then one label file per scene"
+        )
+    half = len(inputs) // 2
     result = run(
-        scene,
-        labels,
+        list(inputs[:half]),
+        list(inputs[half:]),
         output,
         arch_args=_kv(arch_args),
         bands=_ints(bands),

@@ -74,10 +74,35 @@ def session(workers: int | None = None, scheduler: str | None = None) -> Iterato
             dashboard_address=":0",
             silence_logs=logging.ERROR,
             env={"GEOSEG_TORCH_THREADS": str(max(1, (os.cpu_count() or 1) // n))},
+            # a machine with a GPU: every local worker may use it (--device cuda asks for it)
+            resources={GPU: 1} if _has_cuda() else None,
         )
         with cluster, Client(cluster) as client:
             log.debug("local Dask cluster: %d worker processes", n)
             yield client
+
+
+GPU = "GPU"  # the Dask worker resource that --device cuda tasks ask for
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def task_resources(client: Any, device: str) -> dict[str, int] | None:
+    """The Dask resources a task on ``device`` asks for: one ``GPU`` for ``cuda`` (refused
+    with a clear message when no worker declares one), none otherwise."""
+    if device != "cuda":
+        return None
+    workers = client.scheduler_info()["workers"].values()
+    if not any(w.get("resources", {}).get(GPU, 0) >= 1 for w in workers):
+        raise ClusterError(
+            "--device cuda: no Dask worker declares a GPU; start workers on GPU machines with "
+            "'dask worker ADDRESS --resources GPU=1', or use --device auto"
+        )
+    return {GPU: 1}
 
 
 def torch_threads() -> int:
@@ -106,13 +131,16 @@ def run_tasks(
     *args: Any,
     unit: str = "blocks",
     pixels: Sequence[int] | None = None,
+    resources: dict[str, int] | None = None,
     **kwargs: Any,
 ) -> list[Any]:
     """Run ``fn(item, *args, **kwargs)`` for every item on the cluster, showing progress (with
     throughput when ``pixels`` gives each item's size); return the results in ``items``' order."""
     from distributed import as_completed
 
-    futures = client.map(fn, items, *[[a] * len(items) for a in args], pure=False, **kwargs)
+    futures = client.map(
+        fn, items, *[[a] * len(items) for a in args], pure=False, resources=resources, **kwargs
+    )
     index = {f.key: i for i, f in enumerate(futures)}
     results: list[Any] = [None] * len(items)
     with Progress(label, len(items), unit) as progress:

@@ -122,6 +122,7 @@ class WindowsPrediction:
     index: np.ndarray  # (H, W) int16
     probabilities: np.ndarray | None  # (classes, H, W) float32
     windows_run: int
+    weights: np.ndarray | None = None  # with ``raw``: the summed weights; probabilities unscaled
 
 
 def predict_windows(
@@ -137,13 +138,16 @@ def predict_windows(
     precision: str = "fp32",
     grid: WindowGrid | None = None,
     probabilities: bool = False,
+    raw: bool = False,
 ) -> WindowsPrediction:
     """Run the model over ``windows`` (in scene pixels) of the array ``x``, whose top-left pixel
     is ``origin`` (row, col), and blend them. Windows with no valid pixel are skipped.
 
     With ``trim`` blending (needs ``grid``), each window gives only its plateau: the class is the
     argmax of its logits there, and probabilities are computed only if asked for. Otherwise the
-    windows' softmax probabilities are summed with the blend's weights and normalised.
+    windows' softmax probabilities are summed with the blend's weights and normalised; with
+    ``raw`` the weighted sums and the summed weights are returned as they are, for adding to
+    other blocks' sums (no index then).
     """
     k = len(bundle.classes)
     shape = x.shape[1:]
@@ -187,6 +191,8 @@ def predict_windows(
                     p = torch.softmax(lg, 0).cpu().numpy()
                     acc[:, r : r + size, c : c + size] += p * fixed
                     wsum[r : r + size, c : c + size] += fixed
+    if raw:
+        return WindowsPrediction(index, acc, len(todo), wsum)
     if wsum is not None and acc is not None:
         covered = wsum > 0
         np.divide(acc, wsum, out=acc, where=covered)
@@ -204,41 +210,77 @@ class BlockJob:
     parts: str  # the folder its part files go to
 
 
+def _read_block(job: BlockJob, area: Window, bundle: Bundle) -> tuple[np.ndarray, np.ndarray, Any]:
+    """The bundle's bands of ``area`` of the job's scene, normalised, with validity and the
+    scene's profile; a read error becomes one clear line."""
+    failure = None
+    try:
+        with rasterio.open(job.scene) as src:
+            # the scene's own nodata wins; else the fill value the bundle was trained with
+            nodata = None if src.nodata is not None else bundle.contract.nodata
+            data, valid = read_window(src, area, [b.index for b in bundle.bands], nodata)
+            profile = src.profile
+    except RasterioError as exc:
+        failure = str(exc)
+    if failure is not None:  # raised outside the handler: GDAL's error must not travel with it
+        core = job.core
+        raise NotARasterError(
+            f"scene {job.scene!r} could not be read at rows {int(core.row_off)}-"
+            f"{int(core.row_off + core.height)}, columns {int(core.col_off)}-"
+            f"{int(core.col_off + core.width)} ({failure}); the file may be truncated or damaged"
+        )
+    return normalize(data, valid, bundle), valid, profile
+
+
+def _setup(device: str, precision: str, bundle_path: str) -> tuple[str, str, Bundle]:
+    torch.set_num_threads(torch_threads())
+    dev = resolve_device(device)
+    return dev, resolve_precision(precision, dev), cached_bundle(bundle_path, dev)
+
+
+def _write_block(
+    job: BlockJob,
+    bundle: Bundle,
+    profile: Any,
+    valid: np.ndarray,
+    index: np.ndarray,
+    probs: np.ndarray | None,
+) -> str:
+    """Write the core's class map (and probabilities) as the block's part files."""
+    classes = bundle.class_ids[index]
+    classes[~valid] = NODATA_CLASS
+    final = Path(job.parts) / part_name(job.core)
+    transform = rasterio.windows.transform(job.core, profile["transform"])
+    if probs is not None:
+        scaled = np.rint(probs * 254).astype(np.uint8)
+        scaled[:, ~valid] = NODATA_CLASS
+        _write_part(final.with_suffix(".prob.tif"), scaled, profile["crs"], transform)
+    _write_part(final, classes[None], profile["crs"], transform)  # last: marks the block done
+    return str(final)
+
+
 def predict_block(
     job: BlockJob,
     bundle_path: str,
     *,
     batch_size: int | None = None,
-    blend: str = "gaussian",
+    blend: str = "trim",
     device: str = "auto",
     precision: str = "auto",
     probabilities: bool = False,
 ) -> BlockResult:
     """Predict the class map of one block's core and write it to ``job.parts`` (a Dask task);
-    with ``probabilities``, also each class's probability scaled to 0-254 (255: nodata)."""
+    with ``probabilities``, also each class's probability scaled to 0-254 (255: nodata).
+
+    The block runs every window that touches its core: with ``trim`` blending (blocks cut on
+    plateau edges) no other block runs them. For weighted blends see
+    :func:`accumulate_block` and :func:`finish_block`, which run each window once.
+    """
     t0 = time.perf_counter()
-    torch.set_num_threads(torch_threads())
-    core, scene_path, grid = job.core, job.scene, job.grid
-    dev = resolve_device(device)
-    prec = resolve_precision(precision, dev)
-    bundle = cached_bundle(bundle_path, dev)
+    dev, prec, bundle = _setup(device, precision, bundle_path)
+    core, grid = job.core, job.grid
     halo = grid.halo_window(core)
-    failure = None
-    try:
-        with rasterio.open(scene_path) as src:
-            # the scene's own nodata wins; else the fill value the bundle was trained with
-            nodata = None if src.nodata is not None else bundle.contract.nodata
-            data, valid = read_window(src, halo, [b.index for b in bundle.bands], nodata)
-            profile = src.profile
-    except RasterioError as exc:
-        failure = str(exc)
-    if failure is not None:  # raised outside the handler: GDAL's error must not travel with it
-        raise NotARasterError(
-            f"scene {scene_path!r} could not be read at rows {int(core.row_off)}-"
-            f"{int(core.row_off + core.height)}, columns {int(core.col_off)}-"
-            f"{int(core.col_off + core.width)} ({failure}); the file may be truncated or damaged"
-        )
-    x = normalize(data, valid, bundle)
+    x, valid, profile = _read_block(job, halo, bundle)
     windows = grid.windows_for(core)
     pred = predict_windows(
         bundle,
@@ -255,24 +297,125 @@ def predict_block(
     )
     r0, c0 = int(core.row_off - halo.row_off), int(core.col_off - halo.col_off)
     rows, cols = slice(r0, r0 + int(core.height)), slice(c0, c0 + int(core.width))
-    core_valid = valid[rows, cols]
-    classes = bundle.class_ids[pred.index[rows, cols]]
-    classes[~core_valid] = NODATA_CLASS
+    probs = None if pred.probabilities is None else pred.probabilities[:, rows, cols]
+    path = _write_block(job, bundle, profile, valid[rows, cols], pred.index[rows, cols], probs)
+    run = pred.windows_run
+    return BlockResult(core, path, run, len(windows) - run, time.perf_counter() - t0)
 
-    final = Path(job.parts) / part_name(core)
-    transform = rasterio.windows.transform(core, profile["transform"])
-    if pred.probabilities is not None:
-        scaled = np.rint(pred.probabilities[:, rows, cols] * 254).astype(np.uint8)
-        scaled[:, ~core_valid] = NODATA_CLASS
-        _write_part(final.with_suffix(".prob.tif"), scaled, profile["crs"], transform)
-    _write_part(final, classes[None], profile["crs"], transform)  # last: marks the block done
-    return BlockResult(
-        core,
-        str(final),
-        pred.windows_run,
-        len(windows) - pred.windows_run,
-        time.perf_counter() - t0,
+
+@dataclass
+class Piece:
+    """A block's weighted probability sums over part of another block's core."""
+
+    target: tuple[int, int]  # the core's (row_off, col_off)
+    area: Window  # in scene pixels
+    sums: np.ndarray  # (classes, h, w) float32
+    weights: np.ndarray  # (h, w) float32
+
+
+@dataclass
+class Accumulated:
+    """What :func:`accumulate_block` hands on: its sums cut up by the cores they fall on."""
+
+    pieces: dict[tuple[int, int], Piece]
+    windows_run: int
+    windows_skipped: int
+    seconds: float
+
+
+def accumulate_block(
+    job: BlockJob,
+    bundle_path: str,
+    targets: list[Window],
+    *,
+    batch_size: int | None = None,
+    blend: str = "gaussian",
+    device: str = "auto",
+    precision: str = "auto",
+) -> Accumulated:
+    """Run the windows this block owns (:meth:`WindowGrid.owned_windows`), sum their weighted
+    probabilities, and cut the sums up by the ``targets`` (cores, this block's among them) they
+    fall on (a Dask task). Every window of the scene runs in exactly one block."""
+    t0 = time.perf_counter()
+    dev, prec, bundle = _setup(device, precision, bundle_path)
+    owned = job.grid.owned_windows(job.core)
+    if not owned:
+        return Accumulated({}, 0, 0, time.perf_counter() - t0)
+    ext = job.grid.extent(owned)
+    x, valid, _ = _read_block(job, ext, bundle)
+    origin = (int(ext.row_off), int(ext.col_off))
+    pred = predict_windows(
+        bundle,
+        x,
+        valid,
+        origin,
+        owned,
+        batch_size=batch_size or default_batch_size(dev, job.grid.window),
+        blend=blend,
+        device=dev,
+        precision=prec,
+        raw=True,
     )
+    pieces = {}
+    if pred.windows_run:
+        assert pred.probabilities is not None and pred.weights is not None
+        for t in targets:
+            r0, c0 = max(int(t.row_off), origin[0]), max(int(t.col_off), origin[1])
+            r1 = min(int(t.row_off + t.height), origin[0] + int(ext.height))
+            c1 = min(int(t.col_off + t.width), origin[1] + int(ext.width))
+            if r1 <= r0 or c1 <= c0:
+                continue
+            rows = slice(r0 - origin[0], r1 - origin[0])
+            cols = slice(c0 - origin[1], c1 - origin[1])
+            key = (int(t.row_off), int(t.col_off))
+            pieces[key] = Piece(
+                key,
+                Window(c0, r0, c1 - c0, r1 - r0),
+                np.ascontiguousarray(pred.probabilities[:, rows, cols]),
+                np.ascontiguousarray(pred.weights[rows, cols]),
+            )
+    run = pred.windows_run
+    return Accumulated(pieces, run, len(owned) - run, time.perf_counter() - t0)
+
+
+def take_piece(acc: Accumulated, target: tuple[int, int]) -> Piece | None:
+    """The piece of ``acc`` for one core (a small task beside ``acc``'s, so only it moves)."""
+    return acc.pieces.get(target)
+
+
+def finish_block(
+    job: BlockJob,
+    bundle_path: str,
+    *pieces: Piece | None,
+    probabilities: bool = False,
+) -> BlockResult:
+    """Add up the pieces that neighbouring blocks computed for this core, normalise by the
+    summed weights, and write the core's part files (a Dask task)."""
+    t0 = time.perf_counter()
+    bundle = cached_bundle(bundle_path, "cpu")
+    core = job.core
+    h, w = int(core.height), int(core.width)
+    sums = np.zeros((len(bundle.classes), h, w), dtype=np.float32)
+    weights = np.zeros((h, w), dtype=np.float32)
+    for p in pieces:
+        if p is None:
+            continue
+        rows = slice(
+            int(p.area.row_off - core.row_off), int(p.area.row_off - core.row_off + p.area.height)
+        )
+        cols = slice(
+            int(p.area.col_off - core.col_off), int(p.area.col_off - core.col_off + p.area.width)
+        )
+        sums[:, rows, cols] += p.sums
+        weights[rows, cols] += p.weights
+    covered = weights > 0
+    np.divide(sums, weights, out=sums, where=covered)
+    index = np.argmax(sums, axis=0)
+    _, valid, profile = _read_block(job, core, bundle)
+    path = _write_block(
+        job, bundle, profile, valid & covered, index, sums if probabilities else None
+    )
+    return BlockResult(core, path, 0, 0, time.perf_counter() - t0)
 
 
 def _write_part(path: Path, data: np.ndarray, crs: Any, transform: Any) -> None:

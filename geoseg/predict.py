@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import time
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,15 +29,19 @@ from rasterio.windows import Window
 
 from geoseg.blending import resolve_blend
 from geoseg.bundle import Bundle, load_bundle
-from geoseg.cluster import default_workers, run_tasks, session
+from geoseg.cluster import default_workers, run_tasks, session, task_resources
 from geoseg.errors import ConfigError, NotARasterError
 from geoseg.inference import (
+    Accumulated,
     BlockJob,
     BlockResult,
+    accumulate_block,
+    finish_block,
     part_name,
     predict_block,
     resolve_device,
     resolve_precision,
+    take_piece,
 )
 from geoseg.io import (
     NODATA_CLASS,
@@ -47,6 +52,7 @@ from geoseg.io import (
     read_profile,
     write_class_metadata,
 )
+from geoseg.progress import Progress
 from geoseg.tiling import WindowGrid
 
 log = logging.getLogger("geoseg")
@@ -164,8 +170,8 @@ def predict_scenes(
     if not scenes:
         raise ConfigError("no scene to predict")
     b = load_bundle(bundle)
-    if device == "cuda":
-        resolve_device("cuda")  # fail here, not on every worker, when there is no GPU
+    if device == "cuda" and not (scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS")):
+        resolve_device("cuda")  # a local cluster: fail here, not on every worker
     resolve_precision(precision, "cuda" if device == "cuda" else "cpu")
     if batch_size is not None and batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
@@ -225,19 +231,30 @@ def predict_scenes(
                 blend,
             )
         _log_dashboard(client)
-        results: list[BlockResult] = run_tasks(
-            client,
-            predict_block,
-            jobs,
-            "predict",
-            str(Path(bundle).resolve()),
-            batch_size=batch_size,
-            blend=blend,
-            device=device,
-            precision=precision,
-            probabilities=probabilities,
-            pixels=[int(j.core.width * j.core.height) for j in jobs],
-        )
+        options: dict[str, Any] = {
+            "batch_size": batch_size,
+            "device": device,
+            "precision": precision,
+        }
+        resources = task_resources(client, device)
+        bundle_path = str(Path(bundle).resolve())
+        if blend == "trim":
+            results: list[BlockResult] = run_tasks(
+                client,
+                predict_block,
+                jobs,
+                "predict",
+                bundle_path,
+                blend=blend,
+                probabilities=probabilities,
+                pixels=[int(j.core.width * j.core.height) for j in jobs],
+                resources=resources,
+                **options,
+            )
+        else:
+            results = _run_shared_windows(
+                client, plans, bundle_path, blend, probabilities, options, resources
+            )
     t_blocks = time.perf_counter() - t0
     done = []
     for p in plans:
@@ -267,6 +284,112 @@ def predict_scenes(
             )
         )
     return done
+
+
+def _run_shared_windows(
+    client: Any,
+    plans: list[_Plan],
+    bundle_path: str,
+    blend: str,
+    probabilities: bool,
+    options: dict[str, Any],
+    resources: dict[str, int] | None,
+) -> list[BlockResult]:
+    """Weighted blending with every window run once: each block runs the windows it owns and
+    sums their weighted probabilities (:func:`accumulate_block`); each unfinished block then
+    adds up the pieces of those sums that fall on its core (:func:`finish_block`). Blocks
+    finished by an earlier run are accumulated again only where a neighbour needs them."""
+    from distributed import as_completed
+
+    finals: list[Any] = []
+    counted: list[tuple[int | None, list[Any]]] = []  # per scene: first result, window counts
+    for p in plans:
+        reach, sources = _sources(p.grid, p.cores, p.todo)
+        by_key = {(int(c.row_off), int(c.col_off)): c for c in p.cores}
+        # submitted in the order the finished blocks need them, so that Dask (which runs
+        # earlier submissions first) keeps a front of about two block rows in memory
+        futures: dict[tuple[int, int], Any] = {}
+        first = len(finals) if p.todo else None
+        for t in p.todo:
+            key = (int(t.row_off), int(t.col_off))
+            for k in sources[key]:
+                if k not in futures:
+                    futures[k] = client.submit(
+                        accumulate_block,
+                        BlockJob(by_key[k], p.profile.path, p.grid, str(p.parts)),
+                        bundle_path,
+                        [x for x in p.todo if _touches(reach[k], x)],
+                        blend=blend,
+                        pure=False,
+                        resources=resources,
+                        **options,
+                    )
+            pieces = [client.submit(take_piece, futures[k], key, pure=False) for k in sources[key]]
+            finals.append(
+                client.submit(
+                    finish_block,
+                    BlockJob(t, p.profile.path, p.grid, str(p.parts)),
+                    bundle_path,
+                    *pieces,
+                    probabilities=probabilities,
+                    pure=False,
+                )
+            )
+        counted.append((first, [client.submit(_counts, f, pure=False) for f in futures.values()]))
+        del futures  # each block's sums are freed once its pieces have been taken
+    index = {f.key: i for i, f in enumerate(finals)}
+    results: list[BlockResult] = [None] * len(finals)  # type: ignore[list-item]
+    with Progress("predict", len(finals)) as progress:
+        for fut in as_completed(finals):
+            r = results[index[fut.key]] = fut.result()
+            progress.update(pixels=int(r.core.width * r.core.height))
+    # windows are counted where they ran: each scene's accumulations go to its first result
+    for first, futs in counted:
+        counts = client.gather(futs)
+        if first is not None and counts:
+            r = results[first]
+            results[first] = BlockResult(
+                r.core,
+                r.path,
+                sum(c[0] for c in counts),
+                sum(c[1] for c in counts),
+                r.seconds + sum(c[2] for c in counts),
+            )
+    return results
+
+
+def _touches(a: Window | None, b: Window) -> bool:
+    return a is not None and (
+        a.row_off < b.row_off + b.height
+        and b.row_off < a.row_off + a.height
+        and a.col_off < b.col_off + b.width
+        and b.col_off < a.col_off + a.width
+    )
+
+
+def _sources(
+    grid: WindowGrid, cores: list[Window], todo: list[Window]
+) -> tuple[dict[tuple[int, int], Window | None], dict[tuple[int, int], list[tuple[int, int]]]]:
+    """For every block, the area its owned windows cover (``reach``); for every block to
+    finish, the blocks whose reach falls on its core (``sources``), keyed by core offsets."""
+    reach: dict[tuple[int, int], Window | None] = {}
+    for c in cores:
+        owned = grid.owned_windows(c)
+        reach[(int(c.row_off), int(c.col_off))] = grid.extent(owned) if owned else None
+    row_offs = sorted({k[0] for k in reach})
+    col_offs = sorted({k[1] for k in reach})
+    span = grid.window + max(max(int(c.height), int(c.width)) for c in cores)
+    sources = {}
+    for t in todo:
+        r0, c0 = int(t.row_off), int(t.col_off)
+        rows = row_offs[bisect_left(row_offs, r0 - span) : bisect_right(row_offs, r0 + span)]
+        cols = col_offs[bisect_left(col_offs, c0 - span) : bisect_right(col_offs, c0 + span)]
+        sources[(r0, c0)] = [(r, c) for r in rows for c in cols if _touches(reach[(r, c)], t)]
+    return reach, sources
+
+
+def _counts(acc: Accumulated) -> tuple[int, int, float]:
+    return acc.windows_run, acc.windows_skipped, acc.seconds
 
 
 def probabilities_path(class_map: Path) -> Path:

@@ -141,14 +141,30 @@ class WindowGrid:
         cols = self._touching(self.col_starts, self.width, c0, c0 + int(core.width))
         return [Window(int(c), int(r), self.window, self.window) for r in rows for c in cols]
 
+    def owned_windows(self, core: Window) -> list[Window]:
+        """The grid windows that ``core``'s block runs when windows are shared out between
+        blocks: those whose plateau starts inside it. Every window has exactly one owner among
+        blocks that tile the scene."""
+        r0, c0 = int(core.row_off), int(core.col_off)
+        r1, c1 = r0 + int(core.height), c0 + int(core.width)
+        er = self._edges(self.row_starts, self.height)[:-1]
+        ec = self._edges(self.col_starts, self.width)[:-1]
+        rows = self.row_starts[(er >= r0) & (er < r1)]
+        cols = self.col_starts[(ec >= c0) & (ec < c1)]
+        return [Window(int(c), int(r), self.window, self.window) for r in rows for c in cols]
+
+    @staticmethod
+    def extent(windows: list[Window]) -> Window:
+        """The smallest window holding all of ``windows``."""
+        r0 = min(int(w.row_off) for w in windows)
+        c0 = min(int(w.col_off) for w in windows)
+        r1 = max(int(w.row_off + w.height) for w in windows)
+        c1 = max(int(w.col_off + w.width) for w in windows)
+        return Window(c0, r0, c1 - c0, r1 - r0)
+
     def halo_window(self, core: Window) -> Window:
         """The area a block reads: the union of the windows touching its core."""
-        wins = self.windows_for(core)
-        r0 = min(int(w.row_off) for w in wins)
-        c0 = min(int(w.col_off) for w in wins)
-        r1 = max(int(w.row_off) + self.window for w in wins)
-        c1 = max(int(w.col_off) + self.window for w in wins)
-        return Window(c0, r0, c1 - c0, r1 - r0)
+        return self.extent(self.windows_for(core))
 
     @property
     def n_windows(self) -> int:

@@ -1,33 +1,48 @@
-"""Training a segmentation model on a Dask worker, epoch by epoch, into a bundle.
+"""Training a segmentation model on Dask workers, data-parallel, into a bundle.
 
-The client computes per-band statistics and label code counts with a Dask reduction over blocks,
-then runs one task per epoch: the task rebuilds the model and optimiser from the previous epoch's
-state, draws random windows from the labelled area, and returns the new state. The weights travel
-between epochs (a few MB), so a lost worker costs one epoch, never the run.
+The client computes per-band statistics, label counts and the places to draw windows from with a
+Dask reduction over blocks of every training scene, splits off validation pixels (a region, or a
+share of blocks), then runs the epochs. Each epoch is one task per worker: the tasks join a
+``torch.distributed`` process group (gloo on CPUs, NCCL on GPUs) through a rendezvous on a port
+found free at run time, start from the previous epoch's weights and optimiser state, draw
+different windows on every rank, average gradients, score the validation windows between them and
+hand the new state back. The client writes a checkpoint and a log line after every epoch, so a
+stopped run or a lost worker costs at most one epoch: ``--resume`` continues from the checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import json
 import logging
 import math
 import os
+import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from geoseg import __version__
-from geoseg.augment import PRESETS, build_augmenter
+from geoseg.augment import IGNORE, PRESETS, build_augmenter
 from geoseg.bundle import BandInfo, Contract, save_bundle
-from geoseg.cluster import run_tasks, session, torch_threads
+from geoseg.cluster import run_tasks, session, task_resources, torch_threads
 from geoseg.data import (
+    SAMPLERS,
+    AnchorTable,
+    BlockStats,
     LabelSpec,
     SampleSpec,
-    WindowSampler,
+    TrainingSampler,
+    ValSplit,
     block_stats,
     check_labels,
     load_classes,
@@ -36,13 +51,15 @@ from geoseg.data import (
 )
 from geoseg.errors import BandMismatchError, ConfigError, GeosegError, LabelError
 from geoseg.inference import resolve_device
-from geoseg.io import ClassInfo, check_output, read_profile
+from geoseg.io import ClassInfo, SceneProfile, check_input, check_output, read_profile
 from geoseg.losses import make_loss
+from geoseg.metrics import scores
 from geoseg.models import create_model, parameter_count, receptive_field
 from geoseg.progress import Progress
 from geoseg.tiling import block_windows
 
 log = logging.getLogger("geoseg")
+GROUP_TIMEOUT_S = 300  # how long a rank waits for the others in a collective
 
 
 class TrainingError(GeosegError, RuntimeError):
@@ -51,14 +68,17 @@ class TrainingError(GeosegError, RuntimeError):
 
 @dataclass(frozen=True)
 class EpochConfig:
-    """Everything one epoch task needs; plain data, cheap to send."""
+    """Everything an epoch task needs; plain data, cheap to send."""
 
-    sample: SampleSpec
+    specs: tuple[SampleSpec, ...]
+    table: AnchorTable
+    sampler: str
+    val_windows: tuple[tuple[int, Any], ...]  # (scene index, Window)
     arch: str
     arch_args: dict[str, Any]
     num_classes: int
-    batch_size: int
-    steps: int
+    batch_size: int  # per rank
+    steps: int  # per rank and epoch
     epochs: int
     lr: float
     loss: str
@@ -70,55 +90,203 @@ class EpochConfig:
 
 @dataclass
 class EpochResult:
+    """What one rank reports for one epoch; only rank 0 carries the new state."""
+
     epoch: int
-    state: dict[str, Any]
-    loss: float
+    rank: int
+    state: dict[str, Any] | None
+    loss: float  # mean training loss over all ranks
+    val_loss: float | None
+    confusion: np.ndarray | None  # validation, summed over ranks (rows truth)
     seconds: float
-    pixels: int
+    windows: int  # training windows this rank drew
+    pixels: int  # labelled training pixels this rank saw
+    where: list[tuple[int, int, int]] = field(default_factory=list)  # (scene, row, col) drawn
 
 
-def train_epoch(state: dict[str, Any] | None, cfg: EpochConfig, epoch: int) -> EpochResult:
-    """Run one epoch (a Dask task). ``state`` holds the model and optimiser state, or None."""
+@contextlib.contextmanager
+def _process_group(rendezvous: str | None, rank: int, world: int, device: str) -> Iterator[None]:
+    if world == 1:
+        yield
+        return
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "nccl" if device == "cuda" else "gloo",
+        init_method=rendezvous,
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=GROUP_TIMEOUT_S),
+    )
+    try:
+        yield
+        dist.barrier()  # every rank is done with the group before it goes
+    finally:
+        dist.destroy_process_group()
+
+
+def _describe(spec: SampleSpec, window: Any) -> str:
+    r, c = int(window.row_off), int(window.col_off)
+    return (
+        f"{Path(spec.scene).name} rows {r}-{r + int(window.height)}, "
+        f"cols {c}-{c + int(window.width)}"
+    )
+
+
+def _amp(device: str) -> tuple[torch.dtype | None, bool]:
+    """Mixed precision for training: bf16 (or fp16 with loss scaling) on a GPU, none on a CPU."""
+    if device != "cuda":
+        return None, False
+    if torch.cuda.is_bf16_supported():
+        return torch.bfloat16, False
+    return torch.float16, True
+
+
+def train_epoch(
+    state: dict[str, Any] | None,
+    cfg: EpochConfig,
+    epoch: int,
+    rank: int = 0,
+    world: int = 1,
+    rendezvous: str | None = None,
+) -> EpochResult:
+    """Run one epoch as rank ``rank`` of ``world`` (a Dask task). ``state`` holds the model and
+    optimiser state from the previous epoch, or None to start."""
     t0 = time.perf_counter()
     torch.set_num_threads(torch_threads())
-    torch.manual_seed(cfg.seed * 1000 + epoch)
     device = resolve_device(cfg.device)
-    model = create_model(cfg.arch, len(cfg.sample.bands), cfg.num_classes, **cfg.arch_args).to(
-        device
+    amp_dtype, scaled = _amp(device)
+    with _process_group(rendezvous, rank, world, device):
+        torch.manual_seed(cfg.seed * 1000 + epoch)  # the same initial weights on every rank
+        model = create_model(cfg.arch, len(cfg.specs[0].bands), cfg.num_classes, **cfg.arch_args)
+        model = model.to(device)
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
+        if state is not None:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+        for g in opt.param_groups:  # cosine decay over the whole run
+            g["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))
+        net: torch.nn.Module = model
+        if world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            net = DistributedDataParallel(model)
+        torch.manual_seed(cfg.seed * 1000 + epoch + 7919 * rank)  # dropout differs by rank
+        scaler = torch.amp.GradScaler("cuda", enabled=scaled)
+        loss_fn = make_loss(
+            cfg.loss, cfg.class_weights, device, label_smoothing=cfg.label_smoothing
+        )
+        sampler = TrainingSampler(
+            cfg.specs, cfg.table, cfg.sampler, seed=(cfg.seed, epoch), rank=rank, world=world
+        )
+        losses, pixels, where = [], 0, []
+        try:
+            model.train()
+            for step in range(cfg.steps):
+                batch = [sampler.sample() for _ in range(cfg.batch_size)]
+                x = torch.from_numpy(np.stack([b[0] for b in batch])).to(device)
+                y = torch.from_numpy(np.stack([b[1] for b in batch]).astype(np.int64)).to(device)
+                with torch.autocast(device, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    loss = loss_fn(net(x), y)
+                mean_loss, bad_here = _mean_over_ranks(loss.detach().float(), world)
+                if bad_here or not math.isfinite(mean_loss):
+                    places = "; ".join(_describe(cfg.specs[s], w) for _, _, (s, w) in batch)
+                    raise TrainingError(
+                        f"the loss became non-finite at epoch {epoch + 1}, batch {step + 1}"
+                        + (
+                            f" on rank {rank}, windows: {places}"
+                            if bad_here
+                            else " on another rank"
+                        )
+                        + "; lower --lr or check the scenes for extreme values"
+                    )
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                losses.append(mean_loss)
+                pixels += int((y != IGNORE).sum())
+                where += [(s, int(w.row_off), int(w.col_off)) for _, _, (s, w) in batch]
+            confusion, val_loss = _validate(model, cfg, sampler, rank, world, device, amp_dtype)
+        finally:
+            sampler.close()
+            # DDP's reducer holds the process group: it must go before the group is destroyed,
+            # else gloo's destructor can wait for its threads forever
+            del net
+            gc.collect()
+    new_state = None
+    if rank == 0:
+        new_state = {
+            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "optimizer": opt.state_dict(),
+        }
+    return EpochResult(
+        epoch,
+        rank,
+        new_state,
+        float(np.mean(losses)),
+        val_loss,
+        confusion,
+        time.perf_counter() - t0,
+        cfg.steps * cfg.batch_size,
+        pixels,
+        where,
     )
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-    for g in opt.param_groups:  # cosine decay over the whole run
-        g["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))
-    loss_fn = make_loss(cfg.loss, cfg.class_weights, device, label_smoothing=cfg.label_smoothing)
-    sampler = WindowSampler(cfg.sample, seed=cfg.seed * 100003 + epoch)
-    model.train()
-    losses, pixels = [], 0
-    try:
-        for step in range(cfg.steps):
-            pairs = [sampler.sample() for _ in range(cfg.batch_size)]
-            x = torch.from_numpy(np.stack([p[0] for p in pairs])).to(device)
-            y = torch.from_numpy(np.stack([p[1] for p in pairs]).astype(np.int64)).to(device)
-            loss = loss_fn(model(x), y)
-            if not torch.isfinite(loss):
-                raise TrainingError(
-                    f"the loss became {loss.item()} at epoch {epoch + 1}, batch {step + 1} on "
-                    f"{cfg.sample.scene!r}; lower --lr or check the scene for extreme values"
-                )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-            pixels += int((y != 255).sum())
-    finally:
-        sampler.close()
-    new_state = {
-        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "optimizer": opt.state_dict(),
-    }
-    return EpochResult(epoch, new_state, float(np.mean(losses)), time.perf_counter() - t0, pixels)
+
+
+def _mean_over_ranks(loss: torch.Tensor, world: int) -> tuple[float, bool]:
+    """The loss averaged over ranks, and whether this rank's own loss is non-finite."""
+    bad = not bool(torch.isfinite(loss))
+    if world == 1:
+        return float(loss), bad
+    import torch.distributed as dist
+
+    t = torch.stack([torch.nan_to_num(loss, 0.0, 0.0, 0.0), torch.tensor(float(bad)).to(loss)])
+    dist.all_reduce(t)
+    mean = float(t[0]) / world if float(t[1]) == 0 else math.nan
+    return mean, bad
+
+
+def _validate(
+    model: torch.nn.Module,
+    cfg: EpochConfig,
+    sampler: TrainingSampler,
+    rank: int,
+    world: int,
+    device: str,
+    amp_dtype: torch.dtype | None,
+) -> tuple[np.ndarray | None, float | None]:
+    """Confusion matrix and mean cross-entropy over the validation pixels, each rank scoring
+    its share of the validation windows, summed over ranks."""
+    if not cfg.val_windows:
+        return None, None
+    k = cfg.num_classes
+    conf = torch.zeros(k * k, dtype=torch.int64, device=device)
+    loss_px = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, pixels
+    model.eval()
+    with torch.inference_mode():
+        for scene, window in cfg.val_windows[rank::world]:
+            rd = sampler.reader(scene)
+            x, mask = rd.read(window)
+            mask[~rd.val_mask(window)] = IGNORE
+            if not (mask != IGNORE).any():
+                continue
+            with torch.autocast(device, dtype=amp_dtype, enabled=amp_dtype is not None):
+                logits = model(torch.from_numpy(x)[None].to(device))
+            logits = logits.float()
+            y = torch.from_numpy(mask.astype(np.int64))[None].to(device)
+            keep = y != IGNORE
+            loss_px[0] += F.cross_entropy(logits, y, ignore_index=IGNORE, reduction="sum").double()
+            loss_px[1] += keep.sum()
+            pair = y[keep] * k + logits.argmax(1)[keep]
+            conf += torch.bincount(pair, minlength=k * k)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(conf)
+        dist.all_reduce(loss_px)
+    n = float(loss_px[1])
+    return conf.cpu().numpy().reshape(k, k), (float(loss_px[0]) / n if n else None)
 
 
 @dataclass(frozen=True)
@@ -127,8 +295,11 @@ class TrainResult:
 
     path: Path
     classes: list[ClassInfo]
-    history: list[dict[str, float]] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)
     bundle_hash: str = ""
+    best_epoch: int = 0
+    checkpoint: Path | None = None
+    log: Path | None = None
 
 
 def _class_weights(counts: dict[int, int], classes: Sequence[ClassInfo]) -> tuple[float, ...]:
@@ -139,9 +310,336 @@ def _class_weights(counts: dict[int, int], classes: Sequence[ClassInfo]) -> tupl
     return tuple(float(v) for v in w)
 
 
+def _as_list(items: Any) -> list[str]:
+    if isinstance(items, (str, os.PathLike)):
+        return [str(items)]
+    return [str(i) for i in items]
+
+
+def split_cell(window: int) -> int:
+    """The side of the squares that statistics are gathered on and a validation fraction is
+    split by: the smallest multiple of the training window that is at least 256 px."""
+    return window * max(1, -(-256 // window))
+
+
+def _free_port() -> int:
+    """A TCP port free on this host now (runs on the rank-0 worker, for the rendezvous)."""
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return int(sock.getsockname()[1])
+
+
+def _stats_task(
+    item: tuple[int, Any],
+    scenes: Sequence[str],
+    bands: tuple[int, ...],
+    specs: Sequence[LabelSpec],
+    within: str | None,
+    nodata: float | None,
+    val_region: str | None,
+    window: int,
+) -> BlockStats:
+    scene, block = item
+    return block_stats(
+        block, scenes[scene], bands, specs[scene], within, nodata, val_region, window
+    )
+
+
+def _split_fraction(
+    parts: list[BlockStats], fraction: float, seed: int
+) -> tuple[list[BlockStats], set[int]]:
+    """Give whole blocks to validation, in a seeded random order, until they hold ``fraction``
+    of the labelled pixels; return the blocks' statistics after the split and the indexes of
+    the validation blocks."""
+    labelled = np.array([sum(p.codes.values()) for p in parts], dtype=np.float64)
+    total = labelled.sum()
+    chosen: set[int] = set()
+    got = 0.0
+    for i in np.random.default_rng(seed).permutation(len(parts)):
+        if got >= fraction * total:
+            break
+        if labelled[i] > 0:
+            chosen.add(int(i))
+            got += labelled[i]
+    if got >= total:
+        raise LabelError(
+            f"--val-fraction {fraction} left no labelled block for training; lower it or use "
+            "--val-region"
+        )
+    return [p.to_validation() if i in chosen else p for i, p in enumerate(parts)], chosen
+
+
+def _checkpoint_meta(cfg: EpochConfig, classes: Sequence[ClassInfo]) -> dict[str, Any]:
+    """What a checkpoint must share with the run that resumes it."""
+    return {
+        "arch": cfg.arch,
+        "arch_args": cfg.arch_args,
+        "bands": list(cfg.specs[0].bands),
+        "classes": [c.id for c in classes],
+        "window": cfg.specs[0].window,
+        "scenes": [s.scene for s in cfg.specs],
+        "epochs": cfg.epochs,
+    }
+
+
+def _load_checkpoint(path: str | os.PathLike[str], meta: dict[str, Any]) -> dict[str, Any]:
+    ckpt_path = check_input(path, "checkpoint")
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        theirs = ckpt["meta"]
+    except Exception as exc:
+        raise ConfigError(
+            f"checkpoint {str(path)!r} could not be read ({exc}); pass a file that geoseg train "
+            "wrote beside its bundle (NAME.bundle.checkpoint)"
+        ) from None
+    differ = sorted(k for k in meta if theirs.get(k) != meta[k])
+    if differ:
+        raise ConfigError(
+            f"checkpoint {str(path)!r} was written by a run with other settings ({', '.join(differ)}: "
+            f"{', '.join(f'{theirs.get(k)!r}' for k in differ)}); resume with the same settings"
+        )
+    return ckpt
+
+
+def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def _run_epoch(
+    client: Any,
+    workers: list[str],
+    state: Any,
+    cfg: EpochConfig,
+    epoch: int,
+    checkpoint: Path,
+    done: int,
+) -> list[EpochResult]:
+    """One epoch, one task per worker; a lost worker or a failed rank stops the run with a
+    message that names the checkpoint to resume from."""
+    from distributed import wait
+
+    world = len(workers)
+    resume = (
+        f"continue with --resume {checkpoint} (epoch {done} finished)"
+        if done
+        else "no epoch had finished, so start again"
+    )
+
+    def check_workers() -> None:
+        lost = [w for w in workers if w not in client.scheduler_info()["workers"]]
+        if lost:
+            raise TrainingError(f"worker {lost[0]} was lost during epoch {epoch + 1}; {resume}")
+
+    check_workers()
+    rendezvous = None
+    if world > 1:
+        host = urlparse(workers[0]).hostname
+        try:
+            port = client.run(_free_port, workers=[workers[0]])[workers[0]]
+        except Exception:  # a worker that cannot answer is lost
+            check_workers()
+            raise
+        rendezvous = f"tcp://{host}:{port}"
+    futures = [
+        client.submit(
+            train_epoch,
+            state,
+            cfg,
+            epoch,
+            rank,
+            world,
+            rendezvous,
+            workers=[w],
+            allow_other_workers=False,
+            resources=task_resources(client, cfg.device),
+            pure=False,
+            key=f"train-epoch-{epoch + 1}-rank-{rank}-{os.urandom(4).hex()}",
+        )
+        for rank, w in enumerate(workers)
+    ]
+    try:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                wait(
+                    [f for f in futures if f.status == "pending"],
+                    timeout=1.0,
+                    return_when="FIRST_COMPLETED",
+                )
+            failed = [f for f in futures if f.status == "error"]
+            if failed:  # a rank whose peer died fails first: give the
+                time.sleep(2.0)  # scheduler a moment to notice the lost worker
+            check_workers()
+            if failed:
+                errors = [f.exception() for f in failed]
+                own = [e for e in errors if isinstance(e, GeosegError)]
+                detailed = [e for e in own if "windows:" in str(e)]
+                if detailed or own:
+                    raise (detailed or own)[0]
+                raise TrainingError(f"epoch {epoch + 1} failed: {errors[0]}; {resume}")
+            if all(f.status == "finished" for f in futures):
+                return [f.result() for f in futures]
+    finally:
+        for f in futures:
+            f.cancel()
+
+
+@dataclass
+class TrainingPlan:
+    """What the statistics pass decided: the epoch configuration, the classes, the summed
+    statistics of the training scenes and the workers that will train."""
+
+    cfg: EpochConfig
+    classes: list[ClassInfo]
+    stats: BlockStats
+    workers: list[str]
+
+
+def plan_training(
+    client: Any,
+    profiles: Sequence[SceneProfile],
+    label_specs: Sequence[LabelSpec],
+    band_list: Sequence[int],
+    *,
+    window: int = 64,
+    area: str | None = None,
+    region: str | None = None,
+    val_fraction: float | None = None,
+    classes: Sequence[ClassInfo] | None = None,
+    sampler: str = "random",
+    batch_size: int = 16,
+    samples_per_epoch: int | None = None,
+    epochs: int = 20,
+    lr: float = 2e-3,
+    loss: str = "ce",
+    label_smoothing: float = 0.0,
+    augment: str = "light",
+    balance: bool = True,
+    nodata: float | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    arch: str = "unet",
+    arch_args: dict[str, Any] | None = None,
+) -> TrainingPlan:
+    """Gather statistics over every block of every scene on the cluster, split off the
+    validation pixels and describe the epochs (see :func:`train` for the arguments; ``area``
+    and ``region`` are its ``within`` and ``val_region``)."""
+    arch_args = dict(arch_args or {})
+    cell = split_cell(window)
+    paths = [p.path for p in profiles]
+    bounds = [pixel_bounds(p, area) for p in profiles]
+    class_list = list(classes) if classes is not None else None
+    items = [
+        (i, blk) for i, p in enumerate(profiles) for blk in block_windows(p.height, p.width, cell)
+    ]
+    parts = run_tasks(
+        client,
+        _stats_task,
+        items,
+        "statistics",
+        paths,
+        tuple(band_list),
+        label_specs,
+        area,
+        nodata,
+        region,
+        window,
+    )
+    val_cells: list[set[tuple[int, int]]] = [set() for _ in profiles]
+    if val_fraction is not None:
+        parts, chosen = _split_fraction(parts, val_fraction, seed)
+        for i in chosen:
+            scene, blk = items[i]
+            val_cells[scene].add((int(blk.row_off) // cell, int(blk.col_off) // cell))
+    total = parts[0]
+    for p in parts[1:]:
+        total = total + p
+    codes = {**total.val_codes}
+    for k, v in total.codes.items():
+        codes[k] = codes.get(k, 0) + v
+    if not total.codes:
+        raise LabelError(
+            f"labels {', '.join(repr(s.path) for s in label_specs)} have no labelled training "
+            "pixel where the scenes are valid"
+            + (f" inside {area!r}" if area else "")
+            + (" outside the validation pixels" if region or val_fraction else "")
+        )
+    class_list = resolve_classes(label_specs[0], codes, class_list)
+    mean, std = total.mean_std()
+    labelled = sum(total.codes.values())
+    table = AnchorTable(
+        anchors=np.concatenate(
+            [
+                np.column_stack([np.full(len(p.anchors), s), p.anchors])
+                for (s, _), p in zip(items, parts)
+            ]
+        ).astype(np.int32),
+        weights=np.concatenate([p.weights for p in parts]),
+        cells=np.unique(
+            np.concatenate(
+                [
+                    np.column_stack([np.full(len(p.cells), s), p.cells])
+                    for (s, _), p in zip(items, parts)
+                ]
+            ).astype(np.int32),
+            axis=0,
+        ),
+    )
+    val_windows = tuple((s, blk) for (s, blk), p in zip(items, parts) if p.val_codes)
+    if (region or val_fraction) and not val_windows:
+        raise LabelError("the validation split holds no labelled pixel; choose another region")
+    splits = [
+        ValSplit(region=region, cell=cell)
+        if region
+        else ValSplit(cell=cell, cells=frozenset(cs))
+        if val_fraction is not None
+        else None
+        for cs in val_cells
+    ]
+    worker_list = sorted(client.scheduler_info()["workers"])
+    world = len(worker_list)
+    per_epoch = samples_per_epoch or max(256, round(2 * labelled / window**2))
+    cfg = EpochConfig(
+        specs=tuple(
+            SampleSpec(
+                scene=path,
+                bands=tuple(band_list),
+                labels=spec,
+                class_ids=tuple(c.id for c in class_list),
+                mean=tuple(mean),
+                std=tuple(std),
+                window=window,
+                within=area,
+                bounds=b,
+                augment=augment,
+                nodata=nodata,
+                val=split,
+            )
+            for path, spec, b, split in zip(paths, label_specs, bounds, splits)
+        ),
+        table=table,
+        sampler=sampler,
+        val_windows=val_windows,
+        arch=arch,
+        arch_args=arch_args,
+        num_classes=len(class_list),
+        batch_size=batch_size,
+        steps=max(1, math.ceil(per_epoch / (batch_size * world))),
+        epochs=epochs,
+        lr=lr,
+        loss=loss,
+        label_smoothing=label_smoothing,
+        class_weights=_class_weights(total.codes, class_list) if balance else None,
+        seed=seed,
+        device=device,
+    )
+    return TrainingPlan(cfg, class_list, total, worker_list)
+
+
 def train(
-    scene: str | os.PathLike[str],
-    labels: str | os.PathLike[str],
+    scenes: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    labels: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     output: str | os.PathLike[str],
     *,
     label_field: str | None = None,
@@ -160,175 +658,230 @@ def train(
     label_smoothing: float = 0.0,
     augment: str = "light",
     balance: bool = True,
+    sampler: str = "random",
     within: str | os.PathLike[str] | None = None,
+    val_region: str | os.PathLike[str] | None = None,
+    val_fraction: float | None = None,
     nodata: float | None = None,
     seed: int = 0,
     device: str = "auto",
+    resume: str | os.PathLike[str] | None = None,
     workers: int | None = None,
     scheduler: str | None = None,
     overwrite: bool = False,
 ) -> TrainResult:
-    """Train ``arch`` on ``scene`` with ``labels`` and write a bundle to ``output``.
+    """Train ``arch`` on ``scenes`` with their ``labels`` and write a bundle to ``output``.
 
     Parameters
     ----------
-    scene
-        The training scene (path or GDAL URL).
-    labels
-        A class raster on the scene's grid, or a vector file whose ``label_field`` holds codes.
+    scenes, labels
+        Training scenes (paths or GDAL URLs) and, for each, its labels: a class raster on the
+        scene's grid, or a vector file whose ``label_field`` holds codes.
     output
-        The bundle to write.
+        The bundle to write. Beside it: ``NAME.checkpoint`` (after every epoch) and
+        ``NAME.log.jsonl`` (a line per epoch).
     classes
-        A YAML class list file, or a list of ClassInfo or ``{id, name, color}`` mappings; default: the label raster's class metadata,
-        else one class per code found.
+        A YAML class list file, or a list of ClassInfo or ``{id, name, color}`` mappings;
+        default: the label raster's class metadata, else one class per code found.
     ignore
         Label codes that mean "unlabelled".
     bands
         1-based scene band indexes the model reads, in order; default all.
     window, predict_window
         Training window, and the default window stored for prediction.
+    batch_size
+        Windows per step on each worker (the step's batch is this times the workers).
     loss, label_smoothing
         Loss names joined by ``+`` with optional weights (``ce+0.5*dice``); cross-entropy label
         smoothing.
     augment
         ``none``, ``light``, ``strong``, or a YAML pipeline file (see :mod:`geoseg.augment`).
-    within
-        A polygon file: training windows lie wholly inside it, statistics are computed inside it.
     balance
         Weight the loss by inverse square-root class frequency.
+    sampler
+        ``random`` (windows around random labelled pixels), ``balanced`` (each class equally
+        likely) or ``grid`` (every labelled cell of a window-size grid, shuffled).
+    within
+        A polygon file: windows lie wholly inside it, statistics are computed inside it.
+    val_region, val_fraction
+        Validation pixels: those inside the polygons of ``val_region``, or whole blocks of
+        :func:`split_cell` px holding ``val_fraction`` of the labelled pixels. No training
+        window touches a validation pixel. With validation, the bundle holds the epoch with the
+        best validation mIoU; without, the last epoch.
     nodata
-        The scene's fill value, where the scene does not declare one; stored in the bundle.
+        The scenes' fill value, where they do not declare one; stored in the bundle.
+    resume
+        A checkpoint of an earlier run with the same settings: training continues after its
+        last finished epoch.
 
     Returns
     -------
     TrainResult
     """
-    out = check_output(output, overwrite)
-    profile = read_profile(scene)
-    band_list = list(bands) if bands else list(range(1, profile.count + 1))
-    bad = [b for b in band_list if not 1 <= b <= profile.count]
-    if bad:
-        raise BandMismatchError(
-            f"scene {profile.path!r} has bands 1-{profile.count}; --bands asked for {bad}"
+    scene_list, label_list = _as_list(scenes), _as_list(labels)
+    if not scene_list or len(scene_list) != len(label_list):
+        raise ConfigError(
+            f"got {len(scene_list)} scenes and {len(label_list)} label files; give one label "
+            "file per scene: SCENE... LABELS..."
         )
+    out = check_output(output, overwrite)
+    ckpt_path = out.with_name(out.name + ".checkpoint")
+    log_path = out.with_name(out.name + ".log.jsonl")
+    profiles = [read_profile(s) for s in scene_list]
+    band_list = list(bands) if bands else list(range(1, profiles[0].count + 1))
+    for profile in profiles:
+        bad = [b for b in band_list if not 1 <= b <= profile.count]
+        if bad:
+            raise BandMismatchError(
+                f"scene {profile.path!r} has bands 1-{profile.count}; the model reads bands "
+                f"{band_list}; pass --bands with bands every scene has"
+            )
     if window < 8 or epochs < 1 or batch_size < 1:
         raise ConfigError("--window must be at least 8, --epochs and --batch-size at least 1")
+    if sampler not in SAMPLERS:
+        raise ConfigError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
+    if val_region is not None and val_fraction is not None:
+        raise ConfigError("give --val-region or --val-fraction, not both")
+    if val_fraction is not None and not 0 < val_fraction < 1:
+        raise ConfigError(f"--val-fraction must lie between 0 and 1, got {val_fraction}")
     make_loss(loss)  # validate the names before any work
     build_augmenter(augment, window)
     if augment not in PRESETS:  # a pipeline file: workers need its absolute path
         augment = str(Path(augment).resolve())
-    spec = LabelSpec(str(labels), label_field, tuple(ignore))
-    check_labels(spec, profile)
+    label_specs = [LabelSpec(str(lb), label_field, tuple(ignore)) for lb in label_list]
+    for spec, profile in zip(label_specs, profiles):
+        check_labels(spec, profile)
     class_list = load_classes(classes) if classes is not None else None
-    area = str(within) if within is not None else None
-    bounds = pixel_bounds(profile, area)
-    if bounds[2] - bounds[0] < window or bounds[3] - bounds[1] < window:
-        raise ConfigError(
-            f"window {window} px is larger than the training area ({bounds[3] - bounds[1]} x "
-            f"{bounds[2] - bounds[0]} px); pass a smaller --window"
-        )
+    area = str(Path(within).resolve()) if within is not None else None
+    region = str(Path(val_region).resolve()) if val_region is not None else None
+    if region is not None:
+        check_input(region, "validation region")
+    bounds = [pixel_bounds(p, area) for p in profiles]
+    for b, p in zip(bounds, profiles):
+        if b[2] - b[0] < window or b[3] - b[1] < window:
+            raise ConfigError(
+                f"window {window} px is larger than the training area of {p.path!r} "
+                f"({b[3] - b[1]} x {b[2] - b[0]} px); pass a smaller --window"
+            )
     arch_args = dict(arch_args or {})
     create_model(arch, len(band_list), 2, **arch_args)  # validate architecture arguments early
-
     with session(workers, scheduler) as client:
-        blocks = block_windows(profile.height, profile.width, 1024)
-        parts = run_tasks(
+        plan = plan_training(
             client,
-            block_stats,
-            blocks,
-            "statistics",
-            str(scene),
-            tuple(band_list),
-            spec,
-            area,
-            nodata,
-        )
-        stats = parts[0]
-        for p in parts[1:]:
-            stats = stats + p
-        if not stats.codes:
-            raise LabelError(
-                f"labels {spec.path!r} have no labelled pixel where scene {profile.path!r} is valid"
-                + (f" inside {area!r}" if area else "")
-            )
-        class_list = resolve_classes(spec, stats.codes, class_list)
-        mean, std = stats.mean_std()
-        labelled = sum(stats.codes.values())
-        rng = np.random.default_rng(seed)
-        anchors = stats.anchors[rng.permutation(len(stats.anchors))[:100_000]]
-        steps = max(
-            1, math.ceil((samples_per_epoch or max(256, 2 * labelled / window**2)) / batch_size)
-        )
-        cfg = EpochConfig(
-            sample=SampleSpec(
-                scene=str(Path(scene).resolve()) if Path(str(scene)).exists() else str(scene),
-                bands=tuple(band_list),
-                labels=spec,
-                class_ids=tuple(c.id for c in class_list),
-                mean=tuple(mean),
-                std=tuple(std),
-                window=window,
-                within=area,
-                bounds=bounds,
-                anchors=anchors,
-                augment=augment,
-                nodata=nodata,
-            ),
-            arch=arch,
-            arch_args=arch_args,
-            num_classes=len(class_list),
+            profiles,
+            label_specs,
+            band_list,
+            window=window,
+            area=area,
+            region=region,
+            val_fraction=val_fraction,
+            classes=class_list,
+            sampler=sampler,
             batch_size=batch_size,
-            steps=steps,
+            samples_per_epoch=samples_per_epoch,
             epochs=epochs,
             lr=lr,
             loss=loss,
             label_smoothing=label_smoothing,
-            class_weights=_class_weights(stats.codes, class_list) if balance else None,
+            augment=augment,
+            balance=balance,
+            nodata=nodata,
             seed=seed,
             device=device,
+            arch=arch,
+            arch_args=arch_args,
         )
+        cfg, class_list, total, worker_list = plan.cfg, plan.classes, plan.stats, plan.workers
+        world = len(worker_list)
+        labelled = sum(total.codes.values())
+        val_windows = cfg.val_windows
+        paths = [s.scene for s in cfg.specs]
+        mean, std = list(cfg.specs[0].mean), list(cfg.specs[0].std)
+        meta = _checkpoint_meta(cfg, class_list)
+        history: list[dict[str, Any]] = []
+        state: dict[str, Any] | None = None
+        best: dict[str, Any] | None = None  # epoch, miou, model weights
+        start = 0
+        if resume is not None:
+            ckpt = _load_checkpoint(resume, meta)
+            state, history, best = ckpt["state"], ckpt["history"], ckpt["best"]
+            start = int(ckpt["epoch"])
+            log.info("resuming from %s after epoch %d", resume, start)
+        # the log holds the epochs of the checkpoint's history, then one line per new epoch
+        log_path.write_text("".join(json.dumps(row) + "\n" for row in history))
         log.info(
-            "train %s on %s: %d classes, %d labelled px, %d epochs of %d batches of %d x %d px",
+            "train %s on %d scene(s): %d classes, %d labelled training px%s, %d workers, "
+            "%d epochs of %d steps x %d windows x %d px on each worker, sampler %s",
             arch,
-            profile.path,
+            len(paths),
             len(class_list),
             labelled,
+            f", {sum(total.val_codes.values())} validation px" if val_windows else "",
+            world,
             epochs,
-            steps,
+            cfg.steps,
             batch_size,
             window,
+            sampler,
         )
-        history, state = [], None
-        # every epoch on the same worker while it lives: its imports and caches stay warm
-        home = sorted(client.scheduler_info()["workers"])[:1]
-        with Progress("train", epochs, "epochs") as progress:
-            for epoch in range(epochs):
-                fut = client.submit(
-                    train_epoch,
-                    state,
-                    cfg,
-                    epoch,
-                    pure=False,
-                    workers=home,
-                    allow_other_workers=True,
+        with Progress("train", epochs - start, "epochs") as progress:
+            for epoch in range(start, epochs):
+                results = _run_epoch(client, worker_list, state, cfg, epoch, ckpt_path, epoch)
+                first = results[0]
+                state = first.state
+                assert state is not None
+                row: dict[str, Any] = {
+                    "epoch": epoch + 1,
+                    "loss": round(first.loss, 6),
+                    "seconds": round(max(r.seconds for r in results), 3),
+                    "windows": sum(r.windows for r in results),
+                    "lr": cfg.lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs)),
+                }
+                note = f"loss {first.loss:.4f}"
+                if first.confusion is not None:
+                    sc = scores(first.confusion, class_list)
+                    row.update(
+                        val_loss=round(first.val_loss or 0.0, 6),
+                        val_miou=sc["miou"],
+                        val_accuracy=sc["overall_accuracy"],
+                        val_iou={c["name"]: c["iou"] for c in sc["per_class"]},
+                    )
+                    note += f" val loss {first.val_loss:.4f} mIoU {sc['miou']:.3f}"
+                    better = best is None or (sc["miou"] or 0.0) > best["miou"]
+                else:
+                    better = True  # no validation: the last epoch is the one kept
+                if better:
+                    best = {
+                        "epoch": epoch + 1,
+                        "miou": row.get("val_miou") or 0.0,
+                        "model": state["model"],
+                    }
+                history.append(row)
+                _save_checkpoint(
+                    ckpt_path,
+                    {
+                        "epoch": epoch + 1,
+                        "state": state,
+                        "history": history,
+                        "best": best,
+                        "meta": meta,
+                    },
                 )
-                result: EpochResult = fut.result()
-                state = result.state
-                history.append({"epoch": epoch + 1, "loss": result.loss, "seconds": result.seconds})
-                progress.update(note=f"loss {result.loss:.4f}")
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                progress.update(note=note)
 
-    assert state is not None
+    assert best is not None
     model = create_model(arch, len(band_list), len(class_list), **arch_args)
-    model.load_state_dict(state["model"])
+    model.load_state_dict(best["model"])
     model.eval()
     rf = receptive_field(model, len(band_list))
     # enough overlap that every pixel is predicted with its whole receptive field in one window;
     # models that see the whole window (attention, image pooling) get a quarter of it
     overlap = predict_window // 4 if rf is None else min(rf + rf % 2, predict_window // 2)
-    names = [
-        d or f"band {i}"
-        for i, d in zip(band_list, [profile.descriptions[i - 1] for i in band_list])
-    ]
+    descriptions = profiles[0].descriptions
+    names = [descriptions[i - 1] or f"band {i}" for i in band_list]
+    best_row = next(h for h in history if h["epoch"] == best["epoch"])
     contract = Contract(
         arch=arch,
         arch_args=arch_args,
@@ -339,33 +892,47 @@ def train(
         window=predict_window,
         overlap=overlap,
         receptive_field=rf,
-        crs=profile.crs.to_string() if profile.crs else None,
-        pixel_size=profile.res,
-        nodata=nodata if nodata is not None else profile.nodata,
+        crs=profiles[0].crs.to_string() if profiles[0].crs else None,
+        pixel_size=profiles[0].res,
+        nodata=nodata if nodata is not None else profiles[0].nodata,
         geoseg_version=__version__,
         training={
-            "scene": str(scene),
-            "labels": str(labels),
+            "scenes": scene_list,
+            "labels": label_list,
             "within": area,
+            "validation": {
+                "region": region,
+                "fraction": val_fraction,
+                "cell": split_cell(window),
+            }
+            if val_windows
+            else None,
+            "sampler": sampler,
             "window": window,
             "epochs": epochs,
+            "best_epoch": best["epoch"],
+            "best": {k: v for k, v in best_row.items() if k.startswith("val_")},
+            "workers": world,
             "batch_size": batch_size,
-            "steps_per_epoch": steps,
+            "steps_per_epoch": cfg.steps,
             "lr": lr,
             "loss": loss,
             "augment": augment,
             "class_weights": cfg.class_weights,
-            "class_pixels": {str(k): v for k, v in sorted(stats.codes.items())},
+            "class_pixels": {str(k): v for k, v in sorted(total.codes.items())},
+            "validation_pixels": {str(k): v for k, v in sorted(total.val_codes.items())},
             "parameters": parameter_count(model),
             "history": history,
         },
     )
     digest = save_bundle(out, model, contract, overwrite=overwrite)
     log.info(
-        "wrote %s (%s, receptive field %s, default overlap %d px)",
+        "wrote %s (%s, epoch %d of %d, receptive field %s, default overlap %d px)",
         out,
         arch,
+        best["epoch"],
+        epochs,
         "the whole window" if rf is None else f"{rf} px",
         overlap,
     )
-    return TrainResult(out, list(class_list), history, digest)
+    return TrainResult(out, list(class_list), history, digest, best["epoch"], ckpt_path, log_path)

@@ -4,11 +4,6 @@ one line on stderr, a non-zero exit, no traceback, no partial output."""
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import geopandas as gpd
 import numpy as np
@@ -19,7 +14,7 @@ from click.testing import CliRunner
 
 from geoseg.cli import cli
 
-from .conftest import EAST, LABELS, REGIONS, SAMPLE, SCENE, WEST
+from .conftest import EAST, LABELS, REGIONS, SAMPLE, SCENE, WEST, external_cluster
 
 
 def invoke(*args: str):
@@ -183,48 +178,7 @@ def test_failed_training_leaves_no_bundle(tmp_path):
 
 def test_predict_through_an_external_scheduler(tmp_path, random_bundle):
     """--scheduler against real `dask scheduler` and `dask worker` processes on loopback."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    address = f"tcp://127.0.0.1:{port}"
-    bindir = Path(sys.executable).parent  # the `dask` console script of this environment
-    procs = [
-        subprocess.Popen(
-            [
-                bindir / "dask",
-                "scheduler",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--no-dashboard",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-    ]
-    try:
-        time.sleep(2)
-        procs.append(
-            subprocess.Popen(
-                [
-                    bindir / "dask",
-                    "worker",
-                    address,
-                    "--nthreads",
-                    "1",
-                    "--no-dashboard",
-                    "--host",
-                    "127.0.0.1",
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-        )
-        from distributed import Client
-
-        with Client(address, timeout="30s") as c:
-            c.wait_for_workers(1, timeout=60)
+    with external_cluster(1) as (address, _):
         remote, local = tmp_path / "remote.tif", tmp_path / "local.tif"
         r = invoke(
             "predict", random_bundle, SCENE, "-o", remote, "--scheduler", address, "--block", 200
@@ -233,10 +187,13 @@ def test_predict_through_an_external_scheduler(tmp_path, random_bundle):
         invoke("predict", random_bundle, SCENE, "-o", local, "--workers", 1)
         with rasterio.open(remote) as a, rasterio.open(local) as b:
             np.testing.assert_array_equal(a.read(1), b.read(1))
-    finally:
-        for p in reversed(procs):
-            p.terminate()
-            p.wait(timeout=30)
+        # GPU tasks ask for a GPU resource, and a cluster without one says so
+        gpu = tmp_path / "gpu.tif"
+        r = invoke(
+            "predict", random_bundle, SCENE, "-o", gpu, "--scheduler", address, "--device", "cuda"
+        )
+        assert r.exit_code == 1 and not gpu.exists()
+        assert "no Dask worker declares a GPU" in r.stderr and "--resources GPU=1" in r.stderr
 
 
 def test_unreachable_scheduler_is_one_line(tmp_path, random_bundle):

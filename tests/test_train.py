@@ -5,12 +5,19 @@ import rasterio
 from shapely.affinity import translate
 
 from geoseg import load_bundle
-from geoseg.data import LabelSpec, SampleSpec, WindowSampler, block_stats, pixel_bounds
-from geoseg.errors import BandMismatchError, ConfigError, LabelError
+from geoseg.data import (
+    AnchorTable,
+    LabelSpec,
+    SampleSpec,
+    TrainingSampler,
+    block_stats,
+    pixel_bounds,
+)
+from geoseg.errors import BandMismatchError, ConfigError, GridMismatchError, LabelError
 from geoseg.io import read_profile
 from geoseg.train import train
 
-from .conftest import LABELS, SCENE, WEST, shared
+from .conftest import EAST, LABELS, SCENE, WEST, shared
 
 
 def test_bundle_carries_the_whole_contract(nc_run):
@@ -57,15 +64,70 @@ def test_training_windows_never_leave_the_training_area():
         64,
         str(WEST),
         bounds,
-        stats.anchors,
     )
-    sampler = WindowSampler(spec, seed=1)
-    for _ in range(300):
-        w = sampler.draw_window()
-        assert w.col_off + w.width <= split and w.col_off >= 0
-    x, m = sampler.sample()
-    assert x.shape == (6, 64, 64) and m.shape == (64, 64) and (m != 255).any()
-    sampler.close()
+    table = AnchorTable(
+        np.column_stack([np.zeros(len(stats.anchors), int), stats.anchors]),
+        stats.weights,
+        np.column_stack([np.zeros(len(stats.cells), int), stats.cells]),
+    )
+    for mode in ("random", "balanced", "grid"):
+        sampler = TrainingSampler([spec], table, mode, seed=1)
+        for _ in range(300):
+            _, w = sampler.draw_window()
+            assert w.col_off + w.width <= split and w.col_off >= 0
+        x, m, _ = sampler.sample()
+        assert x.shape == (6, 64, 64) and m.shape == (64, 64) and (m != 255).any()
+        sampler.close()
+
+
+def test_balanced_sampler_draws_rare_classes_as_often_as_common_ones():
+    profile = read_profile(SCENE)
+    stats = block_stats(
+        rasterio.windows.Window(0, 0, profile.width, profile.height),
+        str(SCENE),
+        (1, 2, 3, 4, 5, 6),
+        LabelSpec(str(LABELS)),
+        None,
+    )
+    table = AnchorTable(
+        np.column_stack([np.zeros(len(stats.anchors), int), stats.anchors]),
+        stats.weights,
+        stats.cells,
+    )
+    spec = SampleSpec(
+        str(SCENE),
+        (1,),
+        LabelSpec(str(LABELS)),
+        tuple(range(1, 8)),
+        (0.0,),
+        (1.0,),
+        16,
+        None,
+        (0, 0, profile.height, profile.width),
+        augment="none",
+    )
+    code_at = {(int(r), int(c)): int(k) for r, c, k in stats.anchors}
+    drawn = {}
+    for mode in ("random", "balanced"):
+        sampler = TrainingSampler([spec], table, mode, seed=3)
+        picks = [
+            code_at[(int(a[1]), int(a[2]))]
+            for a in table.anchors[
+                [
+                    min(
+                        int(np.searchsorted(sampler.cdf, sampler.rng.random())),
+                        len(sampler.cdf) - 1,
+                    )
+                    for _ in range(7000)
+                ]
+            ]
+        ]
+        drawn[mode] = np.bincount(picks, minlength=8)[1:] / len(picks)
+    truth = np.array([stats.codes.get(c, 0) for c in range(1, 8)], dtype=float)
+    truth /= truth.sum()
+    # random: as often as the class covers the scene; balanced: every class about 1/7
+    np.testing.assert_allclose(drawn["random"], truth, atol=0.02)
+    np.testing.assert_allclose(drawn["balanced"], 1 / 7, atol=0.02)
 
 
 def test_vector_labels_in_another_crs(tmp_path):
@@ -89,8 +151,22 @@ def test_vector_labels_in_another_crs(tmp_path):
 
 def test_bad_training_inputs_get_clear_errors(tmp_path, make_raster):
     out = tmp_path / "m.bundle"
-    with pytest.raises(BandMismatchError, match=r"bands 1-6; --bands asked for \[7\]"):
+    with pytest.raises(BandMismatchError, match=r"bands 1-6; the model reads bands \[1, 7\]"):
         train(SCENE, LABELS, out, bands=[1, 7], workers=1)
+    with pytest.raises(ConfigError, match="one label file per scene"):
+        train([SCENE, SCENE], [LABELS], out, workers=1)
+    with pytest.raises(ConfigError, match="--val-region or --val-fraction, not both"):
+        train(SCENE, LABELS, out, val_region=EAST, val_fraction=0.2, workers=1)
+    other = make_raster("shifted.tif", np.ones((50, 60), "uint8"), nodata=0)
+    with pytest.raises(GridMismatchError, match="labels"):
+        train(SCENE, other, out, workers=1)
+    empty = tmp_path / "empty.tif"
+    with rasterio.open(LABELS) as src:
+        prof = src.profile
+    with rasterio.open(empty, "w", **prof) as dst:
+        dst.write(np.zeros((prof["height"], prof["width"]), prof["dtype"]), 1)
+    with pytest.raises(LabelError, match="no labelled training pixel"):
+        train(SCENE, empty, out, ignore=[0], workers=1)
     with pytest.raises(ConfigError, match="larger than the training area"):
         train(SCENE, LABELS, out, within=WEST, window=512, workers=1)
     with pytest.raises(LabelError, match=r"codes \[6, 7\] that are not in the class list"):

@@ -1,0 +1,132 @@
+"""Accuracy on the NC scene with the demo's split: a U-Net trained by geoseg against a
+scikit-learn random forest on the same bands and the same training pixels.
+
+    python benchmarks/accuracy.py [--epochs 30] [--workers 2]
+
+Training pixels: every labelled, valid pixel inside the western 60 % (``nc_train_west60.gpkg``);
+the U-Net draws its windows there (``--within``), the forest is fitted on those pixels' six band
+values. Test pixels: every labelled, valid pixel inside the eastern 40 % (``nc_holdout_east40``),
+never seen by either. Both are scored by the same confusion-matrix code
+(:func:`geoseg.metrics.scores`). Prints per-class IoU and mIoU for both and appends them to
+benchmarks/results/accuracy.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import rasterio
+from _results import append_result
+from rasterio.features import rasterize
+from sklearn.ensemble import RandomForestClassifier
+
+from geoseg import load_bundle
+from geoseg.metrics import scores
+from geoseg.pipeline import demo_workflow
+from geoseg.predict import predict_scene
+from geoseg.train import train
+
+SAMPLE = demo_workflow().parent
+SCENE, LABELS = SAMPLE / "nc_landsat7_2000.tif", SAMPLE / "nc_landclass96.tif"
+WEST, EAST = SAMPLE / "nc_train_west60.gpkg", SAMPLE / "nc_holdout_east40.gpkg"
+
+
+def inside(path: Path, profile: dict) -> np.ndarray:
+    geoms = gpd.read_file(path).to_crs(profile["crs"]).geometry
+    return rasterize(
+        ((g, 1) for g in geoms),
+        out_shape=(profile["height"], profile["width"]),
+        transform=profile["transform"],
+    ).astype(bool)
+
+
+def confusion(truth: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
+    return np.bincount(truth * k + pred, minlength=k * k).reshape(k, k)
+
+
+def _num(v: float | None) -> float:
+    return float("nan") if v is None else v
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--trees", type=int, default=200)
+    args = ap.parse_args()
+
+    with rasterio.open(SCENE) as src:
+        bands, profile = src.read(), src.profile
+    with rasterio.open(LABELS) as src:
+        lab = src.read(1, masked=True)
+    valid = np.all(bands != 0, axis=0) & ~np.ma.getmaskarray(lab)
+    codes = np.asarray(lab.filled(0)).astype(int)
+    train_px = valid & inside(WEST, profile)
+    test_px = valid & inside(EAST, profile)
+    assert not (train_px & test_px).any()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle, classes = Path(tmp) / "unet.bundle", Path(tmp) / "classes.tif"
+        t = time.perf_counter()
+        settings = {
+            "arch_args": {"depth": 4, "base_width": 32},
+            "window": 128,
+            "epochs": args.epochs,
+            "batch_size": 16,
+            "samples_per_epoch": 512,
+            "lr": 2e-3,
+            "loss": "ce+0.5*dice",
+            "augment": "light",
+        }
+        train(SCENE, LABELS, bundle, within=WEST, workers=args.workers, **settings)
+        t_unet = time.perf_counter() - t
+        predict_scene(bundle, SCENE, classes, workers=args.workers, overwrite=True)
+        class_list = load_bundle(bundle).classes
+        with rasterio.open(classes) as src:
+            unet_map = src.read(1)
+    ids = np.array([c.id for c in class_list])
+    index = np.full(256, -1)
+    index[ids] = np.arange(len(ids))
+    k = len(ids)
+    truth = index[codes[test_px]]
+    unet_pred = index[unet_map[test_px]]
+    assert (truth >= 0).all() and (unet_pred >= 0).all()
+
+    t = time.perf_counter()
+    forest = RandomForestClassifier(n_estimators=args.trees, n_jobs=-1, random_state=0)
+    forest.fit(bands[:, train_px].T, index[codes[train_px]])
+    rf_pred = forest.predict(bands[:, test_px].T)
+    t_rf = time.perf_counter() - t
+
+    result = {
+        "train_pixels": int(train_px.sum()),
+        "test_pixels": int(test_px.sum()),
+        "unet": {**settings, "seconds": round(t_unet, 1)},
+        "random_forest": {"trees": args.trees, "seconds": round(t_rf, 1)},
+    }
+    for name, pred in (("unet", unet_pred), ("random_forest", rf_pred)):
+        sc = scores(confusion(truth, pred, k), class_list)
+        result[name].update(
+            miou=sc["miou"],
+            accuracy=sc["overall_accuracy"],
+            iou={c["name"]: c["iou"] for c in sc["per_class"]},
+        )
+    print(f"train pixels {result['train_pixels']}, test pixels {result['test_pixels']}")
+    print(f"{'class':>12} {'U-Net':>8} {'forest':>8}")
+    for c in class_list:
+        u, f = (result[m]["iou"][c.name] for m in ("unet", "random_forest"))
+        print(f"{c.name:>12} {_num(u):8.3f} {_num(f):8.3f}")
+    for key in ("miou", "accuracy", "seconds"):
+        print(f"{key:>12} {result['unet'][key]:8.3f} {result['random_forest'][key]:8.3f}")
+    append_result("accuracy", result)
+
+
+if __name__ == "__main__":
+    main()
