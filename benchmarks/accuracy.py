@@ -1,7 +1,7 @@
 """Accuracy on the NC scene with the demo's split: a U-Net trained by geoseg against a
 scikit-learn random forest on the same bands and the same training pixels.
 
-    python benchmarks/accuracy.py [--epochs 30] [--workers 2]
+    python benchmarks/accuracy.py [--epochs 40] [--workers 2]
 
 Training pixels: every labelled, valid pixel inside the western 60 % (``nc_train_west60.gpkg``);
 the U-Net draws its windows there (``--within``), the forest is fitted on those pixels' six band
@@ -57,7 +57,7 @@ def _num(v: float | None) -> float:
 def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--trees", type=int, default=200)
     args = ap.parse_args()
@@ -76,11 +76,11 @@ def main() -> None:
         bundle, classes = Path(tmp) / "unet.bundle", Path(tmp) / "classes.tif"
         t = time.perf_counter()
         settings = {
-            "arch_args": {"depth": 4, "base_width": 32},
-            "window": 128,
+            "arch_args": {"depth": 3, "base_width": 16},
+            "window": 64,
             "epochs": args.epochs,
             "batch_size": 16,
-            "samples_per_epoch": 512,
+            "samples_per_epoch": 1024,
             "lr": 2e-3,
             "loss": "ce+0.5*dice",
             "augment": "light",
