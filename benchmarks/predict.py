@@ -33,7 +33,7 @@ from _results import append_result
 
 from geoseg import load_bundle
 from geoseg.bundle import BandInfo, Contract, save_bundle
-from geoseg.cluster import WORKER_MALLOC_ENV
+from geoseg.cluster import WORKER_MALLOC_ENV, loopback_cluster
 from geoseg.inference import default_batch_size
 from geoseg.io import ClassInfo
 from geoseg.models import create_model, receptive_field
@@ -148,6 +148,20 @@ def monai_run(bundle: Path, scene: Path, out: Path, window: int, batch: int) -> 
     return time.perf_counter() - t
 
 
+def warm_calls(bundle: Path, scene: Path, out: Path, batch: int, calls: int = 3) -> list[float]:
+    """Wall times of ``calls`` predictions in a row against an already running cluster of 2
+    ``dask worker`` processes (one thread each, half the cores for torch, geoseg's allocator
+    settings): what a user with a cluster up pays per scene, without starting one."""
+    env = {**WORKER_MALLOC_ENV, "GEOSEG_TORCH_THREADS": str(max(1, psutil.cpu_count() // 2))}
+    walls = []
+    with loopback_cluster(2, env=env) as (address, _):
+        for _ in range(calls):
+            t = time.perf_counter()
+            predict_scene(bundle, scene, out, batch_size=batch, scheduler=address, overwrite=True)
+            walls.append(time.perf_counter() - t)
+    return walls
+
+
 def main() -> None:
     if any(os.environ.get(k) != v for k, v in WORKER_MALLOC_ENV.items()):
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **WORKER_MALLOC_ENV})
@@ -158,6 +172,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, help="default: geoseg's default on a CPU")
     ap.add_argument("--base-width", type=int, default=32, help="the U-Net's first width")
     ap.add_argument("--no-monai", action="store_true")
+    ap.add_argument(
+        "--warm-up-to",
+        type=int,
+        default=4096,
+        help="for scenes up to this size, also time 3 calls against a running 2-worker cluster",
+    )
     args = ap.parse_args()
     args.batch = args.batch or default_batch_size("cpu", args.window)
     torch.set_num_threads(psutil.cpu_count())
@@ -214,6 +234,10 @@ def main() -> None:
                 row[f"geoseg_{workers}w_task_share"] = round(
                     r.seconds["tasks"] / workers / (r.seconds["blocks"] - r.seconds["start"]), 3
                 )
+            if size <= args.warm_up_to:
+                walls = warm_calls(bundle, scene, d / "warm.tif", args.batch)
+                row["geoseg_2w_running_cluster_calls_s"] = [round(w, 2) for w in walls]
+                row["geoseg_2w_running_cluster_ratio_to_limit"] = round(limit / walls[-1], 3)
             if not args.no_monai:
                 gc.collect()
                 with PeakMemory() as mem:

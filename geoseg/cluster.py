@@ -49,14 +49,7 @@ def session(workers: int | None = None, scheduler: str | None = None) -> Iterato
     if address:
         if workers is not None:
             log.warning("--workers is ignored with --scheduler %s", address)
-        try:
-            client = Client(address, timeout=dask.config.get("distributed.comm.timeouts.connect"))
-        except OSError as exc:
-            raise ClusterError(
-                f"cannot reach the Dask scheduler at {address!r} ({exc}); start one with "
-                "'dask scheduler' or drop --scheduler to use a local cluster"
-            ) from None
-        with client:
+        with connect(address) as client:
             yield client
         return
     n = workers or default_workers()
@@ -80,6 +73,26 @@ def session(workers: int | None = None, scheduler: str | None = None) -> Iterato
         with cluster, Client(cluster) as client:
             log.debug("local Dask cluster: %d worker processes", n)
             yield client
+
+
+def connect(address: str) -> Any:
+    """A ``distributed.Client`` of the scheduler at ``address``, or one clear error."""
+    import dask
+    from distributed import Client
+
+    try:
+        return Client(address, timeout=dask.config.get("distributed.comm.timeouts.connect"))
+    except OSError as exc:
+        raise ClusterError(
+            f"cannot reach the Dask scheduler at {address!r} ({exc}); start one with "
+            "'dask scheduler' or drop --scheduler to use a local cluster"
+        ) from None
+
+
+def count_workers(address: str) -> int:
+    """The number of workers of the cluster at ``address`` now."""
+    with connect(address) as c:
+        return len(c.scheduler_info()["workers"])
 
 
 GPU = "GPU"  # the Dask worker resource that --device cuda tasks ask for
@@ -149,3 +162,46 @@ def run_tasks(
             results[i] = fut.result()
             progress.update(pixels=pixels[i] if pixels else 0)
     return results
+
+
+@contextlib.contextmanager
+def loopback_cluster(
+    workers: int = 1, *worker_args: str, env: dict[str, str] | None = None
+) -> Iterator[tuple[str, list[Any]]]:
+    """Start real ``dask scheduler`` and ``dask worker`` processes (one thread each) on
+    127.0.0.1; yield the scheduler's address and the worker processes, and stop them all after.
+    ``worker_args`` go to every ``dask worker``, ``env`` adds to their environment. For tests
+    and benchmarks of the ``--scheduler`` path."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from distributed import Client
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address = f"tcp://127.0.0.1:{port}"
+    dask = os.path.join(os.path.dirname(sys.executable), "dask")  # this environment's script
+    quiet: dict[str, Any] = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    scheduler = subprocess.Popen(
+        [dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"], **quiet
+    )
+    procs: list[Any] = []
+    worker_env = {**os.environ, **(env or {})}
+    try:
+        time.sleep(2)
+        for _ in range(workers):
+            args = ["--nthreads", "1", "--no-dashboard", "--host", "127.0.0.1", *worker_args]
+            procs.append(
+                subprocess.Popen([dask, "worker", address, *args], env=worker_env, **quiet)
+            )
+        with Client(address, timeout="30s") as c:
+            c.wait_for_workers(workers, timeout=60)
+        yield address, procs
+    finally:
+        for p in [*reversed(procs), scheduler]:
+            p.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=30)

@@ -29,7 +29,7 @@ from rasterio.windows import Window
 
 from geoseg.blending import resolve_blend
 from geoseg.bundle import Bundle, load_bundle
-from geoseg.cluster import default_workers, run_tasks, session, task_resources
+from geoseg.cluster import count_workers, default_workers, run_tasks, session, task_resources
 from geoseg.errors import ConfigError, NotARasterError
 from geoseg.inference import (
     Accumulated,
@@ -448,11 +448,10 @@ def _plan(
 def default_block(
     profiles: Sequence[SceneProfile], workers: int | None, scheduler: str | None
 ) -> int:
-    """2048 px, or less where a scene is small, so that every local worker gets at least two
-    blocks of it (a multiple of 256, at least 256)."""
-    if scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS"):
-        return 2048  # an existing cluster: its size is not known before connecting
-    n = workers or default_workers()
+    """2048 px, or less where a scene is small, so that every worker gets at least two blocks
+    of it (a multiple of 256, at least 256). The workers of an existing cluster are counted."""
+    address = scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS")
+    n = max(1, count_workers(address)) if address else (workers or default_workers())
     largest = max(p.height * p.width for p in profiles)
     side = (largest / (2 * n)) ** 0.5
     return int(min(2048, max(256, -(-side // 256) * 256)))

@@ -3,12 +3,7 @@ a factory for small GeoTIFFs, and bundles trained once per session."""
 
 from __future__ import annotations
 
-import contextlib
-import socket
-import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +13,7 @@ import rasterio
 from affine import Affine
 
 import geoseg
+from geoseg.cluster import loopback_cluster as external_cluster  # noqa: F401 (for the tests)
 
 SAMPLE = Path(geoseg.__file__).parent / "sample"
 SCENE = SAMPLE / "nc_landsat7_2000.tif"
@@ -122,48 +118,3 @@ def nc_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     predict_scene(out["bundle"], SCENE, out["classes"], block=256, workers=2)
     vectorize(out["classes"], out["polygons"], block=256, workers=1)
     return out
-
-
-@contextlib.contextmanager
-def external_cluster(workers: int = 1, *worker_args: str) -> Iterator[tuple[str, list[Any]]]:
-    """Real `dask scheduler` and `dask worker` processes on loopback; yields the scheduler's
-    address and the worker processes (``worker_args`` go to every ``dask worker``)."""
-    from distributed import Client
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    address = f"tcp://127.0.0.1:{port}"
-    dask = Path(sys.executable).parent / "dask"  # the console script of this environment
-    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-    scheduler = subprocess.Popen(
-        [dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"], **quiet
-    )
-    procs: list[Any] = []
-    try:
-        time.sleep(2)
-        for _ in range(workers):
-            procs.append(
-                subprocess.Popen(
-                    [
-                        dask,
-                        "worker",
-                        address,
-                        "--nthreads",
-                        "1",
-                        "--no-dashboard",
-                        "--host",
-                        "127.0.0.1",
-                        *worker_args,
-                    ],
-                    **quiet,
-                )
-            )
-        with Client(address, timeout="30s") as c:
-            c.wait_for_workers(workers, timeout=60)
-        yield address, procs
-    finally:
-        for p in [*reversed(procs), scheduler]:
-            p.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(timeout=30)
