@@ -241,7 +241,8 @@ def train(
     _setup_logging(verbose, quiet)
     if len(inputs) < 2 or len(inputs) % 2:
         raise click.UsageError(
-            f"got {len(inputs)} paths; give the scenes, then one label file per scene"
+            f"got {len(inputs)} path{'' if len(inputs) == 1 else 's'}; give the scenes, then "
+            "one label file per scene"
         )
     half = len(inputs) // 2
     result = run(

@@ -206,3 +206,10 @@ def test_unreachable_scheduler_is_one_line(tmp_path, random_bundle):
         )
     assert_one_line_error(r, "cannot reach the Dask scheduler", "tcp://127.0.0.1:9")
     assert not out.exists()
+
+
+def test_train_needs_one_label_file_per_scene(tmp_path):
+    r = invoke("train", SCENE, LABELS, SCENE, "-o", tmp_path / "m.bundle")
+    assert r.exit_code == 2
+    assert "got 3 paths; give the scenes, then one label file per scene" in r.stderr
+    assert not (tmp_path / "m.bundle").exists()
