@@ -45,7 +45,7 @@ def session(workers: int | None = None, scheduler: str | None = None) -> Iterato
     import dask
     from distributed import Client, LocalCluster
 
-    address = scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS")
+    address = scheduler_address(scheduler)
     if address:
         if workers is not None:
             log.warning("--workers is ignored with --scheduler %s", address)
@@ -73,6 +73,12 @@ def session(workers: int | None = None, scheduler: str | None = None) -> Iterato
         with cluster, Client(cluster) as client:
             log.debug("local Dask cluster: %d worker processes", n)
             yield client
+
+
+def scheduler_address(scheduler: str | None) -> str | None:
+    """The running cluster to use: ``scheduler``, else ``DASK_SCHEDULER_ADDRESS``, else None
+    (a local cluster)."""
+    return scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS") or None
 
 
 def connect(address: str) -> Any:

@@ -32,6 +32,7 @@ from geoseg.io import (
     read_class_metadata,
     read_profile,
     read_vector,
+    standardize,
     window_inside,
 )
 
@@ -462,8 +463,6 @@ class SceneReader:
         self.label_src = None if spec.labels.is_vector else rasterio.open(spec.labels.path)
         self.lut = np.full(256, IGNORE, dtype=np.uint8)  # label code -> class index
         self.lut[list(spec.class_ids)] = np.arange(len(spec.class_ids), dtype=np.uint8)
-        self.mean = np.asarray(spec.mean, dtype=np.float32)[:, None, None]
-        self.std = np.asarray(spec.std, dtype=np.float32)[:, None, None]
 
     def close(self) -> None:
         self.src.close()
@@ -479,9 +478,7 @@ class SceneReader:
         codes = read_codes(self.spec.labels, window, self.profile, self.label_src)
         mask = np.where(codes >= 0, self.lut[np.clip(codes, 0, 255)], IGNORE).astype(np.uint8)
         mask[~valid] = IGNORE
-        x = (data - self.mean) / self.std
-        x[:, ~valid] = 0.0
-        return x.astype(np.float32), mask
+        return standardize(data, valid, self.spec.mean, self.spec.std), mask
 
     def val_mask(self, window: Window) -> np.ndarray:
         if self.spec.val is None:

@@ -20,12 +20,14 @@ import rasterio
 import torch
 from rasterio.errors import RasterioError
 from rasterio.windows import Window
+from rasterio.windows import intersect as windows_intersect
+from rasterio.windows import intersection as window_intersection
 
 from geoseg.blending import window_weights
 from geoseg.bundle import Bundle, load_bundle
 from geoseg.cluster import torch_threads
 from geoseg.errors import ConfigError, NotARasterError
-from geoseg.io import NODATA_CLASS, read_window
+from geoseg.io import NODATA_CLASS, read_window, standardize
 from geoseg.tiling import WindowGrid
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -84,13 +86,7 @@ def cached_bundle(path: str, device: str) -> Bundle:
 
 def normalize(data: np.ndarray, valid: np.ndarray, bundle: Bundle) -> np.ndarray:
     """Scale bands with the bundle's statistics; invalid pixels become 0 (the mean)."""
-    out = data.astype(np.float32, copy=True)
-    invalid = ~valid
-    for band, m, s in zip(out, bundle.contract.mean, bundle.contract.std):
-        band -= np.float32(m)
-        band *= np.float32(1 / s)
-        np.copyto(band, 0, where=invalid)
-    return out
+    return standardize(data, valid, bundle.contract.mean, bundle.contract.std)
 
 
 @dataclass(frozen=True)
@@ -211,8 +207,8 @@ class BlockJob:
 
 
 def _read_block(job: BlockJob, area: Window, bundle: Bundle) -> tuple[np.ndarray, np.ndarray, Any]:
-    """The bundle's bands of ``area`` of the job's scene, normalised, with validity and the
-    scene's profile; a read error becomes one clear line."""
+    """The bundle's bands of ``area`` of the job's scene, with validity and the scene's
+    profile; a read error becomes one clear line."""
     failure = None
     try:
         with rasterio.open(job.scene) as src:
@@ -229,7 +225,7 @@ def _read_block(job: BlockJob, area: Window, bundle: Bundle) -> tuple[np.ndarray
             f"{int(core.row_off + core.height)}, columns {int(core.col_off)}-"
             f"{int(core.col_off + core.width)} ({failure}); the file may be truncated or damaged"
         )
-    return normalize(data, valid, bundle), valid, profile
+    return data, valid, profile
 
 
 def _setup(device: str, precision: str, bundle_path: str) -> tuple[str, str, Bundle]:
@@ -280,7 +276,8 @@ def predict_block(
     dev, prec, bundle = _setup(device, precision, bundle_path)
     core, grid = job.core, job.grid
     halo = grid.halo_window(core)
-    x, valid, profile = _read_block(job, halo, bundle)
+    data, valid, profile = _read_block(job, halo, bundle)
+    x = normalize(data, valid, bundle)
     windows = grid.windows_for(core)
     pred = predict_windows(
         bundle,
@@ -295,8 +292,7 @@ def predict_block(
         grid=grid,
         probabilities=probabilities,
     )
-    r0, c0 = int(core.row_off - halo.row_off), int(core.col_off - halo.col_off)
-    rows, cols = slice(r0, r0 + int(core.height)), slice(c0, c0 + int(core.width))
+    rows, cols = _slices(core, halo)
     probs = None if pred.probabilities is None else pred.probabilities[:, rows, cols]
     path = _write_block(job, bundle, profile, valid[rows, cols], pred.index[rows, cols], probs)
     run = pred.windows_run
@@ -342,7 +338,8 @@ def accumulate_block(
     if not owned:
         return Accumulated({}, 0, 0, time.perf_counter() - t0)
     ext = job.grid.extent(owned)
-    x, valid, _ = _read_block(job, ext, bundle)
+    data, valid, _ = _read_block(job, ext, bundle)
+    x = normalize(data, valid, bundle)
     origin = (int(ext.row_off), int(ext.col_off))
     pred = predict_windows(
         bundle,
@@ -360,22 +357,25 @@ def accumulate_block(
     if pred.windows_run:
         assert pred.probabilities is not None and pred.weights is not None
         for t in targets:
-            r0, c0 = max(int(t.row_off), origin[0]), max(int(t.col_off), origin[1])
-            r1 = min(int(t.row_off + t.height), origin[0] + int(ext.height))
-            c1 = min(int(t.col_off + t.width), origin[1] + int(ext.width))
-            if r1 <= r0 or c1 <= c0:
+            if not windows_intersect(t, ext):
                 continue
-            rows = slice(r0 - origin[0], r1 - origin[0])
-            cols = slice(c0 - origin[1], c1 - origin[1])
+            area = window_intersection(t, ext)
+            rows, cols = _slices(area, ext)
             key = (int(t.row_off), int(t.col_off))
             pieces[key] = Piece(
                 key,
-                Window(c0, r0, c1 - c0, r1 - r0),
+                area,
                 np.ascontiguousarray(pred.probabilities[:, rows, cols]),
                 np.ascontiguousarray(pred.weights[rows, cols]),
             )
     run = pred.windows_run
     return Accumulated(pieces, run, len(owned) - run, time.perf_counter() - t0)
+
+
+def _slices(area: Window, within: Window) -> tuple[slice, slice]:
+    """Row and column slices of ``area`` in an array covering ``within`` (scene pixels)."""
+    r0, c0 = int(area.row_off - within.row_off), int(area.col_off - within.col_off)
+    return slice(r0, r0 + int(area.height)), slice(c0, c0 + int(area.width))
 
 
 def take_piece(acc: Accumulated, target: tuple[int, int]) -> Piece | None:
@@ -388,11 +388,13 @@ def finish_block(
     bundle_path: str,
     *pieces: Piece | None,
     probabilities: bool = False,
+    device: str = "auto",
 ) -> BlockResult:
     """Add up the pieces that neighbouring blocks computed for this core, normalise by the
-    summed weights, and write the core's part files (a Dask task)."""
+    summed weights, and write the core's part files (a Dask task). It runs no model, but takes
+    the bundle as this worker's model tasks hold it, so that it does not evict their copy."""
     t0 = time.perf_counter()
-    bundle = cached_bundle(bundle_path, "cpu")
+    bundle = cached_bundle(bundle_path, resolve_device("auto" if device == "cuda" else device))
     core = job.core
     h, w = int(core.height), int(core.width)
     sums = np.zeros((len(bundle.classes), h, w), dtype=np.float32)
@@ -400,12 +402,7 @@ def finish_block(
     for p in pieces:
         if p is None:
             continue
-        rows = slice(
-            int(p.area.row_off - core.row_off), int(p.area.row_off - core.row_off + p.area.height)
-        )
-        cols = slice(
-            int(p.area.col_off - core.col_off), int(p.area.col_off - core.col_off + p.area.width)
-        )
+        rows, cols = _slices(p.area, core)
         sums[:, rows, cols] += p.sums
         weights[rows, cols] += p.weights
     covered = weights > 0

@@ -175,6 +175,20 @@ def read_window(
     return data.astype("float32", copy=False), valid
 
 
+def standardize(
+    data: np.ndarray, valid: np.ndarray, mean: Sequence[float], std: Sequence[float]
+) -> np.ndarray:
+    """Bands scaled to zero mean and unit deviation as float32, band by band in place of a copy;
+    invalid pixels become 0 (the mean). Training and prediction both scale this way."""
+    out = data.astype(np.float32, copy=True)
+    invalid = ~valid
+    for band, m, s in zip(out, mean, std):
+        band -= np.float32(m)
+        band /= np.float32(s)
+        np.copyto(band, 0, where=invalid)
+    return out
+
+
 def check_same_grid(a: SceneProfile, b: SceneProfile, what: str) -> None:
     """Raise unless ``b`` lies on ``a``'s pixel grid (same shape, transform and, in effect, CRS).
 

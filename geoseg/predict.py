@@ -26,10 +26,18 @@ import numpy as np
 import rasterio
 import rasterio.shutil
 from rasterio.windows import Window
+from rasterio.windows import intersect as windows_intersect
 
 from geoseg.blending import resolve_blend
 from geoseg.bundle import Bundle, load_bundle
-from geoseg.cluster import count_workers, default_workers, run_tasks, session, task_resources
+from geoseg.cluster import (
+    count_workers,
+    default_workers,
+    run_tasks,
+    scheduler_address,
+    session,
+    task_resources,
+)
 from geoseg.errors import ConfigError, NotARasterError
 from geoseg.inference import (
     Accumulated,
@@ -170,7 +178,7 @@ def predict_scenes(
     if not scenes:
         raise ConfigError("no scene to predict")
     b = load_bundle(bundle)
-    if device == "cuda" and not (scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS")):
+    if device == "cuda" and not scheduler_address(scheduler):
         resolve_device("cuda")  # a local cluster: fail here, not on every worker
     resolve_precision(precision, "cuda" if device == "cuda" else "cpu")
     if batch_size is not None and batch_size < 1:
@@ -332,6 +340,7 @@ def _run_shared_windows(
                     bundle_path,
                     *pieces,
                     probabilities=probabilities,
+                    device=options["device"],
                     pure=False,
                 )
             )
@@ -359,12 +368,7 @@ def _run_shared_windows(
 
 
 def _touches(a: Window | None, b: Window) -> bool:
-    return a is not None and (
-        a.row_off < b.row_off + b.height
-        and b.row_off < a.row_off + a.height
-        and a.col_off < b.col_off + b.width
-        and b.col_off < a.col_off + a.width
-    )
+    return a is not None and windows_intersect(a, b)
 
 
 def _sources(
@@ -450,7 +454,7 @@ def default_block(
 ) -> int:
     """2048 px, or less where a scene is small, so that every worker gets at least two blocks
     of it (a multiple of 256, at least 256). The workers of an existing cluster are counted."""
-    address = scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS")
+    address = scheduler_address(scheduler)
     n = max(1, count_workers(address)) if address else (workers or default_workers())
     largest = max(p.height * p.width for p in profiles)
     side = (largest / (2 * n)) ** 0.5
