@@ -62,6 +62,7 @@ from geoseg.io import (
 )
 from geoseg.progress import Progress
 from geoseg.tiling import WindowGrid
+from geoseg.vectorize import FORMATS, output_format, vectorize
 
 log = logging.getLogger("geoseg")
 
@@ -77,6 +78,7 @@ class PredictResult:
     windows_skipped: int  # all-nodata windows, never sent to the model
     valid_pixels: int
     probabilities: Path | None = None
+    polygons: Path | None = None
     # wall time: "start" (the cluster), "blocks" (start included), "tasks" (summed over the
     # block tasks of this scene), "assemble"
     seconds: dict[str, float] | None = None
@@ -121,6 +123,8 @@ def predict_scenes(
     precision: str = "auto",
     probabilities: bool = False,
     allow_no_crs: bool = False,
+    polygons: str | os.PathLike[str] | None = None,
+    vectorize_options: dict[str, Any] | None = None,
     workers: int | None = None,
     scheduler: str | None = None,
     overwrite: bool = False,
@@ -159,6 +163,11 @@ def predict_scenes(
         scaled to 0-254, 255 for nodata.
     allow_no_crs
         Predict a scene without a CRS (the class map then has none either).
+    polygons, vectorize_options
+        Also turn each class map into polygons on the same cluster
+        (:func:`geoseg.vectorize.vectorize` with ``vectorize_options``, e.g. ``min_area``): with
+        one scene, the polygon file to write; with several, a folder that receives
+        ``<scene name>.gpkg`` for each.
     workers, scheduler
         A local cluster of ``workers`` processes, or the address of an existing scheduler.
     overwrite
@@ -189,6 +198,7 @@ def predict_scenes(
         raise ConfigError(f"overlap must be at least 0 and less than the window ({win}), got {ovl}")
     blend = resolve_blend(blend, b.contract.receptive_field, ovl)
     outs = _outputs(scenes, Path(output))
+    polygon_outs = _polygon_outputs(outs, polygons, overwrite)
     # each scene's header is read once, here: for a GDAL URL every read is a request
     profiles = [read_profile(str(s) if is_url(s) else str(Path(s).resolve())) for s in scenes]
     settings = {
@@ -263,34 +273,47 @@ def predict_scenes(
             results = _run_shared_windows(
                 client, plans, bundle_path, blend, probabilities, options, resources
             )
-    t_blocks = time.perf_counter() - t0
-    done = []
-    for p in plans:
-        t1 = time.perf_counter()
-        mine = [r for r in results if Path(r.path).parent == p.parts]
-        valid = assemble_class_map(p.parts, p.cores, p.profile, b, p.out, overwrite=overwrite)
-        prob_path = None
-        if probabilities:
-            prob_path = probabilities_path(p.out)
-            assemble_probabilities(p.parts, p.cores, p.profile, b, prob_path, overwrite=overwrite)
-        shutil.rmtree(p.parts, ignore_errors=True)
-        done.append(
-            PredictResult(
-                path=p.out,
-                blocks=len(p.cores),
-                resumed=len(p.cores) - len(p.todo),
-                windows_run=sum(r.windows_run for r in mine),
-                windows_skipped=sum(r.windows_skipped for r in mine),
-                valid_pixels=valid,
-                probabilities=prob_path,
-                seconds={
-                    "start": t_start,
-                    "blocks": t_blocks,
-                    "tasks": sum(r.seconds for r in mine),
-                    "assemble": time.perf_counter() - t1,
-                },
+        t_blocks = time.perf_counter() - t0
+        done = []
+        for i, p in enumerate(plans):
+            t1 = time.perf_counter()
+            mine = [r for r in results if Path(r.path).parent == p.parts]
+            valid = assemble_class_map(p.parts, p.cores, p.profile, b, p.out, overwrite=overwrite)
+            prob_path = None
+            if probabilities:
+                prob_path = probabilities_path(p.out)
+                assemble_probabilities(
+                    p.parts, p.cores, p.profile, b, prob_path, overwrite=overwrite
+                )
+            shutil.rmtree(p.parts, ignore_errors=True)
+            t_assemble = time.perf_counter() - t1
+            poly_path = polygon_outs[i] if polygon_outs else None
+            if poly_path is not None:
+                vectorize(
+                    p.out,
+                    poly_path,
+                    client=client,
+                    overwrite=overwrite,
+                    **(vectorize_options or {}),
+                )
+            done.append(
+                PredictResult(
+                    path=p.out,
+                    blocks=len(p.cores),
+                    resumed=len(p.cores) - len(p.todo),
+                    windows_run=sum(r.windows_run for r in mine),
+                    windows_skipped=sum(r.windows_skipped for r in mine),
+                    valid_pixels=valid,
+                    probabilities=prob_path,
+                    polygons=poly_path,
+                    seconds={
+                        "start": t_start,
+                        "blocks": t_blocks,
+                        "tasks": sum(r.seconds for r in mine),
+                        "assemble": t_assemble,
+                    },
+                )
             )
-        )
     return done
 
 
@@ -398,6 +421,28 @@ def _counts(acc: Accumulated) -> tuple[int, int, float]:
 
 def probabilities_path(class_map: Path) -> Path:
     return class_map.with_name(f"{class_map.stem}_probabilities{class_map.suffix}")
+
+
+def _polygon_outputs(
+    outs: list[Path], polygons: str | os.PathLike[str] | None, overwrite: bool
+) -> list[Path] | None:
+    """The polygon file of each class map, checked before any work starts."""
+    if polygons is None:
+        return None
+    p = Path(polygons)
+    if len(outs) > 1:
+        if p.suffix.lower() in FORMATS:
+            raise ConfigError(
+                f"{len(outs)} scenes need a folder for --polygons, not the file {str(p)!r}"
+            )
+        p.mkdir(parents=True, exist_ok=True)
+        paths = [p / f"{o.stem}.gpkg" for o in outs]
+    else:
+        output_format(p)
+        paths = [p]
+    for path in paths:
+        check_output(path, overwrite)
+    return paths
 
 
 def _outputs(scenes: Sequence[str | os.PathLike[str]], output: Path) -> list[Path]:

@@ -1,17 +1,32 @@
-"""Polygons from a class map, block by block on Dask, merged across block edges.
+"""Polygons from a class map, block by block on Dask, merged across block edges, streamed out.
 
-Each block is polygonized in integer pixel coordinates, so the edges two blocks share have
-identical coordinates; polygons that touch an inner block edge are unioned per class in the client
-and split into their connected parts again. The result equals polygonizing the whole raster at
-once. Pixel coordinates are mapped to the scene's CRS at the end.
+Each block is polygonized on a worker in integer pixel coordinates, so the edges two blocks share
+have identical coordinates. Polygons wholly inside a block go straight to the output; polygons
+that touch an inner block edge wait in the client and are unioned per class with their
+neighbours' once a whole row of blocks is done; a merged polygon that cannot reach the next row is
+complete and written. The result equals polygonizing the whole raster at once, and the client
+holds about one row of blocks' edge polygons, whatever the size of the raster.
+
+Optional steps, both on the workers:
+
+- ``min_area``: patches smaller than that (4-connected pixels of one class) take the class of the
+  neighbouring patch with which they share the longest edge, before polygonizing. Each block
+  works on its core plus a halo wide enough that the decision for every pixel of the core is the
+  one the whole raster would give (see :func:`sieve`).
+- ``simplify``: each block simplifies the edges between its polygons as one coverage
+  (``shapely.coverage_simplify``), keeping the block's own outline, so neighbours keep one shared
+  edge (no gaps, no overlaps), holes stay, and the footprint of valid pixels is unchanged.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import re
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,12 +35,14 @@ import numpy as np
 import rasterio
 import shapely
 from affine import Affine
+from rasterio.crs import CRS
 from rasterio.features import shapes
 from rasterio.windows import Window
 
-from geoseg.cluster import run_tasks, session
+from geoseg.cluster import session
 from geoseg.errors import ConfigError, NotARasterError
 from geoseg.io import NODATA_CLASS, atomic_output, check_output, open_raster, read_class_metadata
+from geoseg.progress import Progress
 from geoseg.tiling import block_windows
 
 log = logging.getLogger("geoseg")
@@ -38,6 +55,9 @@ FORMATS = {
     ".fgb": "FlatGeobuf",
 }
 
+SIEVE_PASSES = 4  # rounds of merging small patches; a patch surrounded by small ones waits a round
+MAX_SIEVE_HALO = 1024  # px; the exact halo (2 x passes x min pixels) is capped here (see sieve)
+
 
 def output_format(path: str | os.PathLike[str]) -> str:
     ext = Path(path).suffix.lower()
@@ -49,71 +69,358 @@ def output_format(path: str | os.PathLike[str]) -> str:
     return FORMATS[ext]
 
 
-@dataclass
-class BlockPolygons:
-    """Polygons of one block in pixel coordinates (WKB), split by whether they touch an
-    inner block edge (and so may continue in a neighbour)."""
-
-    interior: list[tuple[bytes, int]]
-    edge: list[tuple[bytes, int]]
+# -- the sieve ------------------------------------------------------------------------------
 
 
-def polygonize_block(
-    core: Window, path: str, nodata: int, keep: tuple[int, ...] | None
-) -> BlockPolygons:
-    """Polygonize one block (a Dask task)."""
-    with rasterio.open(path) as src:
-        data = src.read(1, window=core)
-        height, width = src.height, src.width
-    r0, c0 = int(core.row_off), int(core.col_off)
-    h, w = data.shape
-    mask = data != nodata
-    if keep is not None:
-        mask &= np.isin(data, keep)
-    inner = []  # inner edges as lines in pixel coordinates
-    if r0 > 0:
-        inner.append(shapely.LineString([(c0, r0), (c0 + w, r0)]))
-    if r0 + h < height:
-        inner.append(shapely.LineString([(c0, r0 + h), (c0 + w, r0 + h)]))
-    if c0 > 0:
-        inner.append(shapely.LineString([(c0, r0), (c0, r0 + h)]))
-    if c0 + w < width:
-        inner.append(shapely.LineString([(c0 + w, r0), (c0 + w, r0 + h)]))
-    border = shapely.union_all(inner) if inner else None
-    out = BlockPolygons([], [])
-    for geom, value in shapes(
-        data, mask=mask, connectivity=4, transform=Affine.translation(c0, r0)
-    ):
-        poly = shapely.geometry.shape(geom)
-        touches = border is not None and poly.boundary.intersection(border).length > 0
-        (out.edge if touches else out.interior).append((shapely.to_wkb(poly), int(value)))
+def _components(data: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """4-connected patches of one class: a label per pixel (0 for invalid) and each label's
+    class (index 0 unused)."""
+    from scipy import ndimage
+
+    labels = np.zeros(data.shape, dtype=np.int64)
+    classes = [0]
+    for value in np.unique(data[valid]):
+        lab, n = ndimage.label((data == value) & valid)  # the default structure is 4-connected
+        hit = lab > 0
+        labels[hit] = lab[hit] + (len(classes) - 1)
+        classes.extend([int(value)] * n)
+    return labels, np.asarray(classes, dtype=np.int64)
+
+
+def sieve(
+    data: np.ndarray,
+    valid: np.ndarray,
+    min_pixels: int,
+    *,
+    open_edges: tuple[bool, bool, bool, bool] = (False, False, False, False),
+    passes: int = SIEVE_PASSES,
+) -> np.ndarray:
+    """Merge patches of fewer than ``min_pixels`` pixels into a neighbouring patch.
+
+    In each pass, every small patch with at least one neighbour that is not small takes the class
+    of the one with which it shares the most pixel edges (ties: the lower class id); all small
+    patches are decided on the same labelling, so the result does not depend on any order.
+    Patches whose neighbours are all small wait for the next pass; a patch bordered only by
+    nodata is kept. ``open_edges`` (top, bottom, left, right) marks sides where ``data`` is cut
+    out of a larger raster: a patch touching one is never taken as small, since it may go on.
+
+    Why a block gives the whole raster's answer: a patch of fewer than ``n`` pixels spans fewer
+    than ``n`` px, so for a pixel of the core one pass looks at most ``2n`` px away (the patch and
+    its neighbours' smallness), and a halo of ``2 n passes`` px makes every pass exact there. The
+    halo is capped at :data:`MAX_SIEVE_HALO`; beyond it only long, thin patches could differ.
+    """
+    out = data.copy()
+    for _ in range(passes):
+        labels, cls = _components(out, valid)
+        n = len(cls)
+        sizes = np.bincount(labels.ravel(), minlength=n)
+        small = sizes < min_pixels
+        small[0] = False
+        edges = (labels[0], labels[-1], labels[:, 0], labels[:, -1])
+        for is_open, line in zip(open_edges, edges):
+            if is_open:
+                small[line] = False
+        if not small.any():
+            break
+        a = np.concatenate([labels[:, :-1].ravel(), labels[:-1, :].ravel()])
+        b = np.concatenate([labels[:, 1:].ravel(), labels[1:, :].ravel()])
+        keep = (a != b) & (a > 0) & (b > 0)
+        src = np.concatenate([a[keep], b[keep]])
+        dst = np.concatenate([b[keep], a[keep]])
+        take = small[src] & ~small[dst]
+        pair, shared = np.unique(src[take] * n + dst[take], return_counts=True)
+        if not len(pair):
+            break
+        s, d = pair // n, pair % n
+        order = np.lexsort((cls[d], -shared, s))  # per small patch: most shared edges first
+        s, d = s[order], d[order]
+        first = np.r_[True, s[1:] != s[:-1]]
+        new = cls.copy()
+        new[s[first]] = cls[d[first]]
+        out = np.where(labels > 0, new[labels], out).astype(data.dtype)
     return out
 
 
-def _merge_edges(edge: list[tuple[bytes, int]]) -> list[tuple[Any, int]]:
-    by_class: dict[int, list[Any]] = {}
-    for wkb, value in edge:
-        by_class.setdefault(value, []).append(shapely.from_wkb(wkb))
-    merged: list[tuple[Any, int]] = []
-    for value, geoms in by_class.items():
-        union = shapely.union_all(geoms)
-        merged.extend((g, value) for g in shapely.get_parts(union))
-    return merged
+# -- one block --------------------------------------------------------------------------------
 
 
-def _areas(gdf: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Area (m²) and perimeter (m) of each polygon, geodesic in a geographic CRS."""
-    crs = gdf.crs
+@dataclass
+class BlockPolygons:
+    """Polygons of one block in pixel coordinates (WKB) with their class ids, split by whether
+    they touch an inner block edge (and so may continue in a neighbour)."""
+
+    interior: list[bytes]
+    interior_values: np.ndarray
+    edge: list[bytes]
+    edge_values: np.ndarray
+
+
+def polygonize_block(
+    core: Window,
+    path: str,
+    nodata: int,
+    keep: tuple[int, ...] | None,
+    min_pixels: int = 0,
+    simplify_px: float = 0.0,
+) -> BlockPolygons:
+    """Sieve, polygonize and simplify one block (a Dask task)."""
+    halo = min(2 * min_pixels * SIEVE_PASSES, MAX_SIEVE_HALO) if min_pixels > 1 else 0
+    with rasterio.open(path) as src:
+        height, width = src.height, src.width
+        r0, c0 = int(core.row_off), int(core.col_off)
+        h, w = int(core.height), int(core.width)
+        top, left = max(0, r0 - halo), max(0, c0 - halo)
+        bottom, right = min(height, r0 + h + halo), min(width, c0 + w + halo)
+        data = src.read(1, window=Window(left, top, right - left, bottom - top))
+    valid = data != nodata
+    if halo:
+        opened = (top > 0, bottom < height, left > 0, right < width)
+        data = sieve(data, valid, min_pixels, open_edges=opened)
+    data = data[r0 - top : r0 - top + h, c0 - left : c0 - left + w]
+    valid = valid[r0 - top : r0 - top + h, c0 - left : c0 - left + w]
+    found = [
+        (shapely.geometry.shape(g), int(v))
+        for g, v in shapes(data, mask=valid, connectivity=4, transform=Affine.translation(c0, r0))
+    ]
+    geoms = np.array([g for g, _ in found], dtype=object)
+    values = np.array([v for _, v in found], dtype=np.int64)
+    if simplify_px > 0 and len(geoms):
+        # shared edges must have the same vertices: put one on every pixel corner first
+        geoms = shapely.coverage_simplify(
+            shapely.segmentize(geoms, 1.0), simplify_px, simplify_boundary=False
+        )
+    if keep is not None:
+        mine = np.isin(values, keep)
+        geoms, values = geoms[mine], values[mine]
+    if not len(geoms):
+        return BlockPolygons([], values, [], values)
+    # pixel polygons reach an edge of their block along a whole pixel side, so their bounds
+    # tell whether they touch it; the block's outline is never simplified
+    b = shapely.bounds(geoms)
+    edge = np.zeros(len(geoms), dtype=bool)
+    if c0 > 0:
+        edge |= b[:, 0] <= c0
+    if r0 > 0:
+        edge |= b[:, 1] <= r0
+    if c0 + w < width:
+        edge |= b[:, 2] >= c0 + w
+    if r0 + h < height:
+        edge |= b[:, 3] >= r0 + h
+    wkb = shapely.to_wkb(geoms)
+    return BlockPolygons(list(wkb[~edge]), values[~edge], list(wkb[edge]), values[edge])
+
+
+# -- the client: merging and writing --------------------------------------------------------
+
+
+def _merge(geoms: list[Any], values: list[int]) -> tuple[list[Any], list[int]]:
+    """Union touching polygons of the same class; return the connected parts."""
+    out_g: list[Any] = []
+    out_v: list[int] = []
+    vals = np.asarray(values)
+    arr = np.asarray(geoms, dtype=object)
+    for v in np.unique(vals):
+        parts = shapely.get_parts(shapely.union_all(arr[vals == v]))
+        out_g.extend(parts)
+        out_v.extend([int(v)] * len(parts))
+    return out_g, out_v
+
+
+def block_rows(cores: Sequence[Window]) -> list[list[int]]:
+    """Indexes of ``cores`` (row-major) grouped by block row."""
+    rows: dict[int, list[int]] = {}
+    for i, c in enumerate(cores):
+        rows.setdefault(int(c.row_off), []).append(i)
+    return list(rows.values())
+
+
+def _polygon_chunks(
+    client: Any, cores: Sequence[Window], task_args: tuple[Any, ...], label: str
+) -> Iterator[tuple[list[Any], list[int]]]:
+    """Polygons in pixel coordinates, a chunk at a time: each block's interior ones as it comes,
+    then after each row of blocks the merged ones that cannot go on into the next row."""
+    futures = client.map(
+        polygonize_block,
+        list(cores),
+        *[[a] * len(cores) for a in task_args],
+        pure=False,
+    )
+    pending_g: list[Any] = []
+    pending_v: list[int] = []
+    rows = block_rows(cores)
+    with Progress(label, len(cores), "blocks") as progress:
+        for n_row, row in enumerate(rows):
+            for i in row:
+                part: BlockPolygons = futures[i].result()
+                futures[i].release()
+                progress.update(pixels=int(cores[i].width * cores[i].height))
+                if part.interior:
+                    yield list(shapely.from_wkb(part.interior)), part.interior_values.tolist()
+                pending_g.extend(shapely.from_wkb(part.edge))
+                pending_v.extend(part.edge_values.tolist())
+            if not pending_g:
+                continue
+            merged_g, merged_v = _merge(pending_g, pending_v)
+            if n_row == len(rows) - 1:
+                yield merged_g, merged_v
+                break
+            bottom = int(cores[row[0]].row_off + cores[row[0]].height)
+            reach = shapely.bounds(np.asarray(merged_g, dtype=object))[:, 3] >= bottom
+            done = [(g, v) for g, v, r in zip(merged_g, merged_v, reach) if not r]
+            if done:
+                yield [g for g, _ in done], [v for _, v in done]
+            pending_g = [g for g, r in zip(merged_g, reach) if r]
+            pending_v = [v for v, r in zip(merged_v, reach) if r]
+
+
+def _areas(geoms: np.ndarray, crs: CRS | None, step: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Area (m²) and perimeter (m) of each polygon, geodesic in a geographic CRS.
+
+    Geodesic edges between far vertices bulge away from the parallels that bound pixels, so in a
+    geographic CRS edges are first cut into pieces of at most ``step`` degrees (a pixel)."""
     if crs is not None and crs.is_geographic:
+        from pyproj import CRS as ProjCRS
         from pyproj import Geod
 
-        geod = crs.get_geod() or Geod(ellps="WGS84")
-        ap = [geod.geometry_area_perimeter(g) for g in gdf.geometry]
+        geod = ProjCRS.from_user_input(crs.to_wkt()).get_geod() or Geod(ellps="WGS84")
+        if step > 0:
+            geoms = shapely.segmentize(geoms, step)
+        ap = [geod.geometry_area_perimeter(g) for g in geoms]
         return np.abs([a for a, _ in ap]), np.array([p for _, p in ap])
-    factor = 1.0
-    if crs is not None and crs.axis_info:
-        factor = crs.axis_info[0].unit_conversion_factor
-    return gdf.geometry.area.to_numpy() * factor**2, gdf.geometry.length.to_numpy() * factor
+    factor = crs.linear_units_factor[1] if crs is not None and crs.is_projected else 1.0
+    return shapely.area(geoms) * factor**2, shapely.length(geoms) * factor
+
+
+def pixel_area_m2(transform: Affine, crs: CRS | None, height: int, width: int) -> float:
+    """Area of one pixel in m² (of the centre pixel, in a geographic CRS)."""
+    if crs is not None and crs.is_geographic:
+        r, c = height // 2, width // 2
+        corners = [transform * (c + dc, r + dr) for dc, dr in ((0, 0), (1, 0), (1, 1), (0, 1))]
+        return float(_areas(np.array([shapely.Polygon(corners)], dtype=object), crs)[0][0])
+    factor = crs.linear_units_factor[1] if crs is not None and crs.is_projected else 1.0
+    return abs(transform.determinant) * factor**2
+
+
+class _Writer:
+    """Appends polygons to one output file, chunk by chunk, in its format's own way: GeoPackage
+    rows as they come, GeoJSON text as it comes, GeoParquet a row group per chunk; FlatGeobuf
+    builds its spatial index over all features, so its rows are written at the end."""
+
+    def __init__(self, path: Path, driver: str, layer: str, crs: CRS | None) -> None:
+        self.path, self.driver, self.layer, self.crs = path, driver, layer, crs
+        self.count = 0
+        self._held: list[Any] = []
+        self._parquet: Any = None
+        self._json: Any = None
+
+    def write(self, gdf: Any) -> None:
+        if self.driver == "GPKG":
+            gdf.to_file(
+                self.path, driver="GPKG", engine="pyogrio", layer=self.layer, append=self.count > 0
+            )
+        elif self.driver == "GeoJSON":
+            self._write_json(gdf)
+        elif self.driver == "Parquet":
+            self._write_parquet(gdf)
+        else:
+            self._held.append(gdf)
+        self.count += len(gdf)
+
+    def _write_json(self, gdf: Any) -> None:
+        if self._json is None:
+            self._json = open(self.path, "w", encoding="utf-8")  # noqa: SIM115 (closed in close)
+            self._json.write('{"type": "FeatureCollection", "features": [\n')
+        # RFC 7946: lon/lat (the caller reprojects), exterior rings counter-clockwise
+        rings = shapely.orient_polygons(gdf.geometry.to_numpy(), exterior_cw=False)
+        props = gdf.drop(columns="geometry").to_dict("records")
+        for i, (g, p) in enumerate(zip(shapely.to_geojson(rings), props)):
+            sep = ",\n" if self.count + i > 0 else ""
+            self._json.write(
+                f'{sep}{{"type": "Feature", "properties": {json.dumps(p)}, "geometry": {g}}}'
+            )
+
+    def _write_parquet(self, gdf: Any) -> None:
+        import pyarrow.parquet as pq
+        from geopandas.io.arrow import _geopandas_to_arrow
+
+        table = _geopandas_to_arrow(gdf, index=False)
+        if self._parquet is None:
+            # the first chunk's bounding box would be wrong for the file: drop it (it is optional)
+            meta = json.loads(table.schema.metadata[b"geo"])
+            for col in meta["columns"].values():
+                col.pop("bbox", None)
+                col["geometry_types"] = ["Polygon"]
+            schema = table.schema.with_metadata({b"geo": json.dumps(meta).encode()})
+            self._parquet = pq.ParquetWriter(self.path, schema)
+        self._parquet.write_table(table.cast(self._parquet.schema))
+
+    def close(self, empty: Any) -> None:
+        """Finish the file; ``empty`` (a GeoDataFrame with no rows) gives an empty file its
+        columns."""
+        import pandas as pd
+
+        if self.count == 0:
+            self.abort()
+            self._write_empty(empty)
+            return
+
+        if self.driver == "GeoJSON" and self._json is not None:
+            self._json.write("\n]}\n")
+            self._json.close()
+        elif self.driver == "Parquet" and self._parquet is not None:
+            self._parquet.close()
+        elif self.driver == "FlatGeobuf":
+            pd.concat(self._held).to_file(self.path, driver="FlatGeobuf", engine="pyogrio")
+
+    def abort(self) -> None:
+        """Close what is open, after an error (the caller removes the file)."""
+        if self._json is not None:
+            self._json.close()
+        if self._parquet is not None:
+            self._parquet.close()
+        self._json = self._parquet = None
+
+    def _write_empty(self, gdf: Any) -> None:
+        if self.driver == "Parquet":
+            gdf.to_parquet(self.path)
+        elif self.driver == "GeoJSON":
+            self.path.write_text('{"type": "FeatureCollection", "features": []}\n')
+        else:
+            gdf.to_file(self.path, driver=self.driver, engine="pyogrio", layer=self.layer)
+
+
+def _frame(
+    pixel_geoms: list[Any],
+    values: list[int],
+    transform: Affine,
+    crs: CRS | None,
+    names: dict[int, str],
+    out_crs: Any,
+) -> Any:
+    """A GeoDataFrame of polygons given in pixel coordinates, with their attributes, in
+    ``out_crs``."""
+    import geopandas as gpd
+
+    a, b, c, d, e, f = transform[:6]
+    geoms = shapely.transform(  # pixel (col, row) -> the raster's CRS
+        np.asarray(pixel_geoms, dtype=object),
+        lambda xy: np.column_stack(
+            [a * xy[:, 0] + b * xy[:, 1] + c, d * xy[:, 0] + e * xy[:, 1] + f]
+        ),
+    )
+    area, perimeter = _areas(geoms, crs, min(abs(transform.a), abs(transform.e)))
+    ids = np.asarray(values, dtype=np.int32)
+    gdf = gpd.GeoDataFrame(
+        {
+            "class_id": ids,
+            "class_name": [names.get(int(v), str(v)) for v in ids],
+            "area_m2": area,
+            "perimeter_m": perimeter,
+        },
+        geometry=list(geoms),
+        crs=crs,
+    )
+    return gdf.to_crs(out_crs) if out_crs is not None and len(gdf) else gdf
 
 
 def vectorize(
@@ -122,23 +429,67 @@ def vectorize(
     *,
     block: int = 2048,
     only: list[int] | None = None,
+    min_area: float = 0.0,
+    simplify: float = 0.0,
     crs: str | None = None,
     workers: int | None = None,
     scheduler: str | None = None,
+    client: Any = None,
     overwrite: bool = False,
 ) -> int:
     """Turn the class map ``classes`` into polygons at ``output``; return how many.
 
-    The format follows the extension: ``.geojson`` (WGS84 lon/lat, RFC 7946), ``.gpkg``,
-    ``.parquet`` (GeoParquet) or ``.fgb``; the last three keep the raster's CRS unless ``crs`` is
-    given. Attributes: ``class_id``, ``class_name``, ``area_m2``, ``perimeter_m``.
-    """
-    import geopandas as gpd
+    Parameters
+    ----------
+    classes
+        An integer class raster with a CRS, such as the output of ``geoseg predict``.
+    output
+        ``.geojson`` (WGS84 lon/lat, RFC 7946), ``.gpkg``, ``.parquet`` (GeoParquet) or ``.fgb``;
+        the last three keep the raster's CRS unless ``crs`` is given.
+    block
+        Block size in pixels; the polygons do not depend on it (without ``simplify``).
+    only
+        Class ids to write (default: all). Sieving and simplifying still see every class.
+    min_area
+        Square metres: smaller patches are merged into a neighbour first (see :func:`sieve`).
+    simplify
+        Metres: the edges between polygons are simplified with this tolerance (Visvalingam-Whyatt,
+        about the square root of the area removed per vertex) as one coverage per block.
+    workers, scheduler, client
+        A local cluster of ``workers`` processes, the address of a running scheduler, or a
+        ``distributed.Client`` already connected.
 
+    Attributes written: ``class_id``, ``class_name`` (from the raster's class metadata),
+    ``area_m2`` and ``perimeter_m`` (geodesic in a geographic CRS), measured before reprojection.
+
+    Raises
+    ------
+    NotARasterError
+        The raster is not integer-valued or has no CRS.
+    ConfigError
+        The output's extension is not one of the formats, or a setting is negative.
+    """
     driver = output_format(output)
     out = check_output(output, overwrite)
+    if min_area < 0 or simplify < 0:
+        raise ConfigError(
+            f"--min-area and --simplify must not be negative, got {min_area} and {simplify}"
+        )
+    if driver == "Parquet":
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                f"writing {str(output)!r} needs pyarrow for GeoParquet; install it with "
+                "pip install 'geoseg[parquet]', or write .gpkg, .geojson or .fgb"
+            ) from None
+    if driver == "GeoJSON" and crs:
+        raise ConfigError(
+            f"GeoJSON is always WGS84 lon/lat (RFC 7946), so --crs {crs} cannot apply; write "
+            ".gpkg, .parquet or .fgb for another CRS"
+        )
     with open_raster(classes, "class map") as src:
-        if src.dtypes[0] not in ("uint8", "uint16", "int8", "int16", "int32", "uint32"):
+        if not np.issubdtype(np.dtype(src.dtypes[0]), np.integer):
             raise NotARasterError(
                 f"class map {str(classes)!r} has {src.dtypes[0]} values; expected an integer class "
                 "raster such as the output of 'geoseg predict'"
@@ -155,57 +506,38 @@ def vectorize(
             f"class map {str(classes)!r} has no class names; using the class ids", stacklevel=2
         )
     names = {c.id: c.name for c in meta}
+    pixel_area = pixel_area_m2(transform, src_crs, height, width)
+    min_pixels = math.ceil(min_area / pixel_area) if min_area > 0 else 0
+    simplify_px = simplify / math.sqrt(pixel_area)
+    out_crs = "EPSG:4326" if driver == "GeoJSON" else crs
     cores = block_windows(height, width, block)
-    path = str(Path(classes).resolve())
-    with session(workers, scheduler) as client:
-        parts = run_tasks(
-            client,
-            polygonize_block,
-            cores,
-            "vectorize",
-            path,
-            nodata,
-            tuple(only) if only else None,
-        )
-    polys = [(shapely.from_wkb(w), v) for p in parts for w, v in p.interior]
-    polys += _merge_edges([e for p in parts for e in p.edge])
-    a, b, c, d, e, f = transform[:6]
-    geoms = shapely.transform(  # pixel (col, row) -> scene CRS, all polygons at once
-        np.array([g for g, _ in polys], dtype=object),
-        lambda xy: np.column_stack(
-            [a * xy[:, 0] + b * xy[:, 1] + c, d * xy[:, 0] + e * xy[:, 1] + f]
-        ),
+    args = (
+        str(Path(classes).resolve()),
+        nodata,
+        tuple(only) if only else None,
+        min_pixels,
+        simplify_px,
     )
-    values = np.array([v for _, v in polys], dtype=np.int32)
-    gdf = gpd.GeoDataFrame(
-        {"class_id": values, "class_name": [names.get(int(v), str(v)) for v in values]},
-        geometry=list(geoms),
-        crs=src_crs,
-    )
-    gdf["area_m2"], gdf["perimeter_m"] = _areas(gdf)
-    if len(gdf):
-        b = gdf.geometry.bounds
-        gdf = (
-            gdf.assign(_x=b.minx, _y=-b.maxy)
-            .sort_values(["class_id", "_y", "_x"])
-            .drop(columns=["_x", "_y"])
-            .reset_index(drop=True)
-        )
-    else:
+    layer = re.sub(r"\W", "_", out.stem)  # the final file's name, not the temporary one's
+    with atomic_output(out, overwrite) as tmp, _client(client, workers, scheduler) as c:
+        writer = _Writer(tmp, driver, layer, out_crs or src_crs)
+        try:
+            for g, v in _polygon_chunks(c, cores, args, "vectorize"):
+                writer.write(_frame(g, v, transform, src_crs, names, out_crs))
+        except BaseException:
+            writer.abort()
+            raise
+        writer.close(_frame([], [], transform, src_crs, names, out_crs))
+    if writer.count == 0:
         warnings.warn(
-            f"class map {str(classes)!r} gave no polygons (all nodata?); writing an empty file",
+            f"class map {str(classes)!r} gave no polygons (all nodata?); wrote an empty file",
             stacklevel=2,
         )
-    if driver == "GeoJSON":
-        gdf = gdf.to_crs("EPSG:4326")
-    elif crs:
-        gdf = gdf.to_crs(crs)
-    with atomic_output(out, overwrite) as tmp:
-        if driver == "Parquet":
-            gdf.to_parquet(tmp)
-        elif driver == "GeoJSON":
-            gdf.to_file(tmp, driver=driver, engine="pyogrio", layer_options={"RFC7946": "YES"})
-        else:  # name the layer after the final file, not the temporary one
-            gdf.to_file(tmp, driver=driver, engine="pyogrio", layer=re.sub(r"\W", "_", out.stem))
-    log.info("wrote %d polygons to %s", len(gdf), out)
-    return len(gdf)
+    log.info("wrote %d polygons to %s", writer.count, out)
+    return writer.count
+
+
+def _client(client: Any, workers: int | None, scheduler: str | None) -> Any:
+    import contextlib
+
+    return contextlib.nullcontext(client) if client is not None else session(workers, scheduler)
