@@ -7,15 +7,18 @@ traceback.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
+import yaml
 
 from geoseg import __version__
-from geoseg.errors import GeosegError
+from geoseg.errors import ConfigError, GeosegError
 
 log = logging.getLogger("geoseg")
 _state = {"verbose": 0}
@@ -69,6 +72,23 @@ def computes(f: Callable[..., Any]) -> Callable[..., Any]:
     return common(f)
 
 
+def polygon_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--min-area and --simplify, for the commands that write polygons."""
+    f = click.option(
+        "--simplify",
+        type=click.FloatRange(min=0),
+        default=0.0,
+        help="Simplify the edges between polygons, tolerance in metres (neighbours keep their "
+        "shared edges). Default: none.",
+    )(f)
+    return click.option(
+        "--min-area",
+        type=click.FloatRange(min=0),
+        default=0.0,
+        help="Merge patches smaller than this many square metres into their neighbours first.",
+    )(f)
+
+
 def _ints(value: str | None) -> list[int] | None:
     if value is None or value == "":
         return None
@@ -78,6 +98,29 @@ def _ints(value: str | None) -> list[int] | None:
         raise click.BadParameter(
             f"expected comma-separated integers such as 1,2,3; got {value!r}"
         ) from None
+
+
+def _class_map(value: str | None) -> dict[int, int] | None:
+    """``CODE:ID,...`` or a YAML file of ``CODE: ID``."""
+    if not value:
+        return None
+    pairs: list[Any] | None = None
+    if os.path.exists(value):
+        data = yaml.safe_load(Path(value).read_text())
+        pairs = list(data.items()) if isinstance(data, dict) else None
+    elif ":" in value:
+        pairs = [p.split(":", 1) for p in value.split(",")]
+    try:
+        return {int(k): int(v) for k, v in pairs} if pairs else _bad_class_map(value)
+    except (TypeError, ValueError):
+        return _bad_class_map(value)
+
+
+def _bad_class_map(value: str) -> dict[int, int]:
+    raise ConfigError(
+        f"--class-map {value!r}: expected CODE:ID pairs such as 11:1,12:1,21:2, or a YAML file "
+        "mapping truth codes to class ids"
+    )
 
 
 def _kv(values: tuple[str, ...]) -> dict[str, Any]:
@@ -310,16 +353,31 @@ Example:
     help="auto: bf16 where the CPU or GPU has it, else fp32 (CPU) or fp16 (GPU).",
 )
 @click.option("--allow-no-crs", is_flag=True, help="Predict a scene that has no CRS.")
+@click.option(
+    "--polygons",
+    help="Also write the class map's polygons here (.geojson, .gpkg, .parquet, .fgb); with "
+    "several scenes, a folder of <scene>.gpkg.",
+)
+@polygon_options
 @computes
 def predict(
-    bundle: str, scenes: tuple[str, ...], output: str, verbose: int, quiet: bool, **kw: Any
+    bundle: str,
+    scenes: tuple[str, ...],
+    output: str,
+    min_area: float,
+    simplify: float,
+    verbose: int,
+    quiet: bool,
+    **kw: Any,
 ) -> None:
     """Predict the class maps of SCENES with the model BUNDLE, all in one Dask graph."""
     from geoseg.predict import predict_scenes
 
     _setup_logging(verbose, quiet)
-    for r in predict_scenes(bundle, list(scenes), output, **kw):
-        click.echo(f"wrote {r.path}" + (f" and {r.probabilities}" if r.probabilities else ""))
+    options = {"min_area": min_area, "simplify": simplify}
+    for r in predict_scenes(bundle, list(scenes), output, vectorize_options=options, **kw):
+        also = [str(p) for p in (r.probabilities, r.polygons) if p]
+        click.echo(f"wrote {r.path}" + "".join(f" and {p}" for p in also))
 
 
 @cli.command(
@@ -327,6 +385,7 @@ def predict(
 Example:
   geoseg vectorize classes.tif -o polygons.geojson
   geoseg vectorize classes.tif -o polygons.gpkg --classes 1,5
+  geoseg vectorize classes.tif -o polygons.parquet --min-area 5000 --simplify 15
 """
 )
 @click.argument("classes")
@@ -336,6 +395,7 @@ Example:
 @click.option("--classes", "only", help="Only these class ids (e.g. 1,5).")
 @click.option("--crs", help="CRS of the output (not for GeoJSON, which is always WGS84).")
 @click.option("--block", default=2048, show_default=True, help="Block size, px.")
+@polygon_options
 @computes
 def vectorize(
     classes: str, output: str, only: str | None, verbose: int, quiet: bool, **kw: Any
@@ -352,28 +412,49 @@ def vectorize(
     epilog="""\b
 Example:
   geoseg evaluate classes.tif truth.tif -o report.json
-  geoseg evaluate classes.tif truth.gpkg --truth-field code -o report.md --regions counties.gpkg --region-field NAME
+  geoseg evaluate classes.tif truth.gpkg --truth-field code -o report.html --regions counties.gpkg --region-field NAME
+  geoseg evaluate classes.tif worldcover.tif -o report.csv --resample nearest --class-map 10:5,40:2,80:6
 """
 )
 @click.argument("classes")
 @click.argument("truth")
-@click.option("-o", "--output", required=True, help="The report: .json or .md.")
+@click.option(
+    "-o", "--output", required=True, help="The report: .json, .csv, .html (one page) or .md."
+)
 @click.option("--truth-field", help="Column of vector truth that holds the class codes.")
 @click.option("--ignore", help="Truth codes to leave out (e.g. 0,99).")
 @click.option("--regions", help="Polygons to score one by one (regions may overlap).")
 @click.option("--region-field", help="Column that names the regions (default: 'name').")
 @click.option("--within", help="Polygons: score only pixels inside them.")
+@click.option(
+    "--class-map",
+    help="Truth codes onto the class map's ids: CODE:ID,... (e.g. 11:1,12:1,21:2) or a YAML file "
+    "of CODE: ID.",
+)
+@click.option(
+    "--resample",
+    type=click.Choice(["nearest"]),
+    help="Warp a truth raster on another grid onto the class map's (else that is an error).",
+)
 @click.option("--block", default=2048, show_default=True, help="Block size, px.")
 @computes
 def evaluate(
-    classes: str, truth: str, output: str, ignore: str | None, verbose: int, quiet: bool, **kw: Any
+    classes: str,
+    truth: str,
+    output: str,
+    ignore: str | None,
+    class_map: str | None,
+    verbose: int,
+    quiet: bool,
+    **kw: Any,
 ) -> None:
     """Score the class map CLASSES against TRUTH (a class raster or a vector file)."""
     from geoseg.metrics import evaluate as run
     from geoseg.report import score_table
 
     _setup_logging(verbose, quiet)
-    report = run(classes, truth, output, ignore=_ints(ignore) or (), **kw)
+    mapping = _class_map(class_map)
+    report = run(classes, truth, output, ignore=_ints(ignore) or (), class_map=mapping, **kw)
     if not quiet:
         click.echo(score_table(report))
     click.echo(f"wrote {output}")

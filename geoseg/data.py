@@ -70,9 +70,15 @@ class LabelSpec:
 
 
 @lru_cache(maxsize=8)
-def _vector_in_crs(path: str, crs_wkt: str | None, columns: tuple[str, ...]) -> Any:
-    # label and area files are small beside the rasters: read once per process, index once
-    gdf = read_vector(path, "vector file", CRS.from_wkt(crs_wkt) if crs_wkt else None)
+def _vector_in_crs(
+    path: str,
+    crs_wkt: str | None,
+    columns: tuple[str, ...],
+    bounds: tuple[float, float, float, float] | None = None,
+) -> Any:
+    # the features near the scene: read once per process, index once
+    crs = CRS.from_wkt(crs_wkt) if crs_wkt else None
+    gdf = read_vector(path, "vector file", crs, bounds=bounds if crs else None)
     gdf = gdf[[*columns, "geometry"]]
     gdf.sindex  # noqa: B018  (build the spatial index now, once)
     return gdf
@@ -83,7 +89,12 @@ def vector_in_window(
 ) -> Any:
     """The features of vector file ``path`` that intersect ``window`` of the scene, in the
     scene's CRS (the file is read once per process and indexed)."""
-    gdf = _vector_in_crs(path, profile.crs.to_wkt() if profile.crs else None, tuple(columns))
+    gdf = _vector_in_crs(
+        path,
+        profile.crs.to_wkt() if profile.crs else None,
+        tuple(columns),
+        raster_bounds(profile),
+    )
     hits = gdf.sindex.query(_box(*window_bounds(window, profile.transform)))
     return gdf.iloc[np.sort(hits)]
 
@@ -161,7 +172,7 @@ def check_labels(spec: LabelSpec, scene: SceneProfile) -> None:
                 f"not integer class codes; integer columns: {', '.join(numeric) or 'none'}"
             )
         if scene.crs is not None and gdf.crs is not None:
-            gdf = gdf.to_crs(scene.crs)
+            gdf = read_vector(spec.path, "labels", scene.crs, bounds=raster_bounds(scene))
         if not gdf.intersects(_box(*raster_bounds(scene))).any():
             raise LabelError(f"labels {spec.path!r} do not overlap scene {scene.path!r}")
     else:
@@ -438,7 +449,7 @@ def pixel_bounds(profile: SceneProfile, within: str | None) -> tuple[int, int, i
     """The pixel rectangle (row0, col0, row1, col1) of the scene inside ``within``'s polygons."""
     if within is None:
         return (0, 0, profile.height, profile.width)
-    gdf = read_vector(within, "area", profile.crs)
+    gdf = read_vector(within, "area", profile.crs, bounds=raster_bounds(profile))
     if gdf.empty:
         raise LabelError(f"area {within!r} holds no polygons")
     left, bottom, right, top = gdf.total_bounds

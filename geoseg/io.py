@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import rasterio
+import shapely
 from affine import Affine
 from rasterio.crs import CRS
 from rasterio.enums import MaskFlags
@@ -239,8 +240,21 @@ def read_class_metadata(src: rasterio.DatasetReader) -> list[ClassInfo] | None:
 # -- vectors ----------------------------------------------------------------------------------
 
 
-def read_vector(path: str | os.PathLike[str], what: str, crs: CRS | None = None) -> Any:
-    """Read a vector file into a GeoDataFrame, reprojected to ``crs`` when given."""
+def read_vector(
+    path: str | os.PathLike[str],
+    what: str,
+    crs: CRS | None = None,
+    *,
+    bounds: tuple[float, float, float, float] | None = None,
+) -> Any:
+    """Read a vector file into a GeoDataFrame, reprojected to ``crs`` when given.
+
+    With ``bounds`` (left, bottom, right, top in ``crs``), only the features that reach that box
+    are kept, chosen in the file's own CRS before reprojecting: a world layer projected whole
+    into a local CRS gives garbage far from the projection's centre (countries of another
+    continent that seem to cross the scene). The index keeps each feature's position in the
+    file.
+    """
     import geopandas as gpd
 
     p = check_input(path, what)
@@ -251,6 +265,13 @@ def read_vector(path: str | os.PathLike[str], what: str, crs: CRS | None = None)
             f"{what} {p!r} is not a vector file GDAL can read ({exc}); expected GeoPackage, "
             "GeoJSON, Shapefile or another OGR format"
         ) from None
+    if bounds is not None and not gdf.empty:
+        box = bounds
+        if crs is not None and gdf.crs is not None and CRS.from_user_input(gdf.crs) != crs:
+            from rasterio.warp import transform_bounds
+
+            box = transform_bounds(crs, CRS.from_user_input(gdf.crs), *bounds, densify_pts=21)
+        gdf = gdf.iloc[np.sort(gdf.sindex.query(shapely.box(*box)))]
     if crs is not None and gdf.crs is not None and not gdf.empty:
         gdf = gdf.to_crs(crs)
     return gdf

@@ -24,7 +24,7 @@ from rasterio.windows import transform as window_transform
 
 from geoseg.cluster import run_tasks, session
 from geoseg.data import LabelSpec, area_mask, check_labels, read_codes, vector_in_window
-from geoseg.errors import ConfigError, LabelError
+from geoseg.errors import ConfigError, GridMismatchError, LabelError
 from geoseg.io import (
     NODATA_CLASS,
     ClassInfo,
@@ -69,6 +69,44 @@ def region_masks(
     return masks
 
 
+def truth_codes(
+    spec: LabelSpec, window: Window, profile: Any, resample: bool = False
+) -> np.ndarray:
+    """Truth codes in ``window`` of the class map's grid (-1: none); with ``resample``, a truth
+    raster on another grid is warped onto it with nearest neighbour."""
+    if not resample or spec.is_vector:
+        return read_codes(spec, window, profile)
+    from rasterio.enums import Resampling
+    from rasterio.vrt import WarpedVRT
+
+    with (
+        rasterio.open(spec.path) as src,
+        WarpedVRT(
+            src,
+            crs=profile.crs or src.crs,
+            transform=profile.transform,
+            width=profile.width,
+            height=profile.height,
+            resampling=Resampling.nearest,
+        ) as vrt,
+    ):
+        data = vrt.read(1, window=window, masked=True)
+    codes = np.where(np.ma.getmaskarray(data), -1, np.asarray(data.filled(0)).astype(np.int32))
+    for c in spec.ignore:
+        codes[codes == c] = -1
+    return codes
+
+
+def map_codes(codes: np.ndarray, mapping: dict[int, int]) -> np.ndarray:
+    """Truth codes through ``mapping`` (code -> class id); codes it does not name stay."""
+    if not mapping:
+        return codes
+    out = codes.copy()
+    for src_code, dst in mapping.items():
+        out[codes == src_code] = dst
+    return out
+
+
 def block_counts(
     window: Window,
     prediction: str,
@@ -77,13 +115,15 @@ def block_counts(
     regions: str | None,
     positions: tuple[int, ...],
     within: str | None,
+    class_map: tuple[tuple[int, int], ...] = (),
+    resample: bool = False,
 ) -> BlockCounts:
     """Count one block (a Dask task)."""
     profile = read_profile(prediction)
     with rasterio.open(prediction) as src:
         pred = src.read(1, window=window).astype(np.int64)
         nodata = src.nodata if src.nodata is not None else NODATA_CLASS
-    codes = read_codes(truth, window, profile)
+    codes = map_codes(truth_codes(truth, window, profile, resample), dict(class_map))
     k = len(class_ids)
     lut = np.full(
         max(max(class_ids), int(codes.max(initial=0)), int(pred.max(initial=0))) + 1,
@@ -175,17 +215,50 @@ def evaluate(
     regions: str | os.PathLike[str] | None = None,
     region_field: str | None = None,
     within: str | os.PathLike[str] | None = None,
+    class_map: dict[int, int] | None = None,
+    resample: str | None = None,
     block: int = 2048,
     workers: int | None = None,
     scheduler: str | None = None,
     overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Score the class map ``prediction`` against ``truth`` (a class raster on its grid, or a
-    vector file whose ``truth_field`` holds codes); write the report to ``output``.
+    """Score the class map ``prediction`` against ``truth``; write the report to ``output``.
 
-    The report's format follows the extension: ``.json`` (machine-readable) or ``.md``
-    (Markdown tables). With ``regions``, every region (named by ``region_field``) is scored in
-    full on its own; with ``within``, only pixels inside those polygons count at all.
+    Parameters
+    ----------
+    prediction
+        A class map, such as the output of ``geoseg predict``.
+    truth
+        A class raster on the class map's grid (another grid needs ``resample="nearest"``), or
+        a vector file whose ``truth_field`` holds the codes, rasterized block by block on the
+        class map's grid (reprojected as needed).
+    output
+        ``.json`` (the schema is in :mod:`geoseg.report`), ``.csv`` (a row per region and
+        class), ``.md`` or ``.html`` (one self-contained page); ``None`` writes nothing.
+    ignore
+        Truth codes that mean unlabelled.
+    regions, region_field
+        Polygons scored one by one, each in full (they may overlap), named by that column.
+    within
+        Polygons: only pixels inside them count at all.
+    class_map
+        Truth code -> class id of the class map, for truth in other codes; codes it does not
+        name are taken as they are.
+    resample
+        ``"nearest"``: warp a truth raster on another grid onto the class map's.
+
+    Returns
+    -------
+    dict: the report (see :mod:`geoseg.report` for its keys).
+
+    Raises
+    ------
+    GridMismatchError
+        A truth raster on another grid, without ``resample``.
+    LabelError
+        Truth that does not overlap the class map, or holds codes the class map lacks.
+    ConfigError
+        A region field that does not exist (the error lists the fields), a bad option.
     """
     from geoseg.report import write_report
 
@@ -201,7 +274,17 @@ def evaluate(
             f"class map {profile.path!r} has no class metadata; scoring by class id", stacklevel=2
         )
     spec = LabelSpec(str(truth), truth_field, tuple(ignore))
-    check_labels(spec, profile)
+    if resample not in (None, "nearest"):
+        raise ConfigError(f"--resample must be 'nearest' (class codes), got {resample!r}")
+    if resample and not spec.is_vector:
+        _check_overlap(profile, read_profile(spec.path, "truth"), str(truth))
+    else:
+        try:
+            check_labels(spec, profile)
+        except GridMismatchError as exc:
+            raise GridMismatchError(
+                f"{exc}; or pass --resample nearest to warp the truth onto the class map's grid"
+            ) from None
     region_path = str(Path(regions).resolve()) if regions is not None else None
     region_names, positions = (
         _check_regions(region_path, region_field, profile) if region_path else ([], ())
@@ -222,6 +305,8 @@ def evaluate(
             region_path,
             positions,
             str(within) if within is not None else None,
+            tuple(sorted((int(k), int(v)) for k, v in (class_map or {}).items())),
+            resample is not None,
         )
     total = parts[0]
     for p in parts[1:]:
@@ -229,17 +314,24 @@ def evaluate(
     if total.unknown:
         raise LabelError(
             f"truth {str(truth)!r} holds codes {sorted(total.unknown)} that the class map does not "
-            f"have ({list(ids)}); pass --ignore {','.join(map(str, sorted(total.unknown)))}"
+            f"have ({list(ids)}); map them with --class-map CODE:ID,... or leave them out with "
+            f"--ignore {','.join(map(str, sorted(total.unknown)))}"
         )
     report: dict[str, Any] = {
-        "prediction": str(prediction),
-        "truth": str(truth),
+        "prediction": str(Path(profile.path).resolve()),
+        "truth": str(Path(truth).resolve()) if Path(truth).exists() else str(truth),
+        "truth_field": spec.field,
+        "regions_file": region_path,
+        "region_field": region_field or ("name" if region_path else None),
         "within": str(within) if within is not None else None,
+        "class_map": {str(k): v for k, v in (class_map or {}).items()},
+        "ignore": list(ignore),
+        "resample": resample,
         "classes": [c.__dict__ for c in classes],
         "miou_definition": "mean IoU over classes present in truth or prediction",
         "overall": scores(total.confusion[0], classes),
         "regions": [
-            {"name": n, **scores(total.confusion[i + 1], classes)}
+            {"name": n, "feature": positions[i], **scores(total.confusion[i + 1], classes)}
             for i, n in enumerate(region_names)
         ],
     }
@@ -250,6 +342,23 @@ def evaluate(
     if output is not None:
         write_report(report, output, overwrite=overwrite)
     return report
+
+
+def _check_overlap(profile: Any, other: Any, what: str) -> None:
+    """Refuse a truth raster whose footprint misses the class map's."""
+    from rasterio.warp import transform_bounds
+    from shapely.geometry import box
+
+    from geoseg.io import raster_bounds
+
+    bounds = raster_bounds(other)
+    if other.crs and profile.crs and other.crs != profile.crs:
+        bounds = transform_bounds(other.crs, profile.crs, *bounds)
+    if not box(*bounds).intersects(box(*raster_bounds(profile))):
+        raise LabelError(
+            f"truth {what!r} does not overlap the class map {profile.path!r} (bounds {bounds} "
+            f"against {raster_bounds(profile)}); check that both cover the same area"
+        )
 
 
 def _block_class_ids(window: Window, path: str) -> set[int]:
@@ -271,7 +380,7 @@ def _check_regions(path: str, field: str | None, profile: Any) -> tuple[list[str
 
     from geoseg.io import raster_bounds
 
-    gdf = read_vector(path, "regions", profile.crs)
+    gdf = read_vector(path, "regions", profile.crs, bounds=raster_bounds(profile))
     columns = [c for c in gdf.columns if c != "geometry"]
     if field is None:
         if "name" not in gdf.columns:
@@ -284,7 +393,8 @@ def _check_regions(path: str, field: str | None, profile: Any) -> tuple[list[str
         raise ConfigError(
             f"regions {path!r} have no column {field!r}; columns: {', '.join(columns)}"
         )
-    hits = np.flatnonzero(gdf.intersects(box(*raster_bounds(profile))).to_numpy())
-    if len(hits) == 0:
+    inside = gdf[gdf.intersects(box(*raster_bounds(profile))).to_numpy()]
+    if inside.empty:
         warnings.warn(f"no region of {path!r} overlaps the class map", stacklevel=3)
-    return [str(v) for v in gdf[field].iloc[hits]], tuple(int(i) for i in hits)
+    # the index holds each feature's position in the file, which the tasks refer to
+    return [str(v) for v in inside[field]], tuple(int(i) for i in inside.index)

