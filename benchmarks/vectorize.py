@@ -60,7 +60,11 @@ def main() -> None:
                 with PeakMemory() as mem:
                     t = time.perf_counter()
                     n = vectorize(
-                        classes, d / f"g{workers}.gpkg", block=args.block, workers=workers
+                        classes,
+                        d / f"g{workers}.gpkg",
+                        block=args.block,
+                        workers=workers,
+                        overwrite=True,
                     )
                     wall = time.perf_counter() - t
                 row["polygons"] = n
@@ -70,7 +74,7 @@ def main() -> None:
             gc.collect()
             with PeakMemory() as mem:
                 t = time.perf_counter()
-                n_whole = whole_raster(classes, d / "whole.gpkg")
+                n_whole = whole_raster(classes, d / f"whole_{size}.gpkg")
                 wall = time.perf_counter() - t
             row["shapes_polygons"] = n_whole
             row["shapes_s"] = round(wall, 2)

@@ -39,7 +39,7 @@ from rasterio.crs import CRS
 from rasterio.features import shapes
 from rasterio.windows import Window
 
-from geoseg.cluster import session
+from geoseg.cluster import cpu_workers, session
 from geoseg.errors import ConfigError, NotARasterError
 from geoseg.io import NODATA_CLASS, atomic_output, check_output, open_raster, read_class_metadata
 from geoseg.progress import Progress
@@ -179,7 +179,7 @@ def polygonize_block(
     data = data[r0 - top : r0 - top + h, c0 - left : c0 - left + w]
     valid = valid[r0 - top : r0 - top + h, c0 - left : c0 - left + w]
     found = [
-        (shapely.geometry.shape(g), int(v))
+        (shapely.Polygon(g["coordinates"][0], g["coordinates"][1:]), int(v))
         for g, v in shapes(data, mask=valid, connectivity=4, transform=Affine.translation(c0, r0))
     ]
     geoms = np.array([g for g, _ in found], dtype=object)
@@ -213,17 +213,69 @@ def polygonize_block(
 # -- the client: merging and writing --------------------------------------------------------
 
 
-def _merge(geoms: list[Any], values: list[int]) -> tuple[list[Any], list[int]]:
-    """Union touching polygons of the same class; return the connected parts."""
-    out_g: list[Any] = []
-    out_v: list[int] = []
-    vals = np.asarray(values)
-    arr = np.asarray(geoms, dtype=object)
-    for v in np.unique(vals):
-        parts = shapely.get_parts(shapely.union_all(arr[vals == v]))
-        out_g.extend(parts)
-        out_v.extend([int(v)] * len(parts))
-    return out_g, out_v
+class _Seams:
+    """Edge polygons waiting for their neighbours, grouped with a union-find as rows of blocks
+    come in. A group is unioned once, when no member reaches the rows still to come, so a
+    polygon that spans the whole scene is not unioned again with every row."""
+
+    def __init__(self) -> None:
+        self.geoms: dict[int, Any] = {}
+        self.values: dict[int, int] = {}
+        self.parent: dict[int, int] = {}
+        self.frontier: list[int] = []  # members that reach the bottom of the last row
+        self._next = 0
+
+    def _find(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def add_row(
+        self, geoms: list[Any], values: list[int], bottom: int | None
+    ) -> tuple[list[Any], list[int]]:
+        """Add a row's edge polygons; return the merged polygons that are complete: those no
+        member of which reaches ``bottom`` (all of them when ``bottom`` is None, the last row)."""
+        new = list(range(self._next, self._next + len(geoms)))
+        self._next += len(geoms)
+        for i, g, v in zip(new, geoms, values):
+            self.geoms[i], self.values[i], self.parent[i] = g, int(v), i
+        near = np.asarray(self.frontier + new, dtype=np.int64)  # only these can meet
+        if len(near) > 1:
+            arr = np.asarray([self.geoms[int(i)] for i in near], dtype=object)
+            vals = np.asarray([self.values[int(i)] for i in near])
+            a, b = shapely.STRtree(arr).query(arr)  # boxes that meet; the exact test per class
+            keep = (a < b) & (vals[a] == vals[b])
+            a, b = a[keep], b[keep]
+            meet = shapely.intersects(arr[a], arr[b])
+            for x, y in zip(near[a[meet]], near[b[meet]]):
+                rx, ry = self._find(int(x)), self._find(int(y))
+                if rx != ry:
+                    self.parent[max(rx, ry)] = min(rx, ry)
+        reaches = [] if bottom is None else [i for i in new if self.geoms[i].bounds[3] >= bottom]
+        self.frontier = reaches
+        still_open = {self._find(i) for i in reaches}
+        groups: dict[int, list[int]] = {}
+        for i in self.geoms:
+            groups.setdefault(self._find(i), []).append(i)
+        out_g: list[Any] = []
+        out_v: list[int] = []
+        for root, members in groups.items():
+            if root in still_open:
+                continue
+            value = self.values[members[0]]
+            if len(members) == 1:
+                parts = [self.geoms[members[0]]]
+            else:
+                # a group joined only at a corner comes apart into its 4-connected parts
+                parts = list(shapely.get_parts(shapely.union_all([self.geoms[i] for i in members])))
+            out_g.extend(parts)
+            out_v.extend([value] * len(parts))
+            for i in members:
+                del self.geoms[i], self.values[i]
+        # the open groups keep their members, each linked straight to its root
+        self.parent = {i: self._find(i) for i in self.geoms}
+        return out_g, out_v
 
 
 def block_rows(cores: Sequence[Window]) -> list[list[int]]:
@@ -244,33 +296,27 @@ def _polygon_chunks(
         list(cores),
         *[[a] * len(cores) for a in task_args],
         pure=False,
+        workers=cpu_workers(client),
     )
-    pending_g: list[Any] = []
-    pending_v: list[int] = []
+    seams = _Seams()
     rows = block_rows(cores)
     with Progress(label, len(cores), "blocks") as progress:
         for n_row, row in enumerate(rows):
+            edge_g: list[Any] = []
+            edge_v: list[int] = []
             for i in row:
                 part: BlockPolygons = futures[i].result()
                 futures[i].release()
                 progress.update(pixels=int(cores[i].width * cores[i].height))
                 if part.interior:
                     yield list(shapely.from_wkb(part.interior)), part.interior_values.tolist()
-                pending_g.extend(shapely.from_wkb(part.edge))
-                pending_v.extend(part.edge_values.tolist())
-            if not pending_g:
-                continue
-            merged_g, merged_v = _merge(pending_g, pending_v)
-            if n_row == len(rows) - 1:
-                yield merged_g, merged_v
-                break
-            bottom = int(cores[row[0]].row_off + cores[row[0]].height)
-            reach = shapely.bounds(np.asarray(merged_g, dtype=object))[:, 3] >= bottom
-            done = [(g, v) for g, v, r in zip(merged_g, merged_v, reach) if not r]
-            if done:
-                yield [g for g, _ in done], [v for _, v in done]
-            pending_g = [g for g, r in zip(merged_g, reach) if r]
-            pending_v = [v for v, r in zip(merged_v, reach) if r]
+                edge_g.extend(shapely.from_wkb(part.edge))
+                edge_v.extend(part.edge_values.tolist())
+            last = n_row == len(rows) - 1
+            bottom = None if last else int(cores[row[0]].row_off + cores[row[0]].height)
+            done_g, done_v = seams.add_row(edge_g, edge_v, bottom)
+            if done_g:
+                yield done_g, done_v
 
 
 def _areas(geoms: np.ndarray, crs: CRS | None, step: float = 0.0) -> tuple[np.ndarray, np.ndarray]:

@@ -104,8 +104,12 @@ def test_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
     r = invoke("demo", "-o", out)
     assert r.exit_code == 0, r.stderr
-    for name in ("model.bundle", "classes.tif", "polygons.geojson", "report.json", "report.md"):
+    names = ("model.bundle", "classes.tif", "polygons.geojson", "report.json", "report.csv")
+    for name in (*names, "report.html", "report.md"):
         assert (out / name).exists() and str(out / name) in r.output
+    csv_rows = (out / "report.csv").read_text().splitlines()
+    assert len(csv_rows) == 1 + 7 * 5  # header, then 7 classes x (whole area + 4 regions)
+    assert "<svg" in (out / "report.html").read_text()
     with rasterio.open(out / "classes.tif") as c, rasterio.open(SCENE) as s:
         assert (c.crs, c.transform, c.width, c.height) == (s.crs, s.transform, s.width, s.height)
         scene_nodata = ~np.all(s.read() != 0, axis=0)
