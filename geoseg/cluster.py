@@ -36,15 +36,21 @@ def default_workers() -> int:
 
 
 @contextlib.contextmanager
-def session(workers: int | None = None, scheduler: str | None = None) -> Iterator[Any]:
+def session(
+    workers: int | None = None, scheduler: str | None = None, *, client: Any = None
+) -> Iterator[Any]:
     """A ``distributed.Client`` for the duration of the block.
 
     With ``scheduler`` (or ``DASK_SCHEDULER_ADDRESS`` in the environment) it connects to that
     cluster; otherwise it starts a ``LocalCluster`` of ``workers`` processes and closes it after.
+    A ``client`` already connected is used as it is (and left open).
     """
     import dask
     from distributed import Client, LocalCluster
 
+    if client is not None:
+        yield client
+        return
     address = scheduler_address(scheduler)
     if address:
         if workers is not None:
@@ -124,6 +130,15 @@ def task_resources(client: Any, device: str) -> dict[str, int] | None:
     return {GPU: 1}
 
 
+def cpu_workers(client: Any) -> list[str] | None:
+    """The workers without a GPU, when the cluster has workers of both kinds: CPU-only tasks
+    (reading, polygons, metrics) go there and leave the GPUs to the model. ``None`` (any
+    worker) when all workers are of one kind."""
+    workers = client.scheduler_info()["workers"]
+    cpu = [a for a, w in workers.items() if not w.get("resources", {}).get(GPU, 0)]
+    return cpu if cpu and len(cpu) < len(workers) else None
+
+
 def torch_threads() -> int:
     """Threads torch should use in this process.
 
@@ -151,14 +166,22 @@ def run_tasks(
     unit: str = "blocks",
     pixels: Sequence[int] | None = None,
     resources: dict[str, int] | None = None,
+    cpu_only: bool = False,
     **kwargs: Any,
 ) -> list[Any]:
     """Run ``fn(item, *args, **kwargs)`` for every item on the cluster, showing progress (with
-    throughput when ``pixels`` gives each item's size); return the results in ``items``' order."""
+    throughput when ``pixels`` gives each item's size); return the results in ``items``' order.
+    ``cpu_only`` tasks keep off GPU workers where the cluster has others (:func:`cpu_workers`)."""
     from distributed import as_completed
 
     futures = client.map(
-        fn, items, *[[a] * len(items) for a in args], pure=False, resources=resources, **kwargs
+        fn,
+        items,
+        *[[a] * len(items) for a in args],
+        pure=False,
+        resources=resources,
+        workers=cpu_workers(client) if cpu_only else None,
+        **kwargs,
     )
     index = {f.key: i for i, f in enumerate(futures)}
     results: list[Any] = [None] * len(items)

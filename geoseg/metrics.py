@@ -307,6 +307,7 @@ def evaluate(
             str(within) if within is not None else None,
             tuple(sorted((int(k), int(v)) for k, v in (class_map or {}).items())),
             resample is not None,
+            cpu_only=True,
         )
     total = parts[0]
     for p in parts[1:]:
@@ -369,7 +370,9 @@ def _block_class_ids(window: Window, path: str) -> set[int]:
 
 
 def _classes_from_data(client: Any, blocks: list[Window], path: str) -> list[ClassInfo]:
-    found: set[int] = set().union(*run_tasks(client, _block_class_ids, blocks, "class ids", path))
+    found: set[int] = set().union(
+        *run_tasks(client, _block_class_ids, blocks, "class ids", path, cpu_only=True)
+    )
     return [ClassInfo(i, f"class {i}", "#808080") for i in sorted(found)]
 
 

@@ -11,6 +11,7 @@ again finds them, checks that the settings match, and computes only the blocks t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -31,6 +32,7 @@ from rasterio.windows import intersect as windows_intersect
 from geoseg.blending import resolve_blend
 from geoseg.bundle import Bundle, load_bundle
 from geoseg.cluster import (
+    connect,
     count_workers,
     default_workers,
     run_tasks,
@@ -201,120 +203,125 @@ def predict_scenes(
     polygon_outs = _polygon_outputs(outs, polygons, overwrite)
     # each scene's header is read once, here: for a GDAL URL every read is a request
     profiles = [read_profile(str(s) if is_url(s) else str(Path(s).resolve())) for s in scenes]
-    settings = {
-        "bundle": b.hash,
-        "window": win,
-        "overlap": ovl,
-        "block": block or default_block(profiles, workers, scheduler),
-        "blend": blend,
-        "precision": precision,
-        "probabilities": probabilities,
-    }
-    plans: list[_Plan] = []
-    try:
-        for profile, out in zip(profiles, outs):
-            plans.append(
-                _plan(
-                    b,
-                    profile,
-                    out,
-                    settings,
-                    allow_no_crs=allow_no_crs,
-                    overwrite=overwrite,
-                    probabilities=probabilities,
-                )
-            )
-    except Exception:
-        for p in plans:  # a later scene was refused: leave no fresh, empty part folders
-            if len(p.todo) == len(p.cores):
-                shutil.rmtree(p.parts, ignore_errors=True)
-        raise
-    jobs = [BlockJob(c, p.profile.path, p.grid, str(p.parts)) for p in plans for c in p.todo]
-    t0 = time.perf_counter()
-    with session(workers, scheduler) as client:
-        t_start = time.perf_counter() - t0
-        for p in plans:
-            resumed = len(p.cores) - len(p.todo)
-            log.info(
-                "predict %s: %dx%d px, %d blocks of %d px%s, window %d, overlap %d (%d windows), blend %s",
-                p.profile.path,
-                p.profile.width,
-                p.profile.height,
-                len(p.cores),
-                settings["block"],
-                f" ({resumed} already done, resuming)" if resumed else "",
-                win,
-                ovl,
-                p.grid.n_windows,
-                blend,
-            )
-        _log_dashboard(client)
-        options: dict[str, Any] = {
-            "batch_size": batch_size,
-            "device": device,
+    # one connection to a running cluster serves both counting its workers and the run
+    address = scheduler_address(scheduler)
+    with connect(address) if address else contextlib.nullcontext() as remote:
+        settings = {
+            "bundle": b.hash,
+            "window": win,
+            "overlap": ovl,
+            "block": block or default_block(profiles, workers, remote),
+            "blend": blend,
             "precision": precision,
+            "probabilities": probabilities,
         }
-        resources = task_resources(client, device)
-        bundle_path = str(Path(bundle).resolve())
-        if blend == "trim":
-            results: list[BlockResult] = run_tasks(
-                client,
-                predict_block,
-                jobs,
-                "predict",
-                bundle_path,
-                blend=blend,
-                probabilities=probabilities,
-                pixels=[int(j.core.width * j.core.height) for j in jobs],
-                resources=resources,
-                **options,
-            )
-        else:
-            results = _run_shared_windows(
-                client, plans, bundle_path, blend, probabilities, options, resources
-            )
-        t_blocks = time.perf_counter() - t0
-        done = []
-        for i, p in enumerate(plans):
-            t1 = time.perf_counter()
-            mine = [r for r in results if Path(r.path).parent == p.parts]
-            valid = assemble_class_map(p.parts, p.cores, p.profile, b, p.out, overwrite=overwrite)
-            prob_path = None
-            if probabilities:
-                prob_path = probabilities_path(p.out)
-                assemble_probabilities(
-                    p.parts, p.cores, p.profile, b, prob_path, overwrite=overwrite
+        plans: list[_Plan] = []
+        try:
+            for profile, out in zip(profiles, outs):
+                plans.append(
+                    _plan(
+                        b,
+                        profile,
+                        out,
+                        settings,
+                        allow_no_crs=allow_no_crs,
+                        overwrite=overwrite,
+                        probabilities=probabilities,
+                    )
                 )
-            shutil.rmtree(p.parts, ignore_errors=True)
-            t_assemble = time.perf_counter() - t1
-            poly_path = polygon_outs[i] if polygon_outs else None
-            if poly_path is not None:
-                vectorize(
-                    p.out,
-                    poly_path,
-                    client=client,
-                    overwrite=overwrite,
-                    **(vectorize_options or {}),
+        except Exception:
+            for p in plans:  # a later scene was refused: leave no fresh, empty part folders
+                if len(p.todo) == len(p.cores):
+                    shutil.rmtree(p.parts, ignore_errors=True)
+            raise
+        jobs = [BlockJob(c, p.profile.path, p.grid, str(p.parts)) for p in plans for c in p.todo]
+        t0 = time.perf_counter()
+        with session(workers, scheduler, client=remote) as client:
+            t_start = time.perf_counter() - t0
+            for p in plans:
+                resumed = len(p.cores) - len(p.todo)
+                log.info(
+                    "predict %s: %dx%d px, %d blocks of %d px%s, window %d, overlap %d (%d windows), blend %s",
+                    p.profile.path,
+                    p.profile.width,
+                    p.profile.height,
+                    len(p.cores),
+                    settings["block"],
+                    f" ({resumed} already done, resuming)" if resumed else "",
+                    win,
+                    ovl,
+                    p.grid.n_windows,
+                    blend,
                 )
-            done.append(
-                PredictResult(
-                    path=p.out,
-                    blocks=len(p.cores),
-                    resumed=len(p.cores) - len(p.todo),
-                    windows_run=sum(r.windows_run for r in mine),
-                    windows_skipped=sum(r.windows_skipped for r in mine),
-                    valid_pixels=valid,
-                    probabilities=prob_path,
-                    polygons=poly_path,
-                    seconds={
-                        "start": t_start,
-                        "blocks": t_blocks,
-                        "tasks": sum(r.seconds for r in mine),
-                        "assemble": t_assemble,
-                    },
+            _log_dashboard(client)
+            options: dict[str, Any] = {
+                "batch_size": batch_size,
+                "device": device,
+                "precision": precision,
+            }
+            resources = task_resources(client, device)
+            bundle_path = str(Path(bundle).resolve())
+            if blend == "trim":
+                results: list[BlockResult] = run_tasks(
+                    client,
+                    predict_block,
+                    jobs,
+                    "predict",
+                    bundle_path,
+                    blend=blend,
+                    probabilities=probabilities,
+                    pixels=[int(j.core.width * j.core.height) for j in jobs],
+                    resources=resources,
+                    **options,
                 )
-            )
-    return done
+            else:
+                results = _run_shared_windows(
+                    client, plans, bundle_path, blend, probabilities, options, resources
+                )
+            t_blocks = time.perf_counter() - t0
+            done = []
+            for i, p in enumerate(plans):
+                t1 = time.perf_counter()
+                mine = [r for r in results if Path(r.path).parent == p.parts]
+                valid = assemble_class_map(
+                    p.parts, p.cores, p.profile, b, p.out, overwrite=overwrite
+                )
+                prob_path = None
+                if probabilities:
+                    prob_path = probabilities_path(p.out)
+                    assemble_probabilities(
+                        p.parts, p.cores, p.profile, b, prob_path, overwrite=overwrite
+                    )
+                shutil.rmtree(p.parts, ignore_errors=True)
+                t_assemble = time.perf_counter() - t1
+                poly_path = polygon_outs[i] if polygon_outs else None
+                if poly_path is not None:
+                    vectorize(
+                        p.out,
+                        poly_path,
+                        client=client,
+                        overwrite=overwrite,
+                        **(vectorize_options or {}),
+                    )
+                done.append(
+                    PredictResult(
+                        path=p.out,
+                        blocks=len(p.cores),
+                        resumed=len(p.cores) - len(p.todo),
+                        windows_run=sum(r.windows_run for r in mine),
+                        windows_skipped=sum(r.windows_skipped for r in mine),
+                        valid_pixels=valid,
+                        probabilities=prob_path,
+                        polygons=poly_path,
+                        seconds={
+                            "start": t_start,
+                            "blocks": t_blocks,
+                            "tasks": sum(r.seconds for r in mine),
+                            "assemble": t_assemble,
+                        },
+                    )
+                )
+        return done
 
 
 def _run_shared_windows(
@@ -495,12 +502,16 @@ def _plan(
 
 
 def default_block(
-    profiles: Sequence[SceneProfile], workers: int | None, scheduler: str | None
+    profiles: Sequence[SceneProfile], workers: int | None, scheduler: str | Any | None
 ) -> int:
     """2048 px, or less where a scene is small, so that every worker gets at least two blocks
-    of it (a multiple of 256, at least 256). The workers of an existing cluster are counted."""
-    address = scheduler_address(scheduler)
-    n = max(1, count_workers(address)) if address else (workers or default_workers())
+    of it (a multiple of 256, at least 256). The workers of an existing cluster (``scheduler``:
+    its address or a connected client) are counted."""
+    if scheduler is not None and not isinstance(scheduler, str):
+        n = max(1, len(scheduler.scheduler_info()["workers"]))
+    else:
+        address = scheduler_address(scheduler)
+        n = max(1, count_workers(address)) if address else (workers or default_workers())
     largest = max(p.height * p.width for p in profiles)
     side = (largest / (2 * n)) ** 0.5
     return int(min(2048, max(256, -(-side // 256) * 256)))

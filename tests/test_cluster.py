@@ -1,0 +1,132 @@
+"""The cluster paths: predict, vectorize and evaluate through real `dask scheduler` and `dask
+worker` processes on 127.0.0.1 give what the local cluster gives, and a worker killed in the
+middle of a prediction costs nothing but time."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import geopandas as gpd
+import numpy as np
+import rasterio
+
+from geoseg.metrics import evaluate
+from geoseg.predict import predict_scene
+from geoseg.vectorize import vectorize
+
+from .conftest import LABELS, REGIONS, SCENE, external_cluster
+
+OTHER = [2, 3, 4, 6, 7]  # NC codes the random bundle (classes 1, 5, 9) does not have
+
+
+def _pixels(path):
+    with rasterio.open(path) as src:
+        return src.read()
+
+
+def test_every_stage_through_a_scheduler_equals_the_local_cluster(tmp_path, random_bundle):
+    local = {"classes": tmp_path / "l.tif", "polygons": tmp_path / "l.gpkg"}
+    remote = {"classes": tmp_path / "r.tif", "polygons": tmp_path / "r.gpkg"}
+    predict_scene(random_bundle, SCENE, local["classes"], block=128, workers=2)
+    vectorize(local["classes"], local["polygons"], block=200, workers=2)
+    expected = evaluate(
+        local["classes"], LABELS, ignore=OTHER, regions=REGIONS, block=200, workers=2
+    )
+    with external_cluster(2) as (address, _):
+        predict_scene(random_bundle, SCENE, remote["classes"], block=128, scheduler=address)
+        vectorize(remote["classes"], remote["polygons"], block=200, scheduler=address)
+        report = evaluate(
+            remote["classes"], LABELS, ignore=OTHER, regions=REGIONS, block=200, scheduler=address
+        )
+    np.testing.assert_array_equal(_pixels(remote["classes"]), _pixels(local["classes"]))
+    a, b = gpd.read_file(remote["polygons"]), gpd.read_file(local["polygons"])
+    assert len(a) == len(b) and a.geometry.area.sum() == b.geometry.area.sum()
+    for key in ("overall", "regions", "classes"):
+        assert report[key] == expected[key]
+
+
+def test_a_worker_killed_mid_predict_changes_nothing(tmp_path, random_bundle):
+    reference, out = tmp_path / "ref.tif", tmp_path / "out.tif"
+    predict_scene(random_bundle, SCENE, reference, block=64, workers=1)
+    parts = out.parent / f".{out.name}.parts"
+    errors: list[BaseException] = []
+    killed = {}
+    with external_cluster(2, "--no-nanny") as (address, procs):
+
+        def run() -> None:
+            try:
+                predict_scene(random_bundle, SCENE, out, block=64, scheduler=address)
+            except BaseException as exc:
+                errors.append(exc)
+
+        t = threading.Thread(target=run)
+        t.start()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and t.is_alive():
+            done = len(list(parts.glob("*.tif"))) if parts.exists() else 0
+            if done >= 3:
+                procs[0].kill()  # SIGKILL: no goodbye to the scheduler
+                killed["after"] = done
+                break
+            time.sleep(0.02)
+        t.join(timeout=300)
+    assert not errors, errors
+    assert killed, "the run ended before a worker could be killed"
+    total = len(list(parts.glob("*"))) if parts.exists() else 0
+    assert total == 0  # the part folder is gone: the map was assembled from every block
+    np.testing.assert_array_equal(_pixels(out), _pixels(reference))
+
+
+def test_cpu_only_tasks_keep_off_gpu_workers(tmp_path, random_bundle):
+    import os
+    import subprocess
+    import sys
+
+    from distributed import Client
+
+    from geoseg.cluster import cpu_workers, run_tasks
+
+    def where(_item: int) -> str:  # defined here, so it travels by value to the workers
+        from distributed import get_worker
+
+        return str(get_worker().address)
+
+    dask = os.path.join(os.path.dirname(sys.executable), "dask")
+    with external_cluster(1) as (address, _):
+        # a second worker that declares a GPU (a label for the scheduler: none is used here)
+        gpu = subprocess.Popen(
+            [
+                dask,
+                "worker",
+                address,
+                "--nthreads",
+                "1",
+                "--no-dashboard",
+                "--host",
+                "127.0.0.1",
+                "--resources",
+                "GPU=1",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            with Client(address) as client:
+                client.wait_for_workers(2, timeout=60)
+                workers = client.scheduler_info()["workers"]
+                cpu = [a for a, w in workers.items() if not w.get("resources")]
+                assert cpu_workers(client) == cpu and len(cpu) == 1
+                ran = run_tasks(client, where, list(range(12)), "where", cpu_only=True)
+                assert set(ran) == set(cpu)
+                anywhere = run_tasks(client, where, list(range(12)), "where")
+                assert len(anywhere) == 12
+            # and evaluate, through the CLI's path, counts the same with the GPU worker present
+            classes = tmp_path / "c.tif"
+            predict_scene(random_bundle, SCENE, classes, block=128, scheduler=address)
+            remote = evaluate(classes, LABELS, ignore=OTHER, regions=REGIONS, scheduler=address)
+            local = evaluate(classes, LABELS, ignore=OTHER, regions=REGIONS, workers=1)
+            assert remote["overall"] == local["overall"]
+        finally:
+            gpu.terminate()
+            gpu.wait(timeout=30)
