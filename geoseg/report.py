@@ -205,9 +205,13 @@ def _miou_colour(v: float | None) -> str:
 
 def _png(rgba: np.ndarray) -> str:
     """``(4, h, w)`` uint8 as a base64 PNG data URL."""
+    import warnings
+
+    from rasterio.errors import NotGeoreferencedWarning
     from rasterio.io import MemoryFile
 
-    with MemoryFile() as mem:
+    with warnings.catch_warnings(), MemoryFile() as mem:
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)  # a picture, not a map
         with mem.open(
             driver="PNG", count=4, height=rgba.shape[1], width=rgba.shape[2], dtype="uint8"
         ) as dst:

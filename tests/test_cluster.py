@@ -130,3 +130,105 @@ def test_cpu_only_tasks_keep_off_gpu_workers(tmp_path, random_bundle):
         finally:
             gpu.terminate()
             gpu.wait(timeout=30)
+
+
+def _sh(*cmd: str) -> None:
+    import subprocess
+
+    subprocess.run(cmd, check=True, capture_output=True, timeout=30)
+
+
+def test_predict_across_network_namespaces(tmp_path, random_bundle):
+    """The scheduler and each worker in a network namespace of their own, with their own
+    addresses on a bridge, like separate hosts; the client in the root namespace."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import pytest
+    from distributed import Client
+
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("needs root and iproute2's ip for network namespaces")
+    tag = f"gs{os.getpid() % 100000}"
+    names = [f"{tag}s", f"{tag}a", f"{tag}b"]  # scheduler, two workers
+    bridge, net = f"{tag}br", "10.231.7"
+    try:
+        _sh("ip", "netns", "add", names[0])
+    except (subprocess.CalledProcessError, OSError) as exc:
+        pytest.skip(f"network namespaces are not available here: {exc}")
+    procs: list[subprocess.Popen] = []
+    made = [names[0]]
+    try:
+        _sh("ip", "link", "add", bridge, "type", "bridge")
+        _sh("ip", "addr", "add", f"{net}.254/24", "dev", bridge)
+        _sh("ip", "link", "set", bridge, "up")
+        for i, ns in enumerate(names, start=1):
+            if ns not in made:
+                _sh("ip", "netns", "add", ns)
+                made.append(ns)
+            _sh("ip", "link", "add", f"{ns}v", "type", "veth", "peer", "name", "eth0", "netns", ns)
+            _sh("ip", "link", "set", f"{ns}v", "master", bridge, "up")
+            _sh("ip", "-n", ns, "addr", "add", f"{net}.{i}/24", "dev", "eth0")
+            _sh("ip", "-n", ns, "link", "set", "eth0", "up")
+            _sh("ip", "-n", ns, "link", "set", "lo", "up")
+        dask = os.path.join(os.path.dirname(sys.executable), "dask")
+        quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+        address = f"tcp://{net}.1:8786"
+        procs.append(
+            subprocess.Popen(
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    names[0],
+                    dask,
+                    "scheduler",
+                    "--host",
+                    f"{net}.1",
+                    "--port",
+                    "8786",
+                    "--no-dashboard",
+                ],
+                **quiet,
+            )
+        )
+        for i, ns in enumerate(names[1:], start=2):
+            procs.append(
+                subprocess.Popen(
+                    [
+                        "ip",
+                        "netns",
+                        "exec",
+                        ns,
+                        dask,
+                        "worker",
+                        address,
+                        "--host",
+                        f"{net}.{i}",
+                        "--nthreads",
+                        "1",
+                        "--no-dashboard",
+                    ],
+                    **quiet,
+                )
+            )
+        with Client(address, timeout="30s") as client:
+            client.wait_for_workers(2, timeout=60)
+            hosts = {w.split("//")[1].split(":")[0] for w in client.scheduler_info()["workers"]}
+        assert hosts == {f"{net}.2", f"{net}.3"}
+        remote, local = tmp_path / "remote.tif", tmp_path / "local.tif"
+        predict_scene(random_bundle, SCENE, remote, block=128, scheduler=address)
+        predict_scene(random_bundle, SCENE, local, block=128, workers=1)
+        np.testing.assert_array_equal(_pixels(remote), _pixels(local))
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        for ns in made:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+        subprocess.run(["ip", "link", "del", bridge], capture_output=True, timeout=30)
