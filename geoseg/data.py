@@ -33,6 +33,7 @@ from geoseg.io import (
     read_profile,
     read_vector,
     standardize,
+    vector_near,
     window_inside,
 )
 
@@ -172,7 +173,7 @@ def check_labels(spec: LabelSpec, scene: SceneProfile) -> None:
                 f"not integer class codes; integer columns: {', '.join(numeric) or 'none'}"
             )
         if scene.crs is not None and gdf.crs is not None:
-            gdf = read_vector(spec.path, "labels", scene.crs, bounds=raster_bounds(scene))
+            gdf = vector_near(gdf, scene.crs, raster_bounds(scene))
         if not gdf.intersects(_box(*raster_bounds(scene))).any():
             raise LabelError(f"labels {spec.path!r} do not overlap scene {scene.path!r}")
     else:

@@ -265,6 +265,14 @@ def read_vector(
             f"{what} {p!r} is not a vector file GDAL can read ({exc}); expected GeoPackage, "
             "GeoJSON, Shapefile or another OGR format"
         ) from None
+    return vector_near(gdf, crs, bounds)
+
+
+def vector_near(
+    gdf: Any, crs: CRS | None, bounds: tuple[float, float, float, float] | None = None
+) -> Any:
+    """``gdf`` in ``crs``, keeping only the features that reach ``bounds`` (in ``crs``), chosen
+    in the layer's own CRS before reprojecting (see :func:`read_vector`)."""
     if bounds is not None and not gdf.empty:
         box = bounds
         if crs is not None and gdf.crs is not None and CRS.from_user_input(gdf.crs) != crs:
