@@ -90,11 +90,7 @@ def truth_codes(
             resampling=Resampling.nearest,
         ) as vrt,
     ):
-        data = vrt.read(1, window=window, masked=True)
-    codes = np.where(np.ma.getmaskarray(data), -1, np.asarray(data.filled(0)).astype(np.int32))
-    for c in spec.ignore:
-        codes[codes == c] = -1
-    return codes
+        return read_codes(spec, window, profile, src=vrt)
 
 
 def map_codes(codes: np.ndarray, mapping: dict[int, int]) -> np.ndarray:

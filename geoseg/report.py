@@ -241,6 +241,7 @@ def quicklooks(report: dict[str, Any], max_px: int = QUICKLOOK_PX) -> dict[str, 
     from rasterio.vrt import WarpedVRT
 
     from geoseg.io import NODATA_CLASS, is_vector_path, read_vector
+    from geoseg.metrics import map_codes
 
     with rasterio.open(report["prediction"]) as src:
         scale = max(src.height, src.width) / max_px
@@ -277,8 +278,7 @@ def quicklooks(report: dict[str, Any], max_px: int = QUICKLOOK_PX) -> dict[str, 
                 masked = vrt.read(1, out_shape=shape, resampling=Resampling.nearest, masked=True)
         truth = np.where(np.ma.getmaskarray(masked), -1, masked.filled(0)).astype(np.int64)
     mapping = {int(k): int(v) for k, v in (report.get("class_map") or {}).items()}
-    if mapping:
-        truth = np.vectorize(lambda v: mapping.get(int(v), int(v)), otypes=[np.int64])(truth)
+    truth = map_codes(truth, mapping)
     for code in report.get("ignore") or ():
         truth[truth == code] = -1
     return {
