@@ -217,3 +217,15 @@ def test_train_needs_one_label_file_per_scene(tmp_path):
     assert r.exit_code == 2
     assert "got 3 paths; give the scenes, then one label file per scene" in r.stderr
     assert not (tmp_path / "m.bundle").exists()
+
+
+def test_bad_polygon_and_report_options_are_one_line(tmp_path):
+    out = tmp_path / "p.shp"
+    assert_one_line_error(invoke("vectorize", LABELS, "-o", out), "unknown polygon format", ".gpkg")
+    report = tmp_path / "r.csv"
+    assert_one_line_error(
+        invoke("evaluate", LABELS, LABELS, "-o", report, "--class-map", "1:x"),
+        "--class-map '1:x'",
+        "CODE:ID",
+    )
+    assert not out.exists() and not report.exists() and not list(tmp_path.iterdir())
