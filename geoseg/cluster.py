@@ -12,7 +12,10 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from geoseg.errors import ClusterError
 from geoseg.progress import Progress
@@ -20,14 +23,27 @@ from geoseg.progress import Progress
 log = logging.getLogger("geoseg")
 
 
-# glibc hands allocations above the mmap threshold straight back to the OS, so every forward pass
-# pays page faults for its activation buffers, and Dask's nanny trims the heap eagerly
-# (MALLOC_TRIM_THRESHOLD_=65536). Keeping buffers up to 32 MiB (glibc's maximum) on the heap and
-# not trimming it made a training epoch 1.6x faster here (benchmarks/README.md).
-WORKER_MALLOC_ENV = {
-    "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20),
-    "MALLOC_TRIM_THRESHOLD_": str(2**30),
-}
+# geoseg's Dask settings (worker allocator, profiler, lost-worker retries), with the reasons for
+# each: the defaults of its local cluster, and a config file for clusters started by hand.
+DASK_CONFIG = Path(__file__).with_name("dask.yaml")
+_DASK_DEFAULTS: dict[str, Any] = yaml.safe_load(DASK_CONFIG.read_text())
+# the allocator settings the workers start with (benchmarks run their own processes under them)
+WORKER_MALLOC_ENV: dict[str, str] = dict(
+    _DASK_DEFAULTS["distributed"]["nanny"]["pre-spawn-environ"]
+)
+_defaults_applied = False
+
+
+def use_geoseg_defaults() -> None:
+    """Make geoseg's Dask settings (``dask.yaml``) the defaults of this process: a value the user
+    set (a config file, a ``DASK_*`` variable, ``dask.config.set``) keeps precedence."""
+    global _defaults_applied
+    import dask
+    import distributed  # noqa: F401  (its own defaults first, or they would replace geoseg's)
+
+    if not _defaults_applied:
+        dask.config.update_defaults(_DASK_DEFAULTS)
+        _defaults_applied = True
 
 
 def default_workers() -> int:
@@ -37,16 +53,25 @@ def default_workers() -> int:
 
 @contextlib.contextmanager
 def session(
-    workers: int | None = None, scheduler: str | None = None, *, client: Any = None
+    workers: int | None = None,
+    scheduler: str | None = None,
+    *,
+    client: Any = None,
+    gpu: bool = False,
 ) -> Iterator[Any]:
     """A ``distributed.Client`` for the duration of the block.
 
     With ``scheduler`` (or ``DASK_SCHEDULER_ADDRESS`` in the environment) it connects to that
-    cluster; otherwise it starts a ``LocalCluster`` of ``workers`` processes and closes it after.
-    A ``client`` already connected is used as it is (and left open).
+    cluster; otherwise it starts a local cluster of ``workers`` processes (one thread each) and
+    closes it after. A ``client`` already connected is used as it is (and left open).
+
+    ``gpu``: the work may use GPUs (``--device auto`` or ``cuda``). On a machine with GPUs the
+    local cluster then has one worker per GPU by default, each declaring the ``GPU`` resource:
+    dask-cuda's ``LocalCUDACluster`` when it is installed (``pip install 'geoseg[cuda]'``), which
+    gives each worker its own GPU; else a ``LocalCluster``, whose workers all use the first GPU.
     """
     import dask
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     if client is not None:
         yield client
@@ -58,27 +83,49 @@ def session(
         with connect(address) as client:
             yield client
         return
-    n = workers or default_workers()
+    gpus = _cuda_devices() if gpu else 0
+    n = workers or gpus or default_workers()
     if n < 1:
         raise ClusterError(f"--workers must be at least 1, got {n}")
-    config: dict[str, Any] = {
-        f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in WORKER_MALLOC_ENV.items()
+    use_geoseg_defaults()
+    config = {
+        "logging.distributed": "error",
+        # the nanny's config rather than env=, which dask-cuda replaces with its own
+        "distributed.nanny.environ.GEOSEG_TORCH_THREADS": str(max(1, (os.cpu_count() or 1) // n)),
     }
-    config.update({"distributed.worker.daemon": False, "logging.distributed": "error"})
     with dask.config.set(config):
-        cluster = LocalCluster(
-            n_workers=n,
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=":0",
-            silence_logs=logging.ERROR,
-            env={"GEOSEG_TORCH_THREADS": str(max(1, (os.cpu_count() or 1) // n))},
-            # a machine with a GPU: every local worker may use it (--device cuda asks for it)
-            resources={GPU: 1} if _has_cuda() else None,
-        )
+        cluster = _local_cluster(n, gpus)
         with cluster, Client(cluster) as client:
             log.debug("local Dask cluster: %d worker processes", n)
             yield client
+
+
+def _local_cluster(n: int, gpus: int) -> Any:
+    from distributed import LocalCluster
+
+    common: dict[str, Any] = {
+        "n_workers": n,
+        "threads_per_worker": 1,
+        "dashboard_address": ":0",
+        "silence_logs": logging.ERROR,
+    }
+    if not gpus:
+        return LocalCluster(processes=True, **common)
+    common["resources"] = {GPU: 1}
+    try:
+        from dask_cuda import LocalCUDACluster
+    except ImportError:
+        LocalCUDACluster = None
+    if LocalCUDACluster is not None and n <= gpus:
+        return LocalCUDACluster(**common)
+    if gpus > 1:
+        log.warning(
+            "%d local workers on %d GPUs share the first GPU; for one worker per GPU install "
+            "dask-cuda (pip install 'geoseg[cuda]') and leave --workers at its default",
+            n,
+            gpus,
+        )
+    return LocalCluster(processes=True, **common)
 
 
 def scheduler_address(scheduler: str | None) -> str | None:
@@ -110,10 +157,11 @@ def count_workers(address: str) -> int:
 GPU = "GPU"  # the Dask worker resource that --device cuda tasks ask for
 
 
-def _has_cuda() -> bool:
+def _cuda_devices() -> int:
+    """The CUDA GPUs this process sees (0 without CUDA)."""
     import torch
 
-    return bool(torch.cuda.is_available())
+    return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
 
 
 def task_resources(client: Any, device: str) -> dict[str, int] | None:
@@ -188,9 +236,40 @@ def run_tasks(
     with Progress(label, len(items), unit) as progress:
         for fut in as_completed(futures):
             i = index[fut.key]
-            results[i] = fut.result()
+            results[i] = task_result(fut, label, items[i])
             progress.update(pixels=pixels[i] if pixels else 0)
     return results
+
+
+def task_result(future: Any, label: str, item: Any) -> Any:
+    """``future.result()``, with Dask giving up on a task whose workers kept dying turned into
+    one clear line that names the task's item (a block) and what to do."""
+    from distributed import KilledWorker
+
+    try:
+        return future.result()
+    except KilledWorker:
+        pass  # raised outside the handler: Dask's long message need not travel with ours
+    import dask
+
+    deaths = dask.config.get("distributed.scheduler.allowed-failures") + 1
+    again = "; the same command run again keeps the finished blocks" if label == "predict" else ""
+    raise ClusterError(
+        f"{label}: the workers running {_describe(item)} died {deaths} "
+        f"time{'s' if deaths != 1 else ''}, so Dask gave up on it; if they ran out of memory, "
+        f"use a smaller --block or give the workers more (--memory-limit){again}"
+    )
+
+
+def _describe(item: Any) -> str:
+    """A block (a job with a ``core`` window, or the window itself) by its rows and columns."""
+    core = getattr(item, "core", item)
+    if not hasattr(core, "row_off"):
+        return f"task {item!r}"
+    return (
+        f"the block at rows {int(core.row_off)}-{int(core.row_off + core.height)}, columns "
+        f"{int(core.col_off)}-{int(core.col_off + core.width)}"
+    )
 
 
 @contextlib.contextmanager
@@ -199,8 +278,8 @@ def loopback_cluster(
 ) -> Iterator[tuple[str, list[Any]]]:
     """Start real ``dask scheduler`` and ``dask worker`` processes (one thread each) on
     127.0.0.1; yield the scheduler's address and the worker processes, and stop them all after.
-    ``worker_args`` go to every ``dask worker``, ``env`` adds to their environment. For tests
-    and benchmarks of the ``--scheduler`` path."""
+    ``worker_args`` go to every ``dask worker``, ``env`` adds to their environment; every
+    process reads geoseg's ``dask.yaml``. For tests and benchmarks of the ``--scheduler`` path."""
     import socket
     import subprocess
     import sys
@@ -214,11 +293,15 @@ def loopback_cluster(
     address = f"tcp://127.0.0.1:{port}"
     dask = os.path.join(os.path.dirname(sys.executable), "dask")  # this environment's script
     quiet: dict[str, Any] = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    # geoseg's Dask settings, given to every process as the cluster guide says
+    settings = {**os.environ, "DASK_CONFIG": str(DASK_CONFIG)}
     scheduler = subprocess.Popen(
-        [dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"], **quiet
+        [dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+        env=settings,
+        **quiet,
     )
     procs: list[Any] = []
-    worker_env = {**os.environ, **(env or {})}
+    worker_env = {**settings, **(env or {})}
     try:
         time.sleep(2)
         for _ in range(workers):

@@ -114,7 +114,8 @@ def run_workflow(
     out_dir.mkdir(parents=True, exist_ok=True)
     workers = workers or cfg.get("workers")
     report = None
-    with session(workers, scheduler) as client:
+    gpu = any(cfg[k].get("device", "auto") != "cpu" for k in ("train", "predict"))
+    with session(workers, scheduler, gpu=gpu) as client:
         address = client.scheduler.address
         common = {"scheduler": address, "overwrite": overwrite}
         tr = dict(cfg["train"])

@@ -39,6 +39,7 @@ from geoseg.cluster import (
     scheduler_address,
     session,
     task_resources,
+    task_result,
 )
 from geoseg.errors import ConfigError, NotARasterError
 from geoseg.inference import (
@@ -236,7 +237,7 @@ def predict_scenes(
             raise
         jobs = [BlockJob(c, p.profile.path, p.grid, str(p.parts)) for p in plans for c in p.todo]
         t0 = time.perf_counter()
-        with session(workers, scheduler, client=remote) as client:
+        with session(workers, scheduler, client=remote, gpu=device != "cpu") as client:
             t_start = time.perf_counter() - t0
             for p in plans:
                 resumed = len(p.cores) - len(p.todo)
@@ -377,10 +378,12 @@ def _run_shared_windows(
         counted.append((first, [client.submit(_counts, f, pure=False) for f in futures.values()]))
         del futures  # each block's sums are freed once its pieces have been taken
     index = {f.key: i for i, f in enumerate(finals)}
+    jobs = [j for p in plans for j in p.todo]
     results: list[BlockResult] = [None] * len(finals)  # type: ignore[list-item]
     with Progress("predict", len(finals)) as progress:
         for fut in as_completed(finals):
-            r = results[index[fut.key]] = fut.result()
+            i = index[fut.key]
+            r = results[i] = task_result(fut, "predict", jobs[i])
             progress.update(pixels=int(r.core.width * r.core.height))
     # windows are counted where they ran: each scene's accumulations go to its first result
     for first, futs in counted:

@@ -765,7 +765,7 @@ def train(
             )
     arch_args = dict(arch_args or {})
     create_model(arch, len(band_list), 2, **arch_args)  # validate architecture arguments early
-    with session(workers, scheduler) as client:
+    with session(workers, scheduler, gpu=device != "cpu") as client:
         plan = plan_training(
             client,
             profiles,

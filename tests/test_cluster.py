@@ -232,3 +232,108 @@ def test_predict_across_network_namespaces(tmp_path, random_bundle):
         for ns in made:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
         subprocess.run(["ip", "link", "del", bridge], capture_output=True, timeout=30)
+
+
+def test_geoseg_dask_settings_reach_local_and_external_workers():
+    import dask
+    from distributed import Client
+
+    from geoseg.cluster import session, use_geoseg_defaults
+
+    def settings() -> tuple[str | None, bool, str | None]:  # travels by value to the workers
+        import os
+
+        import dask
+
+        return (
+            os.environ.get("MALLOC_ARENA_MAX"),
+            dask.config.get("distributed.worker.profile.enabled"),
+            os.environ.get("MALLOC_TRIM_THRESHOLD_"),
+        )
+
+    use_geoseg_defaults()
+    with session(1) as client:
+        assert list(client.run(settings).values()) == [("1", False, "1073741824")]
+        assert (
+            client.run_on_scheduler(
+                lambda: __import__("dask").config.get("distributed.scheduler.allowed-failures")
+            )
+            == 5
+        )
+    # a value the user set wins over geoseg's default
+    with dask.config.set({"distributed.worker.profile.enabled": True}), session(1) as client:
+        assert next(iter(client.run(settings).values()))[1] is True
+    # workers started by hand with DASK_CONFIG pointing at geoseg's file, as docs/cluster.md says
+    with external_cluster(1) as (address, _), Client(address) as client:
+        assert list(client.run(settings).values()) == [("1", False, "1073741824")]
+
+
+def test_a_task_that_keeps_killing_its_worker_is_one_clear_error():
+    import dask
+    import pytest
+
+    from geoseg.cluster import run_tasks, session, use_geoseg_defaults
+    from geoseg.errors import ClusterError
+
+    def die(_item: object) -> None:  # as a worker killed by the kernel for memory would
+        import os
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    use_geoseg_defaults()
+    with (
+        dask.config.set({"distributed.scheduler.allowed-failures": 1}),
+        session(1) as client,
+        pytest.raises(ClusterError) as err,
+    ):
+        run_tasks(client, die, [rasterio.windows.Window(512, 1024, 256, 128)], "predict")
+    message = str(err.value)
+    assert "\n" not in message
+    assert "block at rows 1024-1152, columns 512-768 died 2 times" in message
+    assert "--block" in message
+
+
+def test_a_gpu_machine_gets_one_local_worker_per_gpu(monkeypatch, caplog):
+    """No GPU here: the machine is told it has two, and dask-cuda's class is stood in for by
+    one that records how geoseg calls it and starts a plain LocalCluster."""
+    import logging
+    import sys
+    import types
+
+    from distributed import LocalCluster
+
+    import geoseg.cluster
+    from geoseg.cluster import GPU, session
+
+    def torch_threads_and_gpu(dask_worker) -> tuple[str | None, float]:  # travels by value
+        import os
+
+        gpus = dask_worker.state.total_resources.get("GPU", 0)
+        return os.environ.get("GEOSEG_TORCH_THREADS"), gpus
+
+    calls: list[dict] = []
+
+    def fake_cuda_cluster(**kwargs):
+        calls.append(kwargs)
+        return LocalCluster(processes=True, **kwargs)
+
+    monkeypatch.setattr(geoseg.cluster, "_cuda_devices", lambda: 2)
+    monkeypatch.setitem(
+        sys.modules, "dask_cuda", types.SimpleNamespace(LocalCUDACluster=fake_cuda_cluster)
+    )
+    cores = __import__("os").cpu_count()
+    with session(gpu=True) as client:
+        seen = list(client.run(torch_threads_and_gpu).values())
+    assert len(calls) == 1 and calls[0]["n_workers"] == 2 and calls[0]["threads_per_worker"] == 1
+    assert calls[0]["resources"] == {GPU: 1}
+    assert seen == [(str(max(1, cores // 2)), 1)] * 2
+    # CPU-only work on the same machine: a plain cluster without the GPU resource
+    with session(1, gpu=False) as client:
+        assert list(client.run(torch_threads_and_gpu).values()) == [(str(cores), 0)]
+    assert len(calls) == 1
+    # without dask-cuda: a LocalCluster, one worker per GPU, and a warning that they share one
+    monkeypatch.setitem(sys.modules, "dask_cuda", None)
+    with caplog.at_level(logging.WARNING, logger="geoseg"), session(gpu=True) as client:
+        assert len(client.run(torch_threads_and_gpu)) == 2
+    assert "share the first GPU" in caplog.text and "geoseg[cuda]" in caplog.text

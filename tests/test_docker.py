@@ -35,3 +35,5 @@ def test_images_run_as_a_user_and_pin_their_base():
         bases = [line.split()[1] for line in text.splitlines() if line.startswith("FROM ")]
         assert bases and all(":" in b and not b.endswith(":latest") for b in bases)
         assert "USER 1000:1000" in text and "torch==2.13.0" in text
+        # every process in the image reads geoseg's Dask settings
+        assert "COPY geoseg/dask.yaml /etc/dask/geoseg.yaml" in text
