@@ -217,28 +217,61 @@ def run_tasks(
     cpu_only: bool = False,
     **kwargs: Any,
 ) -> list[Any]:
-    """Run ``fn(item, *args, **kwargs)`` for every item on the cluster, showing progress (with
-    throughput when ``pixels`` gives each item's size); return the results in ``items``' order.
-    ``cpu_only`` tasks keep off GPU workers where the cluster has others (:func:`cpu_workers`)."""
+    """Run ``fn(item, *args, **kwargs)`` for every item on the cluster, started in the order of
+    ``items``, showing progress (with throughput when ``pixels`` gives each item's size); return
+    the results in ``items``' order.
+    ``cpu_only`` tasks keep off GPU workers where the cluster has others (:func:`cpu_workers`).
+
+    The client hands out one task per worker thread that may run it and the next as each
+    finishes: Dask would otherwise give every worker its share of a small graph at once (it
+    queues tasks on the scheduler only for large groups), and a worker that finished early
+    would wait while another still held two blocks.
+    """
+    import time
+
     from distributed import as_completed
 
-    futures = client.map(
-        fn,
-        items,
-        *[[a] * len(items) for a in args],
-        pure=False,
-        resources=resources,
-        workers=cpu_workers(client) if cpu_only else None,
-        **kwargs,
-    )
-    index = {f.key: i for i, f in enumerate(futures)}
+    where = cpu_workers(client) if cpu_only else None
     results: list[Any] = [None] * len(items)
+    index: dict[Any, int] = {}
+    todo = iter(range(len(items)))
+    running = as_completed()
+
+    def feed(slots: int) -> None:
+        while len(index) < slots:
+            i = next(todo, None)
+            if i is None:
+                return
+            fut = client.submit(
+                fn, items[i], *args, pure=False, resources=resources, workers=where, **kwargs
+            )
+            index[fut.key] = i
+            running.add(fut)
+
+    slots, counted = _slots(client, resources, where), time.monotonic()
+    feed(slots)
     with Progress(label, len(items), unit) as progress:
-        for fut in as_completed(futures):
-            i = index[fut.key]
+        for fut in running:
+            i = index.pop(fut.key)
             results[i] = task_result(fut, label, items[i])
             progress.update(pixels=pixels[i] if pixels else 0)
+            if time.monotonic() - counted > 2:  # workers come and go on a real cluster
+                slots, counted = _slots(client, resources, where), time.monotonic()
+            feed(slots)
     return results
+
+
+def _slots(client: Any, resources: dict[str, int] | None, where: list[str] | None) -> int:
+    """Worker threads that may run a task with these ``resources`` and ``where`` restriction."""
+    n = 0
+    for address, w in client.scheduler_info()["workers"].items():
+        have = w.get("resources", {})
+        if where is not None and address not in where:
+            continue
+        if resources and any(have.get(k, 0) < v for k, v in resources.items()):
+            continue
+        n += int(w.get("nthreads", 1))
+    return max(1, n)
 
 
 def task_result(future: Any, label: str, item: Any) -> Any:

@@ -236,6 +236,11 @@ def predict_scenes(
                     shutil.rmtree(p.parts, ignore_errors=True)
             raise
         jobs = [BlockJob(c, p.profile.path, p.grid, str(p.parts)) for p in plans for c in p.todo]
+        # blocks with the most windows first (Dask starts tasks in the order they came): the
+        # last to run are then the shortest, and the workers finish together. In the order of
+        # the scene, a 2048 px scene's four blocks of 4, 6, 6 and 9 windows left one worker 15
+        # windows and the other 10.
+        jobs.sort(key=lambda j: -len(j.grid.windows_for(j.core)))
         t0 = time.perf_counter()
         with session(workers, scheduler, client=remote, gpu=device != "cpu") as client:
             t_start = time.perf_counter() - t0

@@ -337,3 +337,27 @@ def test_a_gpu_machine_gets_one_local_worker_per_gpu(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="geoseg"), session(gpu=True) as client:
         assert len(client.run(torch_threads_and_gpu)) == 2
     assert "share the first GPU" in caplog.text and "geoseg[cuda]" in caplog.text
+
+
+def test_tasks_start_in_the_order_given_one_per_worker_thread():
+    """predict hands out its largest blocks first; that only helps if they start first, and if
+    no worker holds a second block while another has nothing to do."""
+    from geoseg.cluster import run_tasks, session
+
+    def stamp(item: int) -> tuple[int, float, float]:  # travels by value to the workers
+        import time
+
+        t = time.monotonic()
+        time.sleep(0.05 * item)
+        return item, t, time.monotonic()
+
+    items = [6, 5, 4, 3, 2, 1, 1, 1]
+    with session(1) as client:
+        ran = run_tasks(client, stamp, items, "stamps")
+    assert [r[0] for r in ran] == items  # results in the order of the items
+    assert sorted(ran, key=lambda r: r[1]) == ran  # and started in that order
+    with session(2) as client:
+        ran = run_tasks(client, stamp, items, "stamps")
+    assert [r[0] for r in ran] == items
+    for _, start, _ in ran:  # never more tasks running than the two worker threads
+        assert sum(1 for _, s, e in ran if s <= start < e) <= 2
