@@ -1,5 +1,5 @@
 """Training epochs on a LocalCluster with Dask's default worker environment against geoseg's
-(glibc's mmap threshold raised to 32 MiB and heap trimming off).
+(geoseg/dask.yaml: glibc's mmap threshold raised to 32 MiB, heap trimming off, one arena).
 
     python benchmarks/worker_malloc.py [--epochs 3] [--repeats 2]
 
@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import statistics
 import tempfile
 from pathlib import Path
-from unittest import mock
 
+import dask
+import distributed  # noqa: F401  (Dask's own defaults, read below)
 from _results import append_result
 
 import geoseg.cluster
@@ -26,19 +28,26 @@ SAMPLE = demo_workflow().parent
 
 
 def run(env: dict[str, str], epochs: int) -> list[float]:
+    # Dask's nanny copies these into this process's environment, where they would win over the
+    # next run's config: put the environment back after each run
+    saved = dict(os.environ)
     with (
-        mock.patch.object(geoseg.cluster, "WORKER_MALLOC_ENV", env),
+        dask.config.set({"distributed.nanny.pre-spawn-environ": env}),
         tempfile.TemporaryDirectory() as d,
     ):
-        result = train(
-            SAMPLE / "nc_landsat7_2000.tif",
-            SAMPLE / "nc_landclass96.tif",
-            Path(d) / "m.bundle",
-            within=SAMPLE / "nc_train_west60.gpkg",
-            arch_args={"depth": 3, "base_width": 16},
-            epochs=epochs,
-            workers=2,
-        )
+        try:
+            result = train(
+                SAMPLE / "nc_landsat7_2000.tif",
+                SAMPLE / "nc_landclass96.tif",
+                Path(d) / "m.bundle",
+                within=SAMPLE / "nc_train_west60.gpkg",
+                arch_args={"depth": 3, "base_width": 16},
+                epochs=epochs,
+                workers=2,
+            )
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
     return [h["seconds"] for h in result.history]
 
 
@@ -48,7 +57,12 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
-    rows = {"dask default": {}, "geoseg": dict(geoseg.cluster.WORKER_MALLOC_ENV)}
+    dask_default = dict(dask.config.get("distributed.nanny.pre-spawn-environ"))
+    geoseg.cluster.use_geoseg_defaults()
+    rows = {
+        "dask default": dask_default,
+        "geoseg": dict(dask.config.get("distributed.nanny.pre-spawn-environ")),
+    }
     seconds: dict[str, list[float]] = {k: [] for k in rows}
     for _ in range(args.repeats):
         for name, env in rows.items():  # interleaved, so drift hits both alike
