@@ -215,17 +215,19 @@ def run_tasks(
     pixels: Sequence[int] | None = None,
     resources: dict[str, int] | None = None,
     cpu_only: bool = False,
+    paced: bool = False,
     **kwargs: Any,
 ) -> list[Any]:
-    """Run ``fn(item, *args, **kwargs)`` for every item on the cluster, started in the order of
-    ``items``, showing progress (with throughput when ``pixels`` gives each item's size); return
-    the results in ``items``' order.
+    """Run ``fn(item, *args, **kwargs)`` for every item on the cluster, showing progress (with
+    throughput when ``pixels`` gives each item's size); return the results in ``items``' order.
     ``cpu_only`` tasks keep off GPU workers where the cluster has others (:func:`cpu_workers`).
 
-    The client hands out one task per worker thread that may run it and the next as each
-    finishes: Dask would otherwise give every worker its share of a small graph at once (it
-    queues tasks on the scheduler only for large groups), and a worker that finished early
-    would wait while another still held two blocks.
+    ``paced`` (for tasks of seconds or more, such as predicting a block): the client hands out
+    one task per worker thread that may run it, in the order of ``items``, and the next as each
+    finishes. Dask would otherwise give every worker its share of a small graph at once, in no
+    particular order (it queues tasks on the scheduler only for large groups), and a worker
+    that finished early would wait while another still held two blocks. Short tasks are all
+    submitted at once: a round trip per task would cost more than it saves.
     """
     import time
 
@@ -248,16 +250,30 @@ def run_tasks(
             index[fut.key] = i
             running.add(fut)
 
-    slots, counted = _slots(client, resources, where), time.monotonic()
-    feed(slots)
+    if paced:
+        slots, counted = _slots(client, resources, where), time.monotonic()
+        feed(slots)
+    else:
+        futures = client.map(
+            fn,
+            items,
+            *[[a] * len(items) for a in args],
+            pure=False,
+            resources=resources,
+            workers=where,
+            **kwargs,
+        )
+        index = {f.key: i for i, f in enumerate(futures)}
+        running.update(futures)
     with Progress(label, len(items), unit) as progress:
         for fut in running:
             i = index.pop(fut.key)
             results[i] = task_result(fut, label, items[i])
             progress.update(pixels=pixels[i] if pixels else 0)
-            if time.monotonic() - counted > 2:  # workers come and go on a real cluster
-                slots, counted = _slots(client, resources, where), time.monotonic()
-            feed(slots)
+            if paced:
+                if time.monotonic() - counted > 2:  # workers come and go on a real cluster
+                    slots, counted = _slots(client, resources, where), time.monotonic()
+                feed(slots)
     return results
 
 

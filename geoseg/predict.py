@@ -278,6 +278,7 @@ def predict_scenes(
                     probabilities=probabilities,
                     pixels=[int(j.core.width * j.core.height) for j in jobs],
                     resources=resources,
+                    paced=True,
                     **options,
                 )
             else:

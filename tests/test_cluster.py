@@ -353,11 +353,11 @@ def test_tasks_start_in_the_order_given_one_per_worker_thread():
 
     items = [6, 5, 4, 3, 2, 1, 1, 1]
     with session(1) as client:
-        ran = run_tasks(client, stamp, items, "stamps")
+        ran = run_tasks(client, stamp, items, "stamps", paced=True)
     assert [r[0] for r in ran] == items  # results in the order of the items
     assert sorted(ran, key=lambda r: r[1]) == ran  # and started in that order
     with session(2) as client:
-        ran = run_tasks(client, stamp, items, "stamps")
+        ran = run_tasks(client, stamp, items, "stamps", paced=True)
     assert [r[0] for r in ran] == items
     for _, start, _ in ran:  # never more tasks running than the two worker threads
         assert sum(1 for _, s, e in ran if s <= start < e) <= 2
