@@ -8,7 +8,9 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import platform
+import sys
 import threading
 import time
 from pathlib import Path
@@ -19,12 +21,21 @@ import psutil
 import rasterio
 from rasterio.windows import Window
 
+from geoseg.cluster import WORKER_MALLOC_ENV
 from geoseg.io import ClassInfo, write_class_metadata
 from geoseg.pipeline import demo_workflow
 
 RESULTS = Path(__file__).parent / "results"
 LABELS = demo_workflow().parent / "nc_landclass96.tif"
 UPSAMPLE = 4
+
+
+def under_worker_malloc() -> None:
+    """Re-run this script under the allocator settings geoseg gives its Dask workers (glibc reads
+    them at start-up), so that what runs in this process, such as the model-alone limit, uses
+    the same malloc as the workers it is compared with."""
+    if any(os.environ.get(k) != v for k, v in WORKER_MALLOC_ENV.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **WORKER_MALLOC_ENV})
 
 
 def append_result(name: str, record: dict[str, Any]) -> Path:

@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
-import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +25,7 @@ import numpy as np
 import psutil
 import rasterio
 import torch
-from _results import PeakMemory, finish
+from _results import PeakMemory, finish, under_worker_malloc
 
 from geoseg import load_bundle
 from geoseg.bundle import BandInfo, Contract, save_bundle
@@ -137,8 +135,7 @@ def warm_calls(bundle: Path, scene: Path, out: Path, batch: int, calls: int = 3)
 
 
 def main() -> None:
-    if any(os.environ.get(k) != v for k, v in WORKER_MALLOC_ENV.items()):
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **WORKER_MALLOC_ENV})
+    under_worker_malloc()
     logging.basicConfig(level=logging.WARNING)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[2048])

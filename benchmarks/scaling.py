@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import psutil
 import torch
-from _results import finish
+from _results import finish, under_worker_malloc
 from predict import make_bundle, make_scene, model_alone
 
 from geoseg.cluster import WORKER_MALLOC_ENV, loopback_cluster
@@ -57,8 +55,7 @@ def row(workers: str, size: int, window: int, windows: int, wall: float, limit: 
 
 
 def main() -> None:
-    if any(os.environ.get(k) != v for k, v in WORKER_MALLOC_ENV.items()):
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **WORKER_MALLOC_ENV})
+    under_worker_malloc()
     logging.basicConfig(level=logging.WARNING)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=4096)

@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import psutil
 import torch
-from _results import append_result
+from _results import append_result, under_worker_malloc
 
-from geoseg.cluster import WORKER_MALLOC_ENV, session
+from geoseg.cluster import session
 from geoseg.data import LabelSpec, TrainingSampler
 from geoseg.io import read_profile
 from geoseg.losses import make_loss
@@ -111,8 +109,7 @@ def geoseg_rate(args: argparse.Namespace, workers: int, tmp: Path) -> tuple[floa
 
 
 def main() -> None:
-    if any(os.environ.get(k) != v for k, v in WORKER_MALLOC_ENV.items()):
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **WORKER_MALLOC_ENV})
+    under_worker_malloc()
     logging.basicConfig(level=logging.WARNING)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--window", type=int, default=64)
