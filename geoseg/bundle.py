@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from rasterio.crs import CRS
 from torch import nn
 
 from geoseg.errors import BandMismatchError, BundleError
@@ -97,14 +98,119 @@ class Bundle:
         return np.array([c.id for c in self.classes], dtype=np.uint8)
 
     def check_scene(self, profile: SceneProfile) -> None:
-        """Raise :class:`BandMismatchError` unless ``profile`` has the bands this model reads."""
-        expected = ",".join(b.name for b in self.bands)
-        wanted = len(self.bands)
-        if profile.count != wanted:
-            raise BandMismatchError(
-                f"scene {profile.path!r} has {profile.count} bands, the bundle expects {wanted} "
-                f"({expected}); use a scene with these bands or a bundle trained on this scene's bands"
+        """Raise :class:`BandMismatchError` unless ``profile`` has every band this model reads
+        (the bundle's band indexes: a model trained on bands 2,3,4 reads those of a 6-band
+        scene)."""
+        indexes = [b.index for b in self.bands]
+        if max(indexes) > profile.count:
+            expected = ",".join(b.name for b in self.bands)
+            which = (
+                f"{len(indexes)}"
+                if indexes == list(range(1, len(indexes) + 1))
+                else f"bands {','.join(map(str, indexes))}"
             )
+            raise BandMismatchError(
+                f"scene {profile.path!r} has {profile.count} bands, the bundle expects {which} "
+                f"({expected}); use a scene with these bands or a bundle trained on this scene's "
+                "bands"
+            )
+
+
+SCALE_Z = 4.0  # a band's sample mean this many training deviations away is another scale
+SCALE_RATIO = 5.0  # or its deviation this many times larger or smaller
+PIXEL_RATIO = 1.5  # a pixel this many times larger or smaller than in training
+
+
+def compare_scene(bundle: Bundle, profile: SceneProfile, *, samples: int = 16) -> list[str]:
+    """How ``profile``'s scene differs from the bundle's training scene, one line each: band
+    values on another scale (from a sample of ``samples`` windows against the bundle's
+    normalisation), another pixel size, another CRS. Empty when nothing stands out."""
+    c = bundle.contract
+    lines = []
+    stats = _sample_stats(bundle, profile, samples)
+    if stats is not None:
+        off = []
+        for band, (m, s), bm, bs in zip(bundle.bands, stats, c.mean, c.std):
+            z = abs(m - bm) / bs if bs > 0 else 0.0
+            ratio = s / bs if bs > 0 and s > 0 else 1.0
+            if z > SCALE_Z or not 1 / SCALE_RATIO < ratio < SCALE_RATIO:
+                off.append(
+                    f"band {band.index} ({band.name}) mean {m:.4g}, std {s:.4g} against "
+                    f"{bm:.4g}, {bs:.4g}"
+                )
+        if off:
+            lines.append(
+                f"scene {profile.path!r} has values on another scale than the training scene's "
+                f"({'; '.join(off[:3])}{'; ...' if len(off) > 3 else ''}); the map is likely "
+                "wrong: scale the scene to the training scene's units, or train on scenes like it"
+            )
+    crs = CRS.from_user_input(c.crs) if c.crs else None
+    if crs is not None and profile.crs is not None and not _same_crs(crs, profile):
+        lines.append(
+            f"scene {profile.path!r} is in {profile.crs.to_string()}, the bundle was trained in "
+            f"{crs.to_string()}; the model sees the scene on its own grid, so reproject it "
+            f"(gdalwarp -t_srs {crs.to_string()}) if the map looks wrong"
+        )
+    if crs is not None and profile.crs is not None:
+        here = _pixel_metres(profile.crs, profile.res, profile)
+        there = _pixel_metres(crs, c.pixel_size, profile)
+        ratio = here / there if there > 0 else 1.0
+        if not 1 / PIXEL_RATIO < ratio < PIXEL_RATIO:
+            lines.append(
+                f"scene {profile.path!r} has pixels of {here:.4g} m, the bundle was trained on "
+                f"{there:.4g} m ({ratio:.3g}x); objects look {'smaller' if ratio > 1 else 'larger'}"
+                " to the model than in training: resample the scene to the training pixel size "
+                "(gdalwarp -tr) or train at this one"
+            )
+    return lines
+
+
+def _sample_stats(
+    bundle: Bundle, profile: SceneProfile, samples: int
+) -> list[tuple[float, float]] | None:
+    """Per band, the mean and deviation of the valid pixels of up to ``samples`` windows of
+    128 px spread over the scene (None if none is valid)."""
+    from rasterio.windows import Window
+
+    from geoseg.io import read_scene_window
+
+    side = 128
+    n = max(1, int(np.sqrt(samples)))
+    rows = np.linspace(0, max(0, profile.height - side), n).astype(int)
+    cols = np.linspace(0, max(0, profile.width - side), n).astype(int)
+    indexes = [b.index for b in bundle.bands]
+    values = []
+    for r in sorted(set(rows)):
+        for col in sorted(set(cols)):
+            win = Window(col, r, min(side, profile.width), min(side, profile.height))
+            data, valid, _ = read_scene_window(profile.path, win, indexes, bundle.contract.nodata)
+            values.append(data[:, valid].astype(np.float64))
+    d = np.concatenate(values, axis=1)
+    if d.shape[1] == 0:
+        return None
+    return [(float(m), float(s)) for m, s in zip(d.mean(axis=1), d.std(axis=1))]
+
+
+def _same_crs(crs: CRS, profile: SceneProfile) -> bool:
+    from geoseg.io import crs_equivalent
+
+    return crs == profile.crs or crs_equivalent(profile, crs)
+
+
+def _pixel_metres(crs: CRS, res: tuple[float, float], near: SceneProfile) -> float:
+    """The side of a pixel of ``res`` in ``crs``, in metres (at the centre of ``near`` for a
+    geographic CRS)."""
+    size = float(np.sqrt(abs(res[0] * res[1])))
+    if crs.is_geographic:
+        from pyproj import Transformer
+
+        x, y = near.transform * (near.width / 2, near.height / 2)
+        _, lat = Transformer.from_crs(near.crs, "EPSG:4326", always_xy=True).transform(x, y)
+        return size * 111_320 * float(np.sqrt(max(np.cos(np.radians(lat)), 1e-6)))
+    try:
+        return size * float(crs.linear_units_factor[1])
+    except Exception:  # a CRS without linear units
+        return size
 
 
 def _content_hash(contract: dict[str, Any], state: dict[str, torch.Tensor]) -> str:

@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 import traceback
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import click
 import yaml
 
 from geoseg import __version__
-from geoseg.errors import ConfigError, GeosegError
+from geoseg.errors import ConfigError, GeosegError, Interrupted
 
 log = logging.getLogger("geoseg")
 _state = {"verbose": 0}
@@ -32,13 +33,27 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     log.handlers[:] = [handler]
     log.setLevel(level)
     log.propagate = False
-    logging.captureWarnings(True)
-    warn_log = logging.getLogger("py.warnings")
-    warn_log.handlers[:] = [handler]
-    warn_log.propagate = False
+    # a warning is one line that names no source line of geoseg's: what it says is for users
+    from rasterio.errors import NotGeoreferencedWarning
+
+    warnings.showwarning = _show_warning
+    # a scene without a CRS is refused, or predicted on purpose with --allow-no-crs
+    warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
     # Dask's own chatter (worker start-up, closing comms) only at -vv
     for name in ("distributed", "tornado", "asyncio"):
         logging.getLogger(name).setLevel(logging.INFO if verbose > 1 else logging.ERROR)
+
+
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
+    text = " ".join(str(message).split())
+    log.warning("geoseg: warning: %s", text)
 
 
 def common(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -145,8 +160,9 @@ class GeosegGroup(click.Group):
             raise
         except GeosegError as exc:
             self._fail(ctx, str(exc))
-        except KeyboardInterrupt:
-            click.echo("geoseg: interrupted", err=True)
+        except KeyboardInterrupt as exc:
+            note = str(exc) if isinstance(exc, Interrupted) else ""
+            click.echo("geoseg: interrupted" + (f"; {note}" if note else ""), err=True)
             ctx.exit(130)
         except Exception as exc:
             self._fail(
@@ -353,6 +369,12 @@ Example:
     help="auto: bf16 where the CPU or GPU has it, else fp32 (CPU) or fp16 (GPU).",
 )
 @click.option("--allow-no-crs", is_flag=True, help="Predict a scene that has no CRS.")
+@click.option(
+    "--strict",
+    is_flag=True,
+    help="Refuse a scene whose values, pixel size or CRS differ from the training scene's "
+    "(default: a warning for each).",
+)
 @click.option(
     "--polygons",
     help="Also write the class map's polygons here (.geojson, .gpkg, .parquet, .fgb); with "

@@ -90,6 +90,8 @@ def session(
     use_geoseg_defaults()
     config = {
         "logging.distributed": "error",
+        # Ctrl-C reaches the workers too: they ignore it, and the client stops them
+        "distributed.worker.preload": ["geoseg.worker_preload"],
         # the nanny's config rather than env=, which dask-cuda replaces with its own
         "distributed.nanny.environ.GEOSEG_TORCH_THREADS": str(max(1, (os.cpu_count() or 1) // n)),
     }
@@ -97,7 +99,13 @@ def session(
         cluster = _local_cluster(n, gpus)
         with cluster, Client(cluster) as client:
             log.debug("local Dask cluster: %d worker processes", n)
-            yield client
+            try:
+                yield client
+            except KeyboardInterrupt:
+                # the cluster closes with the tasks still running: nothing of that is news
+                for name in ("distributed", "tornado", "asyncio"):
+                    logging.getLogger(name).setLevel(logging.CRITICAL)
+                raise
 
 
 def _local_cluster(n: int, gpus: int) -> Any:
@@ -134,24 +142,67 @@ def scheduler_address(scheduler: str | None) -> str | None:
     return scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS") or None
 
 
+CONNECT_TIMEOUT = "geoseg.connect-timeout"
+"""Dask config key: how long the first contact with a running scheduler may take (``5s``)."""
+
+
 def connect(address: str) -> Any:
-    """A ``distributed.Client`` of the scheduler at ``address``, or one clear error."""
+    """A ``distributed.Client`` of the scheduler at ``address``, or one clear error. A
+    scheduler that does not answer is reported after ``geoseg.connect-timeout`` (5 s by
+    default; Dask itself would retry for 30 s)."""
     import dask
     from distributed import Client
 
+    _check_address(address)
+    timeout = dask.config.get(CONNECT_TIMEOUT, "5s")
     try:
-        return Client(address, timeout=dask.config.get("distributed.comm.timeouts.connect"))
+        return Client(address, timeout=timeout)
     except OSError as exc:
         raise ClusterError(
             f"cannot reach the Dask scheduler at {address!r} ({exc}); start one with "
-            "'dask scheduler' or drop --scheduler to use a local cluster"
+            f"'dask scheduler', or {_local_instead(address)}"
         ) from None
+
+
+def _local_instead(address: str) -> str:
+    """How to use a local cluster instead: drop --scheduler, or unset the variable it came
+    from."""
+    if os.environ.get("DASK_SCHEDULER_ADDRESS") == address:
+        return "unset DASK_SCHEDULER_ADDRESS (it names this address) to use a local cluster"
+    return "drop --scheduler to use a local cluster"
+
+
+def _check_address(address: str) -> None:
+    """Refuse an address with no port, or a scheme Dask does not know, in one line."""
+    from distributed.comm import parse_address
+    from distributed.comm.registry import backends
+
+    try:
+        scheme, location = parse_address(address)
+        ok = scheme in backends and (scheme == "inproc" or location.rpartition(":")[2].isdigit())
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ClusterError(
+            f"{address!r} is not a Dask scheduler address; expected tcp://HOST:PORT such as "
+            f"tcp://10.0.0.5:8786 (what 'dask scheduler' prints); or {_local_instead(address)}"
+        )
+
+
+def workers_info(client: Any) -> dict[str, Any]:
+    """Every worker of the cluster, by address. Some releases of distributed list only five
+    in ``scheduler_info()`` unless asked for all (``n_workers=-1``)."""
+    try:
+        info = client.scheduler_info(n_workers=-1)
+    except TypeError:  # a release before the argument
+        info = client.scheduler_info()
+    return dict(info["workers"])
 
 
 def count_workers(address: str) -> int:
     """The number of workers of the cluster at ``address`` now."""
     with connect(address) as c:
-        return len(c.scheduler_info()["workers"])
+        return len(workers_info(c))
 
 
 GPU = "GPU"  # the Dask worker resource that --device cuda tasks ask for
@@ -169,7 +220,7 @@ def task_resources(client: Any, device: str) -> dict[str, int] | None:
     with a clear message when no worker declares one), none otherwise."""
     if device != "cuda":
         return None
-    workers = client.scheduler_info()["workers"].values()
+    workers = workers_info(client).values()
     if not any(w.get("resources", {}).get(GPU, 0) >= 1 for w in workers):
         raise ClusterError(
             "--device cuda: no Dask worker declares a GPU; start workers on GPU machines with "
@@ -182,7 +233,7 @@ def cpu_workers(client: Any) -> list[str] | None:
     """The workers without a GPU, when the cluster has workers of both kinds: CPU-only tasks
     (reading, polygons, metrics) go there and leave the GPUs to the model. ``None`` (any
     worker) when all workers are of one kind."""
-    workers = client.scheduler_info()["workers"]
+    workers = workers_info(client)
     cpu = [a for a, w in workers.items() if not w.get("resources", {}).get(GPU, 0)]
     return cpu if cpu and len(cpu) < len(workers) else None
 
@@ -251,7 +302,7 @@ def run_tasks(
             running.add(fut)
 
     if paced:
-        slots, counted = _slots(client, resources, where), time.monotonic()
+        slots, counted = worker_slots(client, resources, where), time.monotonic()
         feed(slots)
     else:
         futures = client.map(
@@ -272,15 +323,15 @@ def run_tasks(
             progress.update(pixels=pixels[i] if pixels else 0)
             if paced:
                 if time.monotonic() - counted > 2:  # workers come and go on a real cluster
-                    slots, counted = _slots(client, resources, where), time.monotonic()
+                    slots, counted = worker_slots(client, resources, where), time.monotonic()
                 feed(slots)
     return results
 
 
-def _slots(client: Any, resources: dict[str, int] | None, where: list[str] | None) -> int:
+def worker_slots(client: Any, resources: dict[str, int] | None, where: list[str] | None) -> int:
     """Worker threads that may run a task with these ``resources`` and ``where`` restriction."""
     n = 0
-    for address, w in client.scheduler_info()["workers"].items():
+    for address, w in workers_info(client).items():
         have = w.get("resources", {})
         if where is not None and address not in where:
             continue
@@ -312,23 +363,26 @@ def task_result(future: Any, label: str, item: Any) -> Any:
 
 def _describe(item: Any) -> str:
     """A block (a job with a ``core`` window, or the window itself) by its rows and columns."""
+    from geoseg.io import describe_window
+
     core = getattr(item, "core", item)
     if not hasattr(core, "row_off"):
         return f"task {item!r}"
-    return (
-        f"the block at rows {int(core.row_off)}-{int(core.row_off + core.height)}, columns "
-        f"{int(core.col_off)}-{int(core.col_off + core.width)}"
-    )
+    return f"the block at {describe_window(core)}"
 
 
 @contextlib.contextmanager
 def loopback_cluster(
-    workers: int = 1, *worker_args: str, env: dict[str, str] | None = None
+    workers: int = 1,
+    *worker_args: str,
+    env: dict[str, str] | None = None,
+    cwd: str | os.PathLike[str] | None = None,
 ) -> Iterator[tuple[str, list[Any]]]:
     """Start real ``dask scheduler`` and ``dask worker`` processes (one thread each) on
     127.0.0.1; yield the scheduler's address and the worker processes, and stop them all after.
     ``worker_args`` go to every ``dask worker``, ``env`` adds to their environment; every
-    process reads geoseg's ``dask.yaml``. For tests and benchmarks of the ``--scheduler`` path."""
+    process reads geoseg's ``dask.yaml``; ``cwd``: the workers' working folder. For tests and
+    benchmarks of the ``--scheduler`` path."""
     import socket
     import subprocess
     import sys
@@ -356,7 +410,7 @@ def loopback_cluster(
         for _ in range(workers):
             args = ["--nthreads", "1", "--no-dashboard", "--host", "127.0.0.1", *worker_args]
             procs.append(
-                subprocess.Popen([dask, "worker", address, *args], env=worker_env, **quiet)
+                subprocess.Popen([dask, "worker", address, *args], env=worker_env, cwd=cwd, **quiet)
             )
         with Client(address, timeout="30s") as c:
             c.wait_for_workers(workers, timeout=60)

@@ -7,7 +7,9 @@ Everything here reads windows from paths, so the same code runs in the client an
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -37,6 +39,8 @@ from geoseg.io import (
     window_inside,
 )
 
+log = logging.getLogger("geoseg")
+
 # A qualitative palette for classes that come without colours (ColorBrewer Set1 + Dark2).
 _PALETTE = [
     "#e41a1c",
@@ -59,11 +63,13 @@ _PALETTE = [
 @dataclass(frozen=True)
 class LabelSpec:
     """Where labels come from: a class raster on the scene's grid, or a vector file with a
-    class field. Codes in ``ignore`` mean unlabelled."""
+    class field. Codes in ``ignore`` mean unlabelled; ``class_map`` turns codes into class ids
+    (``(code, id)`` pairs; codes it does not name stay as they are)."""
 
     path: str
     field: str | None = None
     ignore: tuple[int, ...] = ()
+    class_map: tuple[tuple[int, int], ...] = ()
 
     @property
     def is_vector(self) -> bool:
@@ -120,64 +126,185 @@ def area_mask(path: str | None, window: Window, profile: SceneProfile) -> np.nda
 def read_codes(
     spec: LabelSpec, window: Window, profile: SceneProfile, src: Any = None
 ) -> np.ndarray:
-    """Label codes in ``window`` as int32, with -1 where there is no label. ``src``: the label
-    raster, already open (else it is opened here)."""
+    """Label codes in ``window`` as int32, with -1 where there is no label (nodata, NaN, an
+    ignored code), after ``spec.class_map``. ``src``: the label raster, already open (else it
+    is opened here). The codes are those :func:`check_codes` let through: whole numbers, none
+    negative, so -1 never stands for a real code."""
     shape = (int(window.height), int(window.width))
+    mapping = dict(spec.class_map)
     if spec.is_vector:
         field = spec.field
         assert field is not None
         gdf = vector_in_window(spec.path, window, profile, [field])
         if gdf.empty:
             return np.full(shape, -1, dtype=np.int32)
-        codes = rasterize(
-            ((g, int(v)) for g, v in zip(gdf.geometry, gdf[field]) if v is not None),
+        ignore = set(spec.ignore)
+        values = [
+            -1 if int(v) in ignore else mapping.get(int(v), int(v))
+            for v in gdf[field]
+            if v is not None and v == v  # not None, not NaN
+        ]
+        geoms = [g for g, v in zip(gdf.geometry, gdf[field]) if v is not None and v == v]
+        return rasterize(
+            zip(geoms, values),
             out_shape=shape,
             transform=window_transform(window, profile.transform),
             fill=-1,
             dtype="int32",
         )
-    else:
-        with contextlib.ExitStack() as stack:
-            if src is None:
-                src = stack.enter_context(rasterio.open(spec.path))
-            data = src.read(1, window=window, boundless=not window_inside(src, window), masked=True)
-        codes = np.where(np.ma.getmaskarray(data), -1, np.asarray(data.filled(0)).astype(np.int32))
-    for c in spec.ignore:
-        codes[codes == c] = -1
-    return codes
+    with contextlib.ExitStack() as stack:
+        if src is None:
+            src = stack.enter_context(rasterio.open(spec.path))
+        data = src.read(1, window=window, boundless=not window_inside(src, window), masked=True)
+    if data.dtype.kind == "f":
+        data = np.ma.masked_invalid(data)
+    raw = np.asarray(data.filled(0)).astype(np.int64)
+    labelled = ~np.ma.getmaskarray(data)
+    if spec.ignore:
+        labelled &= ~np.isin(raw, spec.ignore)
+    if mapping:
+        raw = map_codes(raw, mapping)
+    return np.where(labelled, raw, -1).astype(np.int32)
 
 
-def check_labels(spec: LabelSpec, scene: SceneProfile) -> None:
-    """Raise a :class:`LabelError` if labels cannot be used with ``scene`` at all."""
+def map_codes(codes: np.ndarray, mapping: dict[int, int]) -> np.ndarray:
+    """Codes through ``mapping`` (code -> class id); codes it does not name stay."""
+    if not mapping:
+        return codes
+    out = codes.copy()
+    for src_code, dst in mapping.items():
+        out[codes == src_code] = dst
+    return out
+
+
+ID_LIKE = {"id", "fid", "gid", "ogc_fid", "objectid", "object_id", "uid", "index"}
+
+
+def check_labels(
+    spec: LabelSpec, scene: SceneProfile, what: str = "labels", grid: str = "scene"
+) -> LabelSpec:
+    """Raise a :class:`LabelError` if labels cannot be used with ``scene`` at all; return the
+    spec with its class field chosen (said in a log line when it was not given). ``what`` and
+    ``grid`` name the labels and the raster they go with in messages (``truth`` and ``class
+    map`` for evaluation)."""
     if spec.is_vector:
-        gdf = read_vector(spec.path, "labels")
+        gdf = read_vector(spec.path, what)
         if gdf.empty:
-            raise LabelError(f"labels {spec.path!r} hold no features")
+            raise LabelError(f"{what} {spec.path!r} hold no features")
         numeric = [c for c in gdf.columns if c != "geometry" and gdf[c].dtype.kind in "iu"]
-        if spec.field is None:
+        columns = ", ".join(c for c in gdf.columns if c != "geometry")
+        field = spec.field
+        if field is None:
             if len(numeric) != 1:
+                option = "--label-field" if what == "labels" else "--truth-field"
                 raise LabelError(
-                    f"labels {spec.path!r}: say which column holds the class codes with "
-                    f"--label-field; integer columns: {', '.join(numeric) or 'none'}; all columns: "
-                    f"{', '.join(c for c in gdf.columns if c != 'geometry')}"
+                    f"{what} {spec.path!r}: say which column holds the class codes with "
+                    f"{option}; integer columns: {', '.join(numeric) or 'none'}; all columns: "
+                    f"{columns}"
                 )
-            object.__setattr__(spec, "field", numeric[0])
-        elif spec.field not in gdf.columns:
+            field = numeric[0]
+            _say_field(spec.path, what, field, gdf[field])
+        elif field not in gdf.columns:
+            raise LabelError(f"{what} {spec.path!r} have no column {field!r}; columns: {columns}")
+        elif gdf[field].dtype.kind not in "iuf":
             raise LabelError(
-                f"labels {spec.path!r} have no column {spec.field!r}; columns: "
-                f"{', '.join(c for c in gdf.columns if c != 'geometry')}"
-            )
-        elif spec.field not in numeric:
-            raise LabelError(
-                f"labels {spec.path!r}: column {spec.field!r} holds {gdf[spec.field].dtype} values, "
+                f"{what} {spec.path!r}: column {field!r} holds {gdf[field].dtype} values, "
                 f"not integer class codes; integer columns: {', '.join(numeric) or 'none'}"
             )
+        spec = LabelSpec(spec.path, field, spec.ignore, spec.class_map)
+        check_codes(spec, gdf[field].dropna().unique().astype(np.float64), what)
         if scene.crs is not None and gdf.crs is not None:
             gdf = vector_near(gdf, scene.crs, raster_bounds(scene))
         if not gdf.intersects(_box(*raster_bounds(scene))).any():
-            raise LabelError(f"labels {spec.path!r} do not overlap scene {scene.path!r}")
+            raise LabelError(f"{what} {spec.path!r} do not overlap the {grid} {scene.path!r}")
     else:
-        check_same_grid(scene, read_profile(spec.path, "labels"), "labels")
+        check_same_grid(scene, read_profile(spec.path, what), what, grid)
+        check_codes(spec, raster_values(spec.path), what)
+    return spec
+
+
+def _say_field(path: str, what: str, field: str, values: Any) -> None:
+    """Say which column was taken for the class codes, and warn when it looks like an
+    identifier rather than a class."""
+    option = "--label-field" if what == "labels" else "--truth-field"
+    distinct = values.nunique()
+    if field.lower() in ID_LIKE or (len(values) > 20 and distinct == len(values)):
+        warnings.warn(
+            f"{what} {path!r}: the only integer column, {field!r}, was taken for the class "
+            f"codes, but it looks like a feature identifier ({distinct} distinct values in "
+            f"{len(values)} features); pass {option} with the column of class codes",
+            stacklevel=4,
+        )
+    else:
+        log.info(
+            "%s %s: class codes from column %r (the only integer column; %s chooses another)",
+            what,
+            path,
+            field,
+            option,
+        )
+
+
+def raster_values(path: str) -> np.ndarray:
+    """Every distinct value of a label raster's first band outside its nodata (and NaN), read
+    block by block, as float64."""
+    from geoseg.tiling import block_windows
+
+    found: set[float] = set()
+    with rasterio.open(path) as src:
+        for win in block_windows(src.height, src.width, 2048):
+            a = src.read(1, window=win, masked=True)
+            v = a.compressed()
+            if v.dtype.kind == "f":
+                v = v[np.isfinite(v)]
+            if v.dtype.kind in "u" and v.dtype.itemsize <= 2:
+                found.update(np.flatnonzero(np.bincount(v)).tolist())
+            else:
+                found.update(np.unique(v).tolist())
+    return np.array(sorted(found), dtype=np.float64)
+
+
+def check_codes(spec: LabelSpec, values: np.ndarray, what: str = "labels") -> None:
+    """Refuse label values that cannot be class codes: not whole numbers, negative, or above
+    254 (255 is nodata in class maps), unless ``spec`` ignores them or maps them to a class;
+    the message names the file, the field and the codes, and how to fix them."""
+    allowed = set(spec.ignore) | {k for k, _ in spec.class_map}
+    fractional = [v for v in values if v != np.floor(v)]
+    whole = [int(v) for v in values if v == np.floor(v) and int(v) not in allowed]
+    negative = [c for c in whole if c < 0]
+    large = [c for c in whole if c > 254]
+    bad_ids = sorted({i for _, i in spec.class_map if not 0 <= i <= 254})
+    if bad_ids:
+        raise LabelError(
+            f"--class-map maps codes onto {bad_ids}; class ids are whole numbers 0-254 (255 "
+            "marks nodata in class maps)"
+        )
+    if not (fractional or negative or large):
+        return
+    source = f"{what} {spec.path!r}" + (f", field {spec.field!r}," if spec.field else "")
+
+    def some(items: list[Any]) -> str:
+        return ", ".join(f"{v:g}" for v in items[:8]) + (" ..." if len(items) > 8 else "")
+
+    found = "; ".join(
+        text
+        for text, items in (
+            ("negative codes " + some(negative), negative),
+            ("codes that are not whole numbers " + some(fractional), fractional),
+            ("codes above 254 " + some(large), large),
+        )
+        if items
+    )
+    codes = [*negative, *large]
+    fix = "recode them (gdal_calc.py, or a column of whole numbers 0-254)"
+    if codes:
+        fix += f", or leave them out with --ignore {','.join(map(str, codes[:8]))}"
+        if what == "truth":
+            fix += " or map them onto the class map's ids with --class-map CODE:ID"
+    raise LabelError(
+        f"{source} hold {found}; class codes are whole numbers 0-254 (255 marks nodata in "
+        f"class maps): {fix}"
+    )
 
 
 def _box(*b: float) -> Any:
@@ -238,7 +365,7 @@ def _hex(rgba: tuple[int, ...]) -> str:
 def parse_classes(items: Any, source: str = "classes") -> list[ClassInfo]:
     """Classes from a list of mappings with ``id`` and optional ``name`` and ``color``."""
     try:
-        return [
+        parsed = [
             c
             if isinstance(c, ClassInfo)
             else ClassInfo(
@@ -252,6 +379,13 @@ def parse_classes(items: Any, source: str = "classes") -> list[ClassInfo]:
         raise LabelError(
             f"{source} is not a list of classes with 'id' (and optional 'name', 'color'): {exc}"
         ) from None
+    bad = sorted(c.id for c in parsed if not 0 <= c.id <= 254)
+    if bad:
+        raise LabelError(
+            f"{source} has class ids {bad}; class ids are whole numbers 0-254 (255 marks nodata "
+            "in class maps)"
+        )
+    return parsed
 
 
 def load_classes(classes: str | os.PathLike[str] | Sequence[Any]) -> list[ClassInfo]:

@@ -28,6 +28,15 @@ class OutputExistsError(GeosegError, FileExistsError):
     """The output path exists and overwriting was not asked for."""
 
 
+class OutputError(GeosegError, ValueError):
+    """An output that must not be written: an input, a folder, a file geoseg did not write,
+    or a place that cannot be written."""
+
+
+class OutputLockedError(GeosegError, RuntimeError):
+    """Another geoseg run is writing the same output."""
+
+
 class BandMismatchError(GeosegError, ValueError):
     """A scene's bands do not match what a bundle expects."""
 
@@ -50,3 +59,25 @@ class ConfigError(GeosegError, ValueError):
 
 class ClusterError(GeosegError, RuntimeError):
     """The Dask cluster could not be reached or lost the work."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """The user stopped a run (Ctrl-C); the message says what was kept and how to go on."""
+
+
+def check_range(
+    name: str, value: float | None, low: float | None = None, high: float | None = None
+) -> None:
+    """Raise :class:`ConfigError` unless ``value`` (when given) lies in ``[low, high]``; ``name``
+    is the option as users type it (``--block``)."""
+    if value is None:
+        return
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = (
+            f"between {low} and {high}"
+            if low is not None and high is not None
+            else f"at least {low}"
+            if low is not None
+            else f"at most {high}"
+        )
+        raise ConfigError(f"{name} must be {bounds}, got {value}")

@@ -8,6 +8,8 @@ through the graph.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -18,7 +20,6 @@ from typing import Any
 import numpy as np
 import rasterio
 import torch
-from rasterio.errors import RasterioError
 from rasterio.windows import Window
 from rasterio.windows import intersect as windows_intersect
 from rasterio.windows import intersection as window_intersection
@@ -26,8 +27,8 @@ from rasterio.windows import intersection as window_intersection
 from geoseg.blending import window_weights
 from geoseg.bundle import Bundle, load_bundle
 from geoseg.cluster import torch_threads
-from geoseg.errors import ConfigError, NotARasterError
-from geoseg.io import NODATA_CLASS, read_window, standardize
+from geoseg.errors import ConfigError
+from geoseg.io import NODATA_CLASS, read_scene_window, standardize
 from geoseg.tiling import WindowGrid
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -208,24 +209,10 @@ class BlockJob:
 
 def _read_block(job: BlockJob, area: Window, bundle: Bundle) -> tuple[np.ndarray, np.ndarray, Any]:
     """The bundle's bands of ``area`` of the job's scene, with validity and the scene's
-    profile; a read error becomes one clear line."""
-    failure = None
-    try:
-        with rasterio.open(job.scene) as src:
-            # the scene's own nodata wins; else the fill value the bundle was trained with
-            nodata = None if src.nodata is not None else bundle.contract.nodata
-            data, valid = read_window(src, area, [b.index for b in bundle.bands], nodata)
-            profile = src.profile
-    except RasterioError as exc:
-        failure = str(exc)
-    if failure is not None:  # raised outside the handler: GDAL's error must not travel with it
-        core = job.core
-        raise NotARasterError(
-            f"scene {job.scene!r} could not be read at rows {int(core.row_off)}-"
-            f"{int(core.row_off + core.height)}, columns {int(core.col_off)}-"
-            f"{int(core.col_off + core.width)} ({failure}); the file may be truncated or damaged"
-        )
-    return data, valid, profile
+    profile (the scene's own nodata, else the fill value the bundle was trained with)."""
+    return read_scene_window(
+        job.scene, area, [b.index for b in bundle.bands], bundle.contract.nodata
+    )
 
 
 def _setup(device: str, precision: str, bundle_path: str) -> tuple[str, str, Bundle]:
@@ -242,17 +229,42 @@ def _write_block(
     index: np.ndarray,
     probs: np.ndarray | None,
 ) -> str:
-    """Write the core's class map (and probabilities) as the block's part files."""
+    """Write the core's class map (and probabilities) as the block's part files, then the
+    record that marks the block done (:func:`part_done`)."""
     classes = bundle.class_ids[index]
     classes[~valid] = NODATA_CLASS
     final = Path(job.parts) / part_name(job.core)
     transform = rasterio.windows.transform(job.core, profile["transform"])
+    written = [final]
     if probs is not None:
         scaled = np.rint(probs * 254).astype(np.uint8)
         scaled[:, ~valid] = NODATA_CLASS
-        _write_part(final.with_suffix(".prob.tif"), scaled, profile["crs"], transform)
-    _write_part(final, classes[None], profile["crs"], transform)  # last: marks the block done
+        written.append(final.with_suffix(".prob.tif"))
+        _write_part(written[-1], scaled, profile["crs"], transform)
+    _write_part(final, classes[None], profile["crs"], transform)
+    record = final.with_suffix(".done")
+    tmp = record.with_name(record.name + ".tmp")
+    tmp.write_text(json.dumps({f.name: _fingerprint(f) for f in written}))
+    os.replace(tmp, record)  # last: only now is the block done
     return str(final)
+
+
+def _fingerprint(path: Path) -> list[Any]:
+    """Size and SHA-256 of a part file."""
+    return [path.stat().st_size, hashlib.sha256(path.read_bytes()).hexdigest()]
+
+
+def part_done(parts: Path, core: Window, probabilities: bool) -> bool:
+    """Whether the block at ``core`` was written completely by an earlier run: its record
+    exists and every part file it needs has the size and checksum recorded when it was
+    written. A truncated or overwritten part is not done, so it is computed again."""
+    final = parts / part_name(core)
+    needed = [final.name] + ([final.with_suffix(".prob.tif").name] if probabilities else [])
+    try:
+        record = json.loads(final.with_suffix(".done").read_text())
+        return all(name in record and _fingerprint(parts / name) == record[name] for name in needed)
+    except (OSError, ValueError):
+        return False
 
 
 def predict_block(

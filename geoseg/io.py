@@ -23,7 +23,7 @@ import shapely
 from affine import Affine
 from rasterio.crs import CRS
 from rasterio.enums import MaskFlags
-from rasterio.errors import RasterioIOError
+from rasterio.errors import RasterioError, RasterioIOError
 from rasterio.windows import Window
 
 from geoseg.errors import (
@@ -31,7 +31,9 @@ from geoseg.errors import (
     InputNotFoundError,
     NotARasterError,
     NotAVectorError,
+    OutputError,
     OutputExistsError,
+    OutputLockedError,
 )
 
 NODATA_CLASS = 255
@@ -88,6 +90,12 @@ def raster_bounds(profile: SceneProfile) -> tuple[float, float, float, float]:
 
 def is_url(path: str | os.PathLike[str]) -> bool:
     return str(path).startswith(_GDAL_URL_PREFIXES)
+
+
+def resolve_path(path: str | os.PathLike[str]) -> str:
+    """``path`` made absolute on the client (GDAL URLs as they are): workers may run in other
+    folders, or on other machines."""
+    return str(path) if is_url(path) else str(Path(path).resolve())
 
 
 def check_input(path: str | os.PathLike[str], what: str = "input") -> str:
@@ -176,6 +184,35 @@ def read_window(
     return data.astype("float32", copy=False), valid
 
 
+def describe_window(window: Window) -> str:
+    """A window as users read it: ``rows a-b, columns c-d``."""
+    r, c = int(window.row_off), int(window.col_off)
+    return f"rows {r}-{r + int(window.height)}, columns {c}-{c + int(window.width)}"
+
+
+def read_scene_window(
+    path: str, window: Window, bands: Sequence[int], nodata: float | None = None
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """:func:`read_window` of the scene at ``path`` with its profile; a read error (a
+    truncated or damaged file) becomes one :class:`NotARasterError` naming the window. The
+    scene's own nodata wins over ``nodata``."""
+    failure = None
+    try:
+        with rasterio.open(path) as src:
+            data, valid = read_window(
+                src, window, bands, None if src.nodata is not None else nodata
+            )
+            profile = dict(src.profile)
+    except RasterioError as exc:
+        failure = str(exc)
+    if failure is not None:  # raised outside the handler: GDAL's error must not travel with it
+        raise NotARasterError(
+            f"scene {path!r} could not be read at {describe_window(window)} ({failure}); the "
+            "file may be truncated or damaged"
+        )
+    return data, valid, profile
+
+
 def standardize(
     data: np.ndarray, valid: np.ndarray, mean: Sequence[float], std: Sequence[float]
 ) -> np.ndarray:
@@ -190,7 +227,7 @@ def standardize(
     return out
 
 
-def check_same_grid(a: SceneProfile, b: SceneProfile, what: str) -> None:
+def check_same_grid(a: SceneProfile, b: SceneProfile, what: str, grid: str = "scene") -> None:
     """Raise unless ``b`` lies on ``a``'s pixel grid (same shape, transform and, in effect, CRS).
 
     CRSs that differ only in name or datum realisation (NAD83 versus NAD83(HARN)) are accepted
@@ -198,19 +235,19 @@ def check_same_grid(a: SceneProfile, b: SceneProfile, what: str) -> None:
     """
     if a.shape != b.shape or not a.transform.almost_equals(b.transform, precision=1e-6):
         raise GridMismatchError(
-            f"{what} {b.path!r} is not on the scene's grid: it is {b.width}x{b.height} px with "
-            f"transform {tuple(b.transform)[:6]}, the scene {a.width}x{a.height} px with "
-            f"{tuple(a.transform)[:6]}; resample it onto the scene's grid (gdalwarp -tr -te) "
-            "or pass vector labels"
+            f"{what} {b.path!r} is not on the {grid}'s grid: it is {b.width}x{b.height} px with "
+            f"transform {tuple(b.transform)[:6]}, the {grid} {a.width}x{a.height} px with "
+            f"{tuple(a.transform)[:6]}; resample it onto the {grid}'s grid (gdalwarp -tr -te) "
+            f"or pass vector {what}"
         )
-    if a.crs and b.crs and a.crs != b.crs and not _crs_equivalent(a, b.crs):
+    if a.crs and b.crs and a.crs != b.crs and not crs_equivalent(a, b.crs):
         raise GridMismatchError(
-            f"{what} {b.path!r} is in {b.crs.to_string()!r}, the scene in {a.crs.to_string()!r}; "
-            "reproject it onto the scene's grid or pass vector labels"
+            f"{what} {b.path!r} is in {b.crs.to_string()!r}, the {grid} in "
+            f"{a.crs.to_string()!r}; reproject it onto the {grid}'s grid or pass vector {what}"
         )
 
 
-def _crs_equivalent(profile: SceneProfile, other: CRS) -> bool:
+def crs_equivalent(profile: SceneProfile, other: CRS) -> bool:
     from pyproj import Transformer
 
     x, y = profile.transform * (profile.width / 2, profile.height / 2)
@@ -229,12 +266,62 @@ def write_class_metadata(dst: Any, classes: Sequence[ClassInfo]) -> None:
     dst.set_band_description(1, "class")
 
 
+def write_category_names(path: str | os.PathLike[str], classes: Sequence[ClassInfo]) -> Path:
+    """Write the class names beside the class raster at ``path`` as GDAL reads them: category
+    names and a thematic raster attribute table (value, class, colour) in ``PATH.aux.xml``,
+    GDAL's own side-car (GeoTIFF has no place for them in the file), so that ``gdalinfo`` lists
+    the categories and QGIS labels the classes. Written under a temporary name, then renamed."""
+    from xml.sax.saxutils import escape
+
+    by_id = {c.id: c for c in classes}
+    names = "".join(
+        f"<Category>{escape(by_id[i].name) if i in by_id else ''}</Category>"
+        for i in range(max(by_id, default=-1) + 1)
+    )
+    # field types: 0 integer, 2 string; usages: 5 value, 2 name, 6-8 red, green, blue
+    fields = [("Value", 0, 5), ("Class", 2, 2), ("Red", 0, 6), ("Green", 0, 7), ("Blue", 0, 8)]
+    defs = "".join(
+        f'<FieldDefn index="{k}"><Name>{n}</Name><Type>{t}</Type><Usage>{u}</Usage></FieldDefn>'
+        for k, (n, t, u) in enumerate(fields)
+    )
+    rows = "".join(
+        f'<Row index="{k}"><F>{c.id}</F><F>{escape(c.name)}</F>'
+        + "".join(f"<F>{v}</F>" for v in c.rgba()[:3])
+        + "</Row>"
+        for k, c in enumerate(sorted(classes, key=lambda c: c.id))
+    )
+    xml = (
+        '<PAMDataset><PAMRasterBand band="1"><Description>class</Description>'
+        f"<CategoryNames>{names}</CategoryNames>"
+        f'<GDALRasterAttributeTable tableType="thematic">{defs}{rows}</GDALRasterAttributeTable>'
+        "</PAMRasterBand></PAMDataset>\n"
+    )
+    side = Path(f"{path}.aux.xml")
+    tmp = side.with_name(f".{side.name}.tmp")
+    tmp.write_text(xml, encoding="utf-8")
+    os.replace(tmp, side)
+    return side
+
+
 def read_class_metadata(src: rasterio.DatasetReader) -> list[ClassInfo] | None:
     """The class list stored in a class raster by geoseg, or ``None`` if there is none."""
     raw = src.tags().get(CLASSES_TAG)
     if not raw:
         return None
     return [ClassInfo(int(c["id"]), str(c["name"]), str(c["color"])) for c in json.loads(raw)]
+
+
+def check_class_map(profile: SceneProfile) -> list[ClassInfo] | None:
+    """Refuse a raster that is no class map (several bands, or values that are not whole
+    numbers); return its class metadata, if it has any."""
+    if profile.count != 1 or not np.issubdtype(np.dtype(profile.dtype), np.integer):
+        raise NotARasterError(
+            f"class map {profile.path!r} has {profile.count} band(s) of {profile.dtype} values; "
+            "expected a single-band integer class raster such as the output of 'geoseg "
+            "predict' (is this the scene rather than its class map?)"
+        )
+    with rasterio.open(profile.path) as src:
+        return read_class_metadata(src)
 
 
 # -- vectors ----------------------------------------------------------------------------------
@@ -302,15 +389,162 @@ def is_vector_path(path: str | os.PathLike[str]) -> bool:
 
 # -- atomic outputs ---------------------------------------------------------------------------
 
+GEOSEG_TAG = "GEOSEG_PRODUCT"
+"""GeoTIFF tag that marks a raster geoseg wrote (its value names the product)."""
 
-def check_output(path: str | os.PathLike[str], overwrite: bool) -> Path:
-    """Refuse an existing output unless ``overwrite``; make sure its folder exists."""
+# the tags by which a GeoTIFF shows that geoseg wrote it (the older ones first)
+_GEOSEG_TIFF_TAGS = (CLASSES_TAG, "GEOSEG_SCALE", "GEOSEG_BUNDLE_HASH", GEOSEG_TAG)
+# the attributes of every polygon file geoseg writes
+POLYGON_FIELDS = ("class_id", "class_name", "area_m2", "perimeter_m")
+REPORT_MARK = "geoseg evaluation"
+"""Words that every report geoseg writes holds (its title, or the JSON's ``miou_definition``)."""
+
+
+def _same_file(a: str, b: str) -> bool:
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def written_by_geoseg(path: str | os.PathLike[str]) -> bool:
+    """Whether the file at ``path`` is one geoseg writes: a class map or probabilities raster
+    (geoseg's tags), a bundle or checkpoint, a training log, a polygon file with geoseg's
+    attributes, or a report. Only such files are ever replaced, ``--overwrite`` or not."""
     p = Path(path)
-    if p.exists() and not overwrite:
-        raise OutputExistsError(f"output {str(p)!r} exists; pass --overwrite to replace it")
-    if p.parent and not p.parent.exists():
-        p.parent.mkdir(parents=True, exist_ok=True)
+    suffix = p.suffix.lower()
+    try:
+        if suffix in (".tif", ".tiff"):
+            with rasterio.open(p) as src:
+                return any(t in src.tags() for t in _GEOSEG_TIFF_TAGS)
+        if suffix in (".bundle", ".checkpoint"):
+            import torch
+
+            raw = torch.load(p, map_location="cpu", weights_only=True)
+            return isinstance(raw, dict) and ("format" in raw or "meta" in raw)
+        if p.name.endswith(".log.jsonl"):
+            with open(p, encoding="utf-8") as f:
+                first = f.readline()
+            return not first.strip() or "epoch" in json.loads(first)
+        if suffix in (".json", ".csv", ".html", ".md"):
+            with open(p, encoding="utf-8", errors="replace") as f:
+                head = f.read(4096)
+            return (
+                REPORT_MARK in head
+                or "miou_definition" in head
+                or head.startswith("region,class_id,")
+            )
+        if is_vector_path(p):
+            import pyogrio
+
+            fields = set(pyogrio.read_info(p)["fields"])
+            return set(POLYGON_FIELDS) <= fields
+    except Exception:  # unreadable, or not what its name says: not geoseg's
+        return False
+    return False
+
+
+def _nearest_folder(p: Path) -> Path:
+    """The deepest ancestor of ``p`` that exists."""
+    parent = p.parent if str(p.parent) else Path(".")
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    return parent
+
+
+def check_output(
+    path: str | os.PathLike[str],
+    overwrite: bool,
+    *,
+    inputs: Sequence[str | os.PathLike[str] | None] = (),
+    what: str = "output",
+) -> Path:
+    """Check, before any work, that ``path`` may be written; return it as a Path.
+
+    Refused, each in one line: an output that is one of ``inputs`` (with or without
+    ``overwrite``); a folder where a file is meant; an existing file unless ``overwrite``, and
+    even then a file geoseg did not write (:func:`written_by_geoseg`); a path under a file, or
+    in a folder that cannot be written. Missing folders are not made here (see
+    :func:`atomic_output`), so a refused run leaves none behind.
+    """
+    p = Path(path)
+    for given in inputs:
+        if given is not None and not is_url(given) and _same_file(str(p), str(given)):
+            raise OutputError(
+                f"{what} {str(p)!r} is also an input ({str(given)!r}); geoseg never writes over "
+                "its inputs: choose another -o"
+            )
+    if p.is_dir():
+        raise OutputError(
+            f"{what} {str(p)!r} is a folder; give a file name inside it, such as "
+            f"{str(p / ('x' + (p.suffix or '.tif')))!r}"
+        )
+    if p.exists() or p.is_symlink():
+        if not written_by_geoseg(p):
+            raise OutputError(
+                f"{what} {str(p)!r} exists and is not a file geoseg wrote; geoseg replaces only "
+                "its own outputs: move that file or choose another -o"
+            )
+        if not overwrite:
+            raise OutputExistsError(f"{what} {str(p)!r} exists; pass --overwrite to replace it")
+    check_writable(_nearest_folder(p), what, p)
     return p
+
+
+def check_writable(folder: Path, what: str = "output", target: Path | None = None) -> None:
+    """Raise unless ``folder`` is a folder in which files can be created (tried for real: a
+    permission check alone says yes to root on a read-only file system)."""
+    target = target or folder
+    if not folder.is_dir():
+        raise OutputError(
+            f"{what} {str(target)!r} cannot be written: {str(folder)!r} is a file, not a folder; "
+            "choose an output in a folder"
+        )
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise OutputError(
+            f"{what} {str(target)!r} cannot be written: no file can be created in "
+            f"{str(folder)!r} ({exc.strerror or exc}); choose an output in a folder you can "
+            "write to"
+        ) from None
+
+
+def make_parents(path: str | os.PathLike[str]) -> list[Path]:
+    """Make the missing folders above ``path``; return them, deepest first, so that a failed
+    run can remove them again (:func:`remove_empty`)."""
+    made = []
+    parent = Path(path).parent
+    while str(parent) and not parent.exists():
+        made.append(parent)
+        parent = parent.parent
+    for folder in reversed(made):
+        folder.mkdir(exist_ok=True)
+    return made
+
+
+def remove_empty(folders: Sequence[Path]) -> None:
+    """Remove those of ``folders`` (deepest first) that are empty."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
+@contextlib.contextmanager
+def folders_for(*paths: str | os.PathLike[str]) -> Iterator[None]:
+    """Make the missing folders above ``paths`` for the block; if it fails, remove those of
+    them that are still empty, so that a failed run leaves no empty folder behind."""
+    made: list[Path] = []
+    try:
+        for path in paths:
+            made += make_parents(path)
+        yield
+    except BaseException:
+        remove_empty(made)
+        raise
 
 
 @contextlib.contextmanager
@@ -318,20 +552,23 @@ def atomic_output(path: str | os.PathLike[str], overwrite: bool = False) -> Iter
     """Yield a temporary path beside ``path``; rename it onto ``path`` only on success.
 
     The temporary name keeps the extension, so drivers chosen by extension still work. On any
-    error the temporary file (or folder) is removed and ``path`` is left as it was.
+    error the temporary file is removed, ``path`` is left as it was, and folders made for it
+    are removed again. ``path`` is checked with :func:`check_output` first.
     """
     final = check_output(path, overwrite)
+    made = make_parents(final)
     fd, tmp_name = tempfile.mkstemp(
         prefix=f".{final.stem}.", suffix=f".tmp{final.suffix}", dir=final.parent
     )
     os.close(fd)
     os.unlink(tmp_name)
     tmp = Path(tmp_name)
+    done = False
     try:
         yield tmp
-        if final.is_dir():
-            shutil.rmtree(final)
+        check_output(final, overwrite)  # nothing else took the name meanwhile
         os.replace(tmp, final)
+        done = True
     finally:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -340,3 +577,42 @@ def atomic_output(path: str | os.PathLike[str], overwrite: bool = False) -> Iter
         # GDAL may leave side-car files next to the temporary name
         for side in tmp.parent.glob(tmp.name + ".*"):
             side.unlink(missing_ok=True)
+        if not done:
+            remove_empty(made)
+
+
+@contextlib.contextmanager
+def exclusive(lock: Path, what: str) -> Iterator[None]:
+    """Hold an OS lock on the file ``lock`` (made if missing) for the duration of the block, or
+    raise :class:`OutputLockedError` naming the process that holds it. The lock goes with the
+    process, so a killed run leaves nothing to clean up by hand."""
+    import fcntl
+    import socket
+    import time
+
+    while True:
+        lock.parent.mkdir(exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 512).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise OutputLockedError(
+                f"{what} is being written by another geoseg run ({holder}); wait for it to "
+                "finish, or stop it and run the command again (finished blocks are kept)"
+            ) from None
+        try:
+            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the holder removed the file as we opened it: lock the new one
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    os.ftruncate(fd, 0)
+    os.write(fd, f"process {os.getpid()} on {socket.gethostname()}, since {started}".encode())
+    try:
+        yield
+    finally:
+        os.close(fd)

@@ -13,7 +13,6 @@ import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,16 +22,26 @@ from rasterio.windows import Window
 from rasterio.windows import transform as window_transform
 
 from geoseg.cluster import run_tasks, session
-from geoseg.data import LabelSpec, area_mask, check_labels, read_codes, vector_in_window
-from geoseg.errors import ConfigError, GridMismatchError, LabelError
+from geoseg.data import (
+    LabelSpec,
+    area_mask,
+    check_codes,
+    check_labels,
+    raster_values,
+    read_codes,
+    vector_in_window,
+)
+from geoseg.errors import ConfigError, GridMismatchError, LabelError, check_range
 from geoseg.io import (
     NODATA_CLASS,
     ClassInfo,
-    read_class_metadata,
+    check_class_map,
+    check_input,
     read_profile,
     read_vector,
+    resolve_path,
 )
-from geoseg.tiling import block_windows
+from geoseg.tiling import MIN_BLOCK, block_windows
 
 log = logging.getLogger("geoseg")
 
@@ -93,16 +102,6 @@ def truth_codes(
         return read_codes(spec, window, profile, src=vrt)
 
 
-def map_codes(codes: np.ndarray, mapping: dict[int, int]) -> np.ndarray:
-    """Truth codes through ``mapping`` (code -> class id); codes it does not name stay."""
-    if not mapping:
-        return codes
-    out = codes.copy()
-    for src_code, dst in mapping.items():
-        out[codes == src_code] = dst
-    return out
-
-
 def block_counts(
     window: Window,
     prediction: str,
@@ -111,15 +110,14 @@ def block_counts(
     regions: str | None,
     positions: tuple[int, ...],
     within: str | None,
-    class_map: tuple[tuple[int, int], ...] = (),
     resample: bool = False,
 ) -> BlockCounts:
-    """Count one block (a Dask task)."""
+    """Count one block (a Dask task); ``truth`` carries its ignored codes and class map."""
     profile = read_profile(prediction)
     with rasterio.open(prediction) as src:
         pred = src.read(1, window=window).astype(np.int64)
         nodata = src.nodata if src.nodata is not None else NODATA_CLASS
-    codes = map_codes(truth_codes(truth, window, profile, resample), dict(class_map))
+    codes = truth_codes(truth, window, profile, resample)
     k = len(class_ids)
     lut = np.full(
         max(max(class_ids), int(codes.max(initial=0)), int(pred.max(initial=0))) + 1,
@@ -256,35 +254,41 @@ def evaluate(
     ConfigError
         A region field that does not exist (the error lists the fields), a bad option.
     """
-    from geoseg.report import write_report
+    from geoseg.report import check_report_path, write_report
 
+    check_range("--block", block, MIN_BLOCK)
+    if resample not in (None, "nearest"):
+        raise ConfigError(f"--resample must be 'nearest' (class codes), got {resample!r}")
+    # every path is resolved here: workers may run in other folders, or on other machines
+    truth = str(_resolved(truth))
+    regions, within = _resolved(regions), _resolved(within)
     if output is not None:
-        from geoseg.report import check_report_path
-
-        check_report_path(output, overwrite)
-    profile = read_profile(prediction, "class map")
-    with rasterio.open(profile.path) as src:
-        classes = read_class_metadata(src)
+        inputs = [_resolved(prediction), truth, regions, within]
+        check_report_path(output, overwrite, inputs=inputs)
+    profile = read_profile(str(_resolved(prediction)), "class map")
+    classes = check_class_map(profile)
     if classes is None:
         warnings.warn(
             f"class map {profile.path!r} has no class metadata; scoring by class id", stacklevel=2
         )
-    spec = LabelSpec(str(truth), truth_field, tuple(ignore))
-    if resample not in (None, "nearest"):
-        raise ConfigError(f"--resample must be 'nearest' (class codes), got {resample!r}")
+    pairs = tuple(sorted((int(k), int(v)) for k, v in (class_map or {}).items()))
+    spec = LabelSpec(str(truth), truth_field, tuple(ignore), pairs)
     if resample and not spec.is_vector:
         _check_overlap(profile, read_profile(spec.path, "truth"), str(truth))
+        check_codes(spec, raster_values(spec.path), "truth")
     else:
         try:
-            check_labels(spec, profile)
+            spec = check_labels(spec, profile, "truth", "class map")
         except GridMismatchError as exc:
             raise GridMismatchError(
                 f"{exc}; or pass --resample nearest to warp the truth onto the class map's grid"
             ) from None
-    region_path = str(Path(regions).resolve()) if regions is not None else None
+    region_path = regions
     region_names, positions = (
         _check_regions(region_path, region_field, profile) if region_path else ([], ())
     )
+    if within is not None:
+        check_input(within, "area")
     blocks = block_windows(profile.height, profile.width, block)
     with session(workers, scheduler) as client:
         if classes is None:
@@ -295,13 +299,12 @@ def evaluate(
             block_counts,
             blocks,
             "evaluate",
-            str(Path(profile.path).resolve()),
+            profile.path,
             spec,
             ids,
             region_path,
             positions,
-            str(within) if within is not None else None,
-            tuple(sorted((int(k), int(v)) for k, v in (class_map or {}).items())),
+            within,
             resample is not None,
             cpu_only=True,
         )
@@ -315,12 +318,12 @@ def evaluate(
             f"--ignore {','.join(map(str, sorted(total.unknown)))}"
         )
     report: dict[str, Any] = {
-        "prediction": str(Path(profile.path).resolve()),
-        "truth": str(Path(truth).resolve()) if Path(truth).exists() else str(truth),
+        "prediction": profile.path,
+        "truth": truth,
         "truth_field": spec.field,
         "regions_file": region_path,
         "region_field": region_field or ("name" if region_path else None),
-        "within": str(within) if within is not None else None,
+        "within": within,
         "class_map": {str(k): v for k, v in (class_map or {}).items()},
         "ignore": list(ignore),
         "resample": resample,
@@ -339,6 +342,10 @@ def evaluate(
     if output is not None:
         write_report(report, output, overwrite=overwrite)
     return report
+
+
+def _resolved(path: str | os.PathLike[str] | None) -> str | None:
+    return None if path is None else resolve_path(path)
 
 
 def _check_overlap(profile: Any, other: Any, what: str) -> None:

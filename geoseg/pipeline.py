@@ -1,14 +1,22 @@
-"""Whole pipelines from a YAML workflow: train, predict, vectorize, evaluate, in one cluster.
+"""Whole pipelines from a YAML workflow: train, predict, vectorize, evaluate, on one cluster.
 
-A workflow file names a scene and labels and has one section per stage; paths in it are relative
-to the file. Outputs go into one directory: ``model.bundle``, ``classes.tif``,
-``polygons.geojson`` and the report as ``report.json``, ``.csv``, ``.html`` and ``.md``. See ``workflows/`` for examples.
+A workflow file names a ``scene`` and ``labels`` and has one section per stage (``train``,
+``predict``, ``vectorize``, ``evaluate``) whose keys are that stage's options: the keyword
+arguments of :func:`geoseg.train.train`, :func:`geoseg.predict.predict_scenes`,
+:func:`geoseg.vectorize.vectorize` and :func:`geoseg.metrics.evaluate` (``evaluate`` also takes
+``truth``, default the labels). Unknown keys and values of the wrong type are refused with the
+stage's keys and their types, and every path (the scene, the labels, and the options that name
+files) is resolved against the workflow file's folder and checked, all before the first stage
+runs. Outputs go into one folder: ``model.bundle``, ``classes.tif``, ``polygons.geojson`` and
+the report as ``report.json``, ``.csv``, ``.html`` and ``.md``. The demo's workflow is
+``geoseg/sample/demo.yaml``; ``workflows/`` in the repository holds more.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections import abc
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -48,13 +56,114 @@ def demo_workflow() -> Path:
     return Path(str(resources.files("geoseg") / "sample" / "demo.yaml"))
 
 
+# the options a workflow may not set in a stage: the pipeline sets them itself
+_SET_BY_PIPELINE = {"workers", "scheduler", "client", "overwrite", "polygons", "vectorize_options"}
+# options that name files, resolved against the workflow file's folder
+_PATH_KEYS = {
+    "train": ("classes", "within", "val_region", "augment", "resume"),
+    "predict": (),
+    "vectorize": (),
+    "evaluate": ("truth", "regions", "within"),
+}
+
+
+def _stage_functions() -> dict[str, Any]:
+    from geoseg.metrics import evaluate
+    from geoseg.predict import predict_scenes
+    from geoseg.train import train
+    from geoseg.vectorize import vectorize
+
+    return {"train": train, "predict": predict_scenes, "vectorize": vectorize, "evaluate": evaluate}
+
+
+def stage_options(stage: str) -> dict[str, Any]:
+    """The options a workflow's ``stage`` takes, with their types: the keyword-only arguments
+    of the stage's function (``evaluate`` also takes ``truth``)."""
+    import inspect
+    import typing
+
+    fn = _stage_functions()[stage]
+    hints = typing.get_type_hints(fn)
+    options = {
+        name: hints.get(name, Any)
+        for name, param in inspect.signature(fn).parameters.items()
+        if param.kind is inspect.Parameter.KEYWORD_ONLY and name not in _SET_BY_PIPELINE
+    }
+    if stage == "evaluate":
+        options["truth"] = str
+    return options
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a YAML value can be passed where the function's type hint is ``hint``."""
+    import types
+    import typing
+
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str or origin is os.PathLike or hint is os.PathLike:
+        return isinstance(value, str)
+    args = typing.get_args(hint)
+    if origin in (list, tuple, typing.Sequence, abc.Sequence):
+        return isinstance(value, (list, tuple)) and all(
+            _fits(v, args[0] if args else Any) for v in value
+        )
+    if origin is dict:
+        k, v = args or (Any, Any)
+        return isinstance(value, dict) and all(
+            _fits(a, k) and _fits(b, v) for a, b in value.items()
+        )
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def _kind(hint: Any) -> str:
+    """A type hint in words a YAML author knows."""
+    import types
+    import typing
+
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        kinds = [_kind(h) for h in typing.get_args(hint) if h is not type(None)]
+        return " or ".join(dict.fromkeys(kinds))
+    if hint is bool:
+        return "true/false"
+    if hint is int:
+        return "integer"
+    if hint is float:
+        return "number"
+    if hint is str or origin is os.PathLike:
+        return "text"
+    if origin is dict:
+        return "mapping"
+    if origin is not None:
+        return "list"
+    return getattr(hint, "__name__", str(hint))
+
+
 def load_workflow(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a workflow file, resolving its paths against the file's own folder."""
+    """Read a workflow file, check every stage's options against the stage's function (names
+    and types), and resolve its paths against the file's own folder, checking that each
+    exists: all before any stage runs."""
+    from geoseg.augment import PRESETS
+    from geoseg.io import is_url
+
     p = Path(check_input(path, "workflow")).resolve()
     try:
         cfg = yaml.safe_load(p.read_text())
     except yaml.YAMLError as exc:
-        raise ConfigError(f"workflow {str(path)!r} is not valid YAML: {exc}") from None
+        first = " ".join(str(exc).split())
+        raise ConfigError(f"workflow {str(path)!r} is not valid YAML: {first}") from None
     if not isinstance(cfg, dict):
         raise ConfigError(f"workflow {str(path)!r} must be a mapping with scene, labels and stages")
     unknown = sorted(set(cfg) - _KNOWN)
@@ -63,27 +172,48 @@ def load_workflow(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"workflow {str(path)!r} has unknown keys {unknown}; expected {sorted(_KNOWN)}"
         )
     for key in ("scene", "labels"):
-        if key not in cfg:
-            raise ConfigError(f"workflow {str(path)!r} needs '{key}'")
+        if not isinstance(cfg.get(key), str):
+            raise ConfigError(f"workflow {str(path)!r} needs '{key}', a path")
+    if "workers" in cfg and not _fits(cfg["workers"], int | None):
+        raise ConfigError(f"workflow {str(path)!r}: 'workers' must be an integer")
     base = p.parent
 
-    def resolve(v: Any) -> Any:
-        return (
-            str((base / v).resolve())
-            if isinstance(v, str) and not v.startswith(("/vsi", "http"))
-            else v
-        )
+    def resolve(v: Any, what: str) -> Any:
+        if not isinstance(v, str) or is_url(v):
+            return v
+        return check_input(str((base / v).resolve()), f"{what} (in workflow {str(path)!r})")
 
-    cfg["scene"], cfg["labels"] = resolve(cfg["scene"]), resolve(cfg["labels"])
+    cfg["scene"] = resolve(cfg["scene"], "scene")
+    cfg["labels"] = resolve(cfg["labels"], "labels")
     for stage in STAGES:
         section = cfg.get(stage) or {}
         if not isinstance(section, dict):
             raise ConfigError(f"workflow {str(path)!r}: '{stage}' must be a mapping of options")
-        for key in ("within", "regions", "truth", "classes"):
-            if key in section:
-                section[key] = resolve(section[key])
+        options = stage_options(stage)
+        valid = ", ".join(f"{k} ({_kind(h)})" for k, h in sorted(options.items()))
+        for key, value in section.items():
+            if key not in options:
+                raise ConfigError(
+                    f"workflow {str(path)!r}: {stage} has no option {key!r}; {stage} takes {valid}"
+                )
+            if not _fits(value, options[key]):
+                raise ConfigError(
+                    f"workflow {str(path)!r}: {stage}.{key} is {value!r}, expected "
+                    f"{_kind(options[key])}; {stage} takes {valid}"
+                )
+        for key in _PATH_KEYS[stage]:
+            if key in section and not (key == "augment" and section[key] in PRESETS):
+                section[key] = resolve(section[key], f"{stage}.{key}")
         cfg[stage] = section
     return cfg
+
+
+def _inputs(cfg: dict[str, Any]) -> list[str]:
+    """Every file the workflow reads."""
+    found = [cfg["scene"], cfg["labels"]]
+    for stage in STAGES:
+        found += [cfg[stage][k] for k in _PATH_KEYS[stage] if isinstance(cfg[stage].get(k), str)]
+    return found
 
 
 def run_workflow(
@@ -94,8 +224,12 @@ def run_workflow(
     scheduler: str | None = None,
     overwrite: bool = False,
 ) -> WorkflowResult:
-    """Run every stage of the workflow at ``path``; outputs go to ``output`` (default: the
-    workflow's ``output`` key, relative to the current directory)."""
+    """Run every stage of the workflow at ``path``: train, predict, vectorize and evaluate, on
+    one cluster; outputs go to ``output`` (default: the workflow's ``output`` key, relative to
+    the current directory), as named in :data:`OUTPUTS`. Everything the workflow names is
+    checked before the first stage runs (:func:`load_workflow`), and no output may be one of
+    its inputs or a file geoseg did not write."""
+    from geoseg.io import check_output, folders_for
     from geoseg.metrics import evaluate
     from geoseg.predict import predict_scene
     from geoseg.report import write_report
@@ -104,6 +238,8 @@ def run_workflow(
 
     cfg = load_workflow(path)
     out_dir = Path(output or cfg.get("output") or "geoseg-output")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"output folder {str(out_dir)!r} is a file; pass -o with a folder")
     files = {k: out_dir / v for k, v in OUTPUTS.items()}
     existing = [str(f) for f in files.values() if f.exists()]
     if existing and not overwrite:
@@ -111,11 +247,13 @@ def run_workflow(
             f"output folder {str(out_dir)!r} already holds {', '.join(existing)}; pass --overwrite "
             "to replace them or -o to write elsewhere"
         )
-    out_dir.mkdir(parents=True, exist_ok=True)
+    inputs = _inputs(cfg)
+    for f in files.values():
+        check_output(f, overwrite, inputs=inputs)
     workers = workers or cfg.get("workers")
     report = None
     gpu = any(cfg[k].get("device", "auto") != "cpu" for k in ("train", "predict"))
-    with session(workers, scheduler, gpu=gpu) as client:
+    with folders_for(files["bundle"]), session(workers, scheduler, gpu=gpu) as client:
         address = client.scheduler.address
         common = {"scheduler": address, "overwrite": overwrite}
         tr = dict(cfg["train"])

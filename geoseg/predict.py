@@ -15,8 +15,8 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import time
+import warnings
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,7 +30,7 @@ from rasterio.windows import Window
 from rasterio.windows import intersect as windows_intersect
 
 from geoseg.blending import resolve_blend
-from geoseg.bundle import Bundle, load_bundle
+from geoseg.bundle import Bundle, compare_scene, load_bundle
 from geoseg.cluster import (
     connect,
     count_workers,
@@ -40,14 +40,16 @@ from geoseg.cluster import (
     session,
     task_resources,
     task_result,
+    workers_info,
 )
-from geoseg.errors import ConfigError, NotARasterError
+from geoseg.errors import BandMismatchError, ConfigError, Interrupted, NotARasterError, check_range
 from geoseg.inference import (
     Accumulated,
     BlockJob,
     BlockResult,
     accumulate_block,
     finish_block,
+    part_done,
     part_name,
     predict_block,
     resolve_device,
@@ -55,16 +57,22 @@ from geoseg.inference import (
     take_piece,
 )
 from geoseg.io import (
+    GEOSEG_TAG,
     NODATA_CLASS,
     SceneProfile,
     atomic_output,
     check_output,
+    exclusive,
+    folders_for,
     is_url,
     read_profile,
+    remove_empty,
+    resolve_path,
+    write_category_names,
     write_class_metadata,
 )
 from geoseg.progress import Progress
-from geoseg.tiling import WindowGrid
+from geoseg.tiling import MIN_BLOCK, MIN_WINDOW, WindowGrid
 from geoseg.vectorize import FORMATS, output_format, vectorize
 
 log = logging.getLogger("geoseg")
@@ -97,6 +105,7 @@ class _Plan:
     cores: list[Window]
     parts: Path
     todo: list[Window]
+    probabilities: bool
 
 
 def predict_scene(
@@ -126,6 +135,7 @@ def predict_scenes(
     precision: str = "auto",
     probabilities: bool = False,
     allow_no_crs: bool = False,
+    strict: bool = False,
     polygons: str | os.PathLike[str] | None = None,
     vectorize_options: dict[str, Any] | None = None,
     workers: int | None = None,
@@ -166,6 +176,9 @@ def predict_scenes(
         scaled to 0-254, 255 for nodata.
     allow_no_crs
         Predict a scene without a CRS (the class map then has none either).
+    strict
+        Refuse a scene whose values, pixel size or CRS differ from the training scene's
+        (:func:`geoseg.bundle.compare_scene`); without it each difference is a warning.
     polygons, vectorize_options
         Also turn each class map into polygons on the same cluster
         (:func:`geoseg.vectorize.vectorize` with ``vectorize_options``, e.g. ``min_area``): with
@@ -193,17 +206,87 @@ def predict_scenes(
     if device == "cuda" and not scheduler_address(scheduler):
         resolve_device("cuda")  # a local cluster: fail here, not on every worker
     resolve_precision(precision, "cuda" if device == "cuda" else "cpu")
-    if batch_size is not None and batch_size < 1:
-        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
-    win = window or b.window
+    check_range("--batch-size", batch_size, 1)
+    check_range("--window", window, MIN_WINDOW)
+    check_range("--block", block, MIN_BLOCK)
+    win = window if window is not None else b.window
+    if overlap is not None and not 0 <= overlap < win:
+        raise ConfigError(
+            f"--overlap must be at least 0 and less than the window ({win} px), got {overlap}"
+        )
     ovl = overlap if overlap is not None else default_overlap(b, win)
-    if not 0 <= ovl < win:
-        raise ConfigError(f"overlap must be at least 0 and less than the window ({win}), got {ovl}")
     blend = resolve_blend(blend, b.contract.receptive_field, ovl)
+    # every path is resolved here: workers may run in other folders, or on other machines
+    scene_paths = [resolve_path(s) for s in scenes]
+    inputs = [resolve_path(bundle), *scene_paths]
     outs = _outputs(scenes, Path(output))
-    polygon_outs = _polygon_outputs(outs, polygons, overwrite)
+    for out in outs:
+        check_output(out, overwrite, inputs=inputs, what="class map")
+        if probabilities:
+            check_output(probabilities_path(out), overwrite, inputs=inputs, what="probabilities")
+    polygon_outs = _polygon_outputs(outs, polygons, overwrite, inputs)
     # each scene's header is read once, here: for a GDAL URL every read is a request
-    profiles = [read_profile(str(s) if is_url(s) else str(Path(s).resolve())) for s in scenes]
+    profiles = [read_profile(s) for s in scene_paths]
+    for profile in profiles:
+        _check_scene(b, profile, allow_no_crs=allow_no_crs, polygons=polygons, strict=strict)
+    _warn_overlap(b, win, ovl, overlap is not None)
+    plans: list[_Plan] = []
+    with contextlib.ExitStack() as locks:
+        locks.enter_context(folders_for(*outs, *(polygon_outs or [])))
+        try:
+            return _run(
+                b, bundle, plans, profiles, outs, polygon_outs, locks,
+                window=win, overlap=ovl, block=block, batch_size=batch_size, blend=blend,
+                device=device, precision=precision, probabilities=probabilities,
+                vectorize_options=vectorize_options, workers=workers, scheduler=scheduler,
+                overwrite=overwrite,
+            )  # fmt: skip
+        except KeyboardInterrupt:
+            raise Interrupted(_progress_note(plans)) from None
+        finally:  # still holding the locks
+            for p in plans:  # a run that finished no block leaves no part folder behind
+                if p.parts.exists() and not any(p.parts.glob("*.done")):
+                    remove_parts(p.parts)
+
+
+def _progress_note(plans: list[_Plan]) -> str:
+    """What an interrupted run leaves: the blocks done per class map, and how to go on."""
+    done = [
+        (p, sum(part_done(p.parts, c, p.probabilities) for c in p.cores))
+        for p in plans
+        if p.parts.exists()
+    ]
+    if not any(n for _, n in done):
+        return "no block was finished"
+    counts = ", ".join(f"{n} of {len(p.cores)} blocks of {p.out}" for p, n in done)
+    return f"{counts} are done; the same command run again computes only the others"
+
+
+def _run(
+    b: Bundle,
+    bundle: str | os.PathLike[str],
+    plans: list[_Plan],
+    profiles: list[SceneProfile],
+    outs: list[Path],
+    polygon_outs: list[Path] | None,
+    locks: contextlib.ExitStack,
+    *,
+    window: int,
+    overlap: int,
+    block: int | None,
+    batch_size: int | None,
+    blend: str,
+    device: str,
+    precision: str,
+    probabilities: bool,
+    vectorize_options: dict[str, Any] | None,
+    workers: int | None,
+    scheduler: str | None,
+    overwrite: bool,
+) -> list[PredictResult]:
+    """Plan the blocks of every scene (``plans`` is filled as they are made), run them and
+    assemble the outputs."""
+    win, ovl = window, overlap
     # one connection to a running cluster serves both counting its workers and the run
     address = scheduler_address(scheduler)
     with connect(address) if address else contextlib.nullcontext() as remote:
@@ -216,25 +299,8 @@ def predict_scenes(
             "precision": precision,
             "probabilities": probabilities,
         }
-        plans: list[_Plan] = []
-        try:
-            for profile, out in zip(profiles, outs):
-                plans.append(
-                    _plan(
-                        b,
-                        profile,
-                        out,
-                        settings,
-                        allow_no_crs=allow_no_crs,
-                        overwrite=overwrite,
-                        probabilities=probabilities,
-                    )
-                )
-        except Exception:
-            for p in plans:  # a later scene was refused: leave no fresh, empty part folders
-                if len(p.todo) == len(p.cores):
-                    shutil.rmtree(p.parts, ignore_errors=True)
-            raise
+        for profile, out in zip(profiles, outs):
+            plans.append(_plan(profile, out, settings, locks, overwrite=overwrite))
         jobs = [BlockJob(c, p.profile.path, p.grid, str(p.parts)) for p in plans for c in p.todo]
         # blocks with the most windows first (Dask starts tasks in the order they came): the
         # last to run are then the shortest, and the workers finish together. In the order of
@@ -247,7 +313,8 @@ def predict_scenes(
             for p in plans:
                 resumed = len(p.cores) - len(p.todo)
                 log.info(
-                    "predict %s: %dx%d px, %d blocks of %d px%s, window %d, overlap %d (%d windows), blend %s",
+                    "predict %s: %dx%d px, %d blocks of %d px%s, window %d, overlap %d%s "
+                    "(%d windows), blend %s",
                     p.profile.path,
                     p.profile.width,
                     p.profile.height,
@@ -256,6 +323,7 @@ def predict_scenes(
                     f" ({resumed} already done, resuming)" if resumed else "",
                     win,
                     ovl,
+                    _overlap_note(b, win, ovl),
                     p.grid.n_windows,
                     blend,
                 )
@@ -299,7 +367,7 @@ def predict_scenes(
                     assemble_probabilities(
                         p.parts, p.cores, p.profile, b, prob_path, overwrite=overwrite
                     )
-                shutil.rmtree(p.parts, ignore_errors=True)
+                remove_parts(p.parts)
                 t_assemble = time.perf_counter() - t1
                 poly_path = polygon_outs[i] if polygon_outs else None
                 if poly_path is not None:
@@ -440,35 +508,36 @@ def probabilities_path(class_map: Path) -> Path:
 
 
 def _polygon_outputs(
-    outs: list[Path], polygons: str | os.PathLike[str] | None, overwrite: bool
+    outs: list[Path],
+    polygons: str | os.PathLike[str] | None,
+    overwrite: bool,
+    inputs: Sequence[str],
 ) -> list[Path] | None:
     """The polygon file of each class map, checked before any work starts."""
     if polygons is None:
         return None
     p = Path(polygons)
     if len(outs) > 1:
-        if p.suffix.lower() in FORMATS:
+        if p.suffix.lower() in FORMATS or (p.exists() and not p.is_dir()):
             raise ConfigError(
                 f"{len(outs)} scenes need a folder for --polygons, not the file {str(p)!r}"
             )
-        p.mkdir(parents=True, exist_ok=True)
         paths = [p / f"{o.stem}.gpkg" for o in outs]
     else:
         output_format(p)
         paths = [p]
     for path in paths:
-        check_output(path, overwrite)
+        check_output(path, overwrite, inputs=inputs, what="polygons")
     return paths
 
 
 def _outputs(scenes: Sequence[str | os.PathLike[str]], output: Path) -> list[Path]:
     if len(scenes) == 1:
         return [output]
-    if output.suffix.lower() in (".tif", ".tiff"):
+    if output.suffix.lower() in (".tif", ".tiff") or (output.exists() and not output.is_dir()):
         raise ConfigError(
             f"{len(scenes)} scenes need an output folder, not the file {str(output)!r}; pass -o DIR"
         )
-    output.mkdir(parents=True, exist_ok=True)
     names = [Path(str(s)).stem for s in scenes]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -476,27 +545,75 @@ def _outputs(scenes: Sequence[str | os.PathLike[str]], output: Path) -> list[Pat
     return [output / f"{n}.tif" for n in names]
 
 
+def _check_scene(
+    b: Bundle, profile: SceneProfile, *, allow_no_crs: bool, polygons: Any, strict: bool
+) -> None:
+    """Refuse a scene the bundle cannot read; warn (refuse with ``strict``) where it differs
+    from the training scene in scale, pixel size or CRS."""
+    if profile.crs is None:
+        if not allow_no_crs:
+            raise NotARasterError(
+                f"scene {profile.path!r} has no CRS, so its class map could not be placed on a "
+                "map; assign one (gdal_edit.py -a_srs) or pass --allow-no-crs"
+            )
+        if polygons is not None:
+            raise NotARasterError(
+                f"scene {profile.path!r} has no CRS, and polygons need one (GeoJSON is WGS84 "
+                "lon/lat, the other formats carry the CRS): assign one (gdal_edit.py -a_srs) or "
+                "drop --polygons"
+            )
+    b.check_scene(profile)
+    problems = compare_scene(b, profile)
+    for line in problems:
+        if strict:
+            raise BandMismatchError(f"{line} (--strict)")
+        warnings.warn(f"{line}; pass --strict to refuse such scenes", stacklevel=3)
+
+
+def _warn_overlap(b: Bundle, window: int, overlap: int, given: bool) -> None:
+    """Warn when windows overlap by less than the model's receptive field: pixels near window
+    edges then see less context than in training, and faint seams can show."""
+    rf = b.contract.receptive_field
+    if rf is None or overlap >= rf:
+        return
+    fix = (
+        f"leave --overlap at its default or pass --overlap {rf + rf % 2}"
+        if given
+        else f"use --window {max(2 * (rf + rf % 2), window)} or more"
+    )
+    warnings.warn(
+        f"overlap {overlap} px is less than the model's receptive field ({rf} px), so the map "
+        f"can show faint seams along window edges; {fix}",
+        stacklevel=3,
+    )
+
+
+def _overlap_note(b: Bundle, window: int, overlap: int) -> str:
+    """Why the overlap differs from the bundle's, for the plan line."""
+    if overlap == b.overlap:
+        return ""
+    step = int(getattr(b.model, "stride", 1))
+    capped = min(b.overlap, window // 2)
+    if overlap != capped and step > 1:
+        return (
+            f" (the bundle's {b.overlap}"
+            + (f", capped at half the window to {capped}" if capped != b.overlap else "")
+            + f", raised so the stride is a multiple of the model's stride {step})"
+        )
+    if capped != b.overlap and overlap == capped:
+        return f" (the bundle's {b.overlap}, capped at half the window)"
+    return ""
+
+
 def _plan(
-    b: Bundle,
     profile: SceneProfile,
     out: Path,
     settings: dict[str, Any],
+    locks: contextlib.ExitStack,
     *,
-    allow_no_crs: bool,
     overwrite: bool,
-    probabilities: bool,
 ) -> _Plan:
-    check_output(out, overwrite)
-    if probabilities:
-        check_output(probabilities_path(out), overwrite)
-    _check_writable(out.parent)
-    scene_path = profile.path
-    if profile.crs is None and not allow_no_crs:
-        raise NotARasterError(
-            f"scene {scene_path!r} has no CRS, so its class map could not be placed on a map; "
-            "assign one (gdal_edit.py -a_srs) or pass --allow-no-crs"
-        )
-    b.check_scene(profile)
+    probabilities = bool(settings["probabilities"])
     grid = WindowGrid(
         profile.height,
         profile.width,
@@ -505,9 +622,21 @@ def _plan(
         trim=settings["blend"] == "trim",
     )
     cores = grid.blocks(settings["block"])
-    parts = _parts_folder(out, {**settings, "scene": scene_path, "scene_stamp": _stamp(scene_path)})
-    todo = [c for c in cores if not (parts / part_name(c)).exists()]
-    return _Plan(profile, out, grid, cores, parts.resolve(), todo)
+    parts = _parts_folder(
+        out,
+        {**settings, "scene": profile.path, "scene_stamp": _stamp(profile.path)},
+        locks,
+        overwrite,
+    )
+    todo = [c for c in cores if not part_done(parts, c, probabilities)]
+    damaged = sum((parts / part_name(c)).exists() for c in todo)  # written, but not whole
+    if damaged:
+        log.warning(
+            "%d part file(s) of %s were incomplete or damaged; computing those blocks again",
+            damaged,
+            out,
+        )
+    return _Plan(profile, out, grid, cores, parts, todo, probabilities)
 
 
 def default_block(
@@ -517,7 +646,7 @@ def default_block(
     of it (a multiple of 256, at least 256). The workers of an existing cluster (``scheduler``:
     its address or a connected client) are counted."""
     if scheduler is not None and not isinstance(scheduler, str):
-        n = max(1, len(scheduler.scheduler_info()["workers"]))
+        n = max(1, len(workers_info(scheduler)))
     else:
         address = scheduler_address(scheduler)
         n = max(1, count_workers(address)) if address else (workers or default_workers())
@@ -536,13 +665,6 @@ def default_overlap(bundle: Bundle, window: int) -> int:
     return window - stride if stride > 0 else ovl
 
 
-def _check_writable(folder: Path) -> None:
-    if not os.access(folder, os.W_OK):
-        raise ConfigError(
-            f"cannot write to {str(folder)!r}; choose an output in a folder you can write to"
-        )
-
-
 def _stamp(path: str) -> list[float]:
     if is_url(path):
         return []
@@ -550,23 +672,44 @@ def _stamp(path: str) -> list[float]:
     return [st.st_size, st.st_mtime]
 
 
-def _parts_folder(out: Path, settings: dict[str, Any]) -> Path:
-    """The folder of block parts beside ``out``: kept from a stopped run with the same settings,
-    else started afresh."""
-    parts = out.parent / f".{out.name}.parts"
+def _parts_folder(
+    out: Path, settings: dict[str, Any], locks: contextlib.ExitStack, overwrite: bool
+) -> Path:
+    """The folder of block parts beside ``out``, locked for this run (a second run on the same
+    output is refused, naming this one): kept from a stopped run with the same settings, else,
+    and always with ``overwrite``, started afresh."""
+    parts = (out.parent / f".{out.name}.parts").resolve()
+    locks.enter_context(exclusive(parts / "lock", f"output {str(out)!r}"))
     record = parts / "run.json"
-    if parts.exists():
-        try:
-            same = json.loads(record.read_text()) == settings
-        except (OSError, ValueError):
-            same = False
-        if not same:
-            log.info("settings differ from the stopped run's: starting %s afresh", out.name)
-            shutil.rmtree(parts)
-    if not parts.exists():
-        parts.mkdir()
-        record.write_text(json.dumps(settings))
+    try:
+        same = json.loads(record.read_text()) == settings
+    except (OSError, ValueError):
+        same = False
+    if not same or overwrite:
+        if any(parts.glob("block_*")):
+            log.info(
+                "%s: starting %s afresh",
+                "--overwrite" if same else "settings differ from the stopped run's",
+                out.name,
+            )
+        remove_parts(parts, keep_lock=True)
+        tmp = record.with_name(record.name + ".tmp")
+        tmp.write_text(json.dumps(settings))
+        os.replace(tmp, record)
     return parts
+
+
+# the files geoseg writes into a parts folder; nothing else there is ever removed
+_PART_FILES = ("block_*", "run.json", "run.json.tmp", "assembled*")
+
+
+def remove_parts(parts: Path, *, keep_lock: bool = False) -> None:
+    """Remove geoseg's files from a parts folder, and the folder if that empties it."""
+    for pattern in (*_PART_FILES, *(() if keep_lock else ("lock",))):
+        for f in parts.glob(pattern):
+            f.unlink(missing_ok=True)
+    if not keep_lock:
+        remove_empty([parts])
 
 
 def _log_dashboard(client: Any) -> None:
@@ -640,9 +783,9 @@ def assemble_class_map(
 
     def describe(dst: Any) -> None:
         write_class_metadata(dst, bundle.classes)
-        dst.update_tags(GEOSEG_BUNDLE_HASH=bundle.hash)
+        dst.update_tags(GEOSEG_BUNDLE_HASH=bundle.hash, **{GEOSEG_TAG: "class map"})
 
-    return _assemble(
+    valid = _assemble(
         parts,
         cores,
         profile,
@@ -653,6 +796,8 @@ def assemble_class_map(
         resampling="MODE",
         describe=describe,
     )
+    write_category_names(output, bundle.classes)  # for gdalinfo and QGIS
+    return valid
 
 
 def assemble_probabilities(
@@ -669,7 +814,9 @@ def assemble_probabilities(
     def describe(dst: Any) -> None:
         for i, c in enumerate(bundle.classes, start=1):
             dst.set_band_description(i, f"{c.name} (class {c.id}), probability x 254")
-        dst.update_tags(GEOSEG_SCALE="probability = value / 254; 255 = nodata")
+        dst.update_tags(
+            GEOSEG_SCALE="probability = value / 254; 255 = nodata", **{GEOSEG_TAG: "probabilities"}
+        )
 
     _assemble(
         parts,

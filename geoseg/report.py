@@ -23,6 +23,7 @@ import io
 import itertools
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,20 +35,29 @@ from geoseg.io import atomic_output, check_output
 REPORT_FORMATS = (".json", ".csv", ".md", ".html")
 
 
-def check_report_path(path: str | os.PathLike[str], overwrite: bool) -> Path:
+def check_report_path(
+    path: str | os.PathLike[str],
+    overwrite: bool,
+    *,
+    inputs: Sequence[str | os.PathLike[str] | None] = (),
+) -> Path:
+    """Refuse a report path of an unknown format, or one that may not be written
+    (:func:`geoseg.io.check_output`)."""
     ext = Path(path).suffix.lower()
     if ext not in REPORT_FORMATS:
         raise ConfigError(
             f"unknown report format {ext or '(none)'!r} for {str(path)!r}; expected one of "
             f"{', '.join(REPORT_FORMATS)}"
         )
-    return check_output(path, overwrite)
+    return check_output(path, overwrite, inputs=inputs, what="report")
 
 
 def write_report(
     report: dict[str, Any], path: str | os.PathLike[str], *, overwrite: bool = False
 ) -> Path:
-    """Write ``report`` (from :func:`geoseg.metrics.evaluate`) as JSON or Markdown by extension."""
+    """Write ``report`` (from :func:`geoseg.metrics.evaluate`) by its extension: ``.json``,
+    ``.csv`` (a row per region and class), ``.md`` or ``.html`` (one self-contained page);
+    under a temporary name, renamed when complete."""
     out = check_report_path(path, overwrite)
     ext = out.suffix.lower()
     writers = {".json": lambda r: json.dumps(r, indent=1), ".csv": to_csv, ".md": markdown}
@@ -240,8 +250,8 @@ def quicklooks(report: dict[str, Any], max_px: int = QUICKLOOK_PX) -> dict[str, 
     from rasterio.features import rasterize
     from rasterio.vrt import WarpedVRT
 
+    from geoseg.data import map_codes
     from geoseg.io import NODATA_CLASS, is_vector_path, read_vector
-    from geoseg.metrics import map_codes
 
     with rasterio.open(report["prediction"]) as src:
         scale = max(src.height, src.width) / max_px
@@ -277,10 +287,10 @@ def quicklooks(report: dict[str, Any], max_px: int = QUICKLOOK_PX) -> dict[str, 
             ) as vrt:
                 masked = vrt.read(1, out_shape=shape, resampling=Resampling.nearest, masked=True)
         truth = np.where(np.ma.getmaskarray(masked), -1, masked.filled(0)).astype(np.int64)
+    ignored = np.isin(truth, list(report.get("ignore") or ()))  # truth codes, before mapping
     mapping = {int(k): int(v) for k, v in (report.get("class_map") or {}).items()}
     truth = map_codes(truth, mapping)
-    for code in report.get("ignore") or ():
-        truth[truth == code] = -1
+    truth[ignored] = -1
     return {
         "prediction": _png(_colourise(pred, report)),
         "truth": _png(_colourise(truth, report)),

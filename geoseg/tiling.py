@@ -30,6 +30,12 @@ def axis_starts(length: int, window: int, stride: int) -> np.ndarray:
     return np.arange(n) * stride
 
 
+MIN_BLOCK = 64
+"""The smallest block, px: smaller ones cost more in scheduling than they hold in pixels."""
+MIN_WINDOW = 8
+"""The smallest model window, px."""
+
+
 def block_windows(height: int, width: int, block: int) -> list[Window]:
     """The cores of all blocks, row-major; they tile the ``height`` x ``width`` scene exactly."""
     if block <= 0:

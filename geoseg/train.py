@@ -34,7 +34,14 @@ import torch.nn.functional as F
 from geoseg import __version__
 from geoseg.augment import IGNORE, PRESETS, build_augmenter
 from geoseg.bundle import BandInfo, Contract, save_bundle
-from geoseg.cluster import run_tasks, session, task_resources, torch_threads
+from geoseg.cluster import (
+    run_tasks,
+    scheduler_address,
+    session,
+    task_resources,
+    torch_threads,
+    workers_info,
+)
 from geoseg.data import (
     SAMPLERS,
     AnchorTable,
@@ -49,14 +56,31 @@ from geoseg.data import (
     pixel_bounds,
     resolve_classes,
 )
-from geoseg.errors import BandMismatchError, ConfigError, GeosegError, LabelError
+from geoseg.errors import (
+    BandMismatchError,
+    ConfigError,
+    GeosegError,
+    Interrupted,
+    LabelError,
+    OutputExistsError,
+    check_range,
+)
 from geoseg.inference import resolve_device
-from geoseg.io import ClassInfo, SceneProfile, check_input, check_output, read_profile
+from geoseg.io import (
+    ClassInfo,
+    SceneProfile,
+    check_input,
+    check_output,
+    describe_window,
+    folders_for,
+    read_profile,
+    resolve_path,
+)
 from geoseg.losses import make_loss
 from geoseg.metrics import scores
 from geoseg.models import create_model, parameter_count, receptive_field
 from geoseg.progress import Progress
-from geoseg.tiling import block_windows
+from geoseg.tiling import MIN_WINDOW, block_windows
 
 log = logging.getLogger("geoseg")
 GROUP_TIMEOUT_S = 300  # how long a rank waits for the others in a collective
@@ -126,11 +150,7 @@ def _process_group(rendezvous: str | None, rank: int, world: int, device: str) -
 
 
 def _describe(spec: SampleSpec, window: Any) -> str:
-    r, c = int(window.row_off), int(window.col_off)
-    return (
-        f"{Path(spec.scene).name} rows {r}-{r + int(window.height)}, "
-        f"cols {c}-{c + int(window.width)}"
-    )
+    return f"{Path(spec.scene).name} {describe_window(window)}"
 
 
 def _amp(device: str) -> tuple[torch.dtype | None, bool]:
@@ -382,23 +402,43 @@ def _checkpoint_meta(cfg: EpochConfig, classes: Sequence[ClassInfo]) -> dict[str
     }
 
 
-def _load_checkpoint(path: str | os.PathLike[str], meta: dict[str, Any]) -> dict[str, Any]:
+def _read_checkpoint(path: str) -> dict[str, Any]:
+    """A checkpoint, loaded as bundles are (plain data only: ``weights_only``), before any
+    work is done."""
     ckpt_path = check_input(path, "checkpoint")
     try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        theirs = ckpt["meta"]
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if not isinstance(ckpt, dict) or not {"meta", "state", "epoch"} <= set(ckpt):
+            raise ValueError("not a geoseg checkpoint")
     except Exception as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConfigError(
-            f"checkpoint {str(path)!r} could not be read ({exc}); pass a file that geoseg train "
-            "wrote beside its bundle (NAME.bundle.checkpoint)"
+            f"checkpoint {str(path)!r} could not be read ({reason[:200]}); pass a file that "
+            "geoseg train wrote beside its bundle (NAME.bundle.checkpoint)"
         ) from None
+    return dict(ckpt)
+
+
+def _check_checkpoint(ckpt: dict[str, Any], path: str, meta: dict[str, Any]) -> None:
+    """Refuse to resume a checkpoint of a run with other settings, naming each that differs."""
+    theirs = ckpt["meta"]
     differ = sorted(k for k in meta if theirs.get(k) != meta[k])
     if differ:
         raise ConfigError(
-            f"checkpoint {str(path)!r} was written by a run with other settings ({', '.join(differ)}: "
-            f"{', '.join(f'{theirs.get(k)!r}' for k in differ)}); resume with the same settings"
+            f"checkpoint {path!r} was written by a run with other settings: "
+            + "; ".join(f"{k} {theirs.get(k)!r} there, {meta[k]!r} now" for k in differ)
+            + "; resume with the same settings, or start again without --resume"
         )
-    return ckpt
+
+
+def _write_log(path: Path, history: list[dict[str, Any]]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
+    os.replace(tmp, path)
+
+
+def _same_path(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
@@ -428,7 +468,7 @@ def _run_epoch(
     )
 
     def check_workers() -> None:
-        lost = [w for w in workers if w not in client.scheduler_info()["workers"]]
+        lost = [w for w in workers if w not in workers_info(client)]
         if lost:
             raise TrainingError(f"worker {lost[0]} was lost during epoch {epoch + 1}; {resume}")
 
@@ -442,11 +482,18 @@ def _run_epoch(
             check_workers()
             raise
         rendezvous = f"tcp://{host}:{port}"
+    # the weights and the configuration go to the cluster once, not once per rank inside the
+    # graph (tens of MB for a U-Net's weights and optimiser state)
+    try:  # on every rank's worker: each reads its own copy, and none depends on another's
+        shared = client.scatter([state, cfg], hash=False, workers=workers, broadcast=True)
+    except OSError:  # a worker it went to was lost
+        check_workers()
+        raise
     futures = [
         client.submit(
             train_epoch,
-            state,
-            cfg,
+            shared[0],
+            shared[1],
             epoch,
             rank,
             world,
@@ -461,12 +508,18 @@ def _run_epoch(
     ]
     try:
         while True:
-            with contextlib.suppress(TimeoutError):
+            try:
                 wait(
                     [f for f in futures if f.status == "pending"],
                     timeout=1.0,
                     return_when="FIRST_COMPLETED",
                 )
+            except TimeoutError:
+                pass
+            except Exception as exc:  # futures cancelled: their data went with a lost worker
+                time.sleep(2.0)
+                check_workers()
+                raise TrainingError(f"epoch {epoch + 1} failed: {exc}; {resume}") from None
             failed = [f for f in futures if f.status == "error"]
             if failed:  # a rank whose peer died fails first: give the
                 time.sleep(2.0)  # scheduler a moment to notice the lost worker
@@ -597,7 +650,7 @@ def plan_training(
         else None
         for cs in val_cells
     ]
-    worker_list = sorted(client.scheduler_info()["workers"])
+    worker_list = sorted(workers_info(client))
     world = len(worker_list)
     per_epoch = samples_per_epoch or max(256, round(2 * labelled / window**2))
     cfg = EpochConfig(
@@ -718,15 +771,53 @@ def train(
     -------
     TrainResult
     """
-    scene_list, label_list = _as_list(scenes), _as_list(labels)
+    # every path is resolved here: workers may run in other folders, or on other machines
+    scene_list = [resolve_path(s) for s in _as_list(scenes)]
+    label_list = [resolve_path(lb) for lb in _as_list(labels)]
     if not scene_list or len(scene_list) != len(label_list):
         raise ConfigError(
             f"got {len(scene_list)} scenes and {len(label_list)} label files; give one label "
             "file per scene: SCENE... LABELS..."
         )
-    out = check_output(output, overwrite)
+    check_range("--window", window, MIN_WINDOW)
+    check_range("--predict-window", predict_window, MIN_WINDOW)
+    check_range("--epochs", epochs, 1)
+    check_range("--batch-size", batch_size, 1)
+    check_range("--samples-per-epoch", samples_per_epoch, 1)
+    check_range("--label-smoothing", label_smoothing, 0, 0.99)
+    if not (math.isfinite(lr) and lr > 0):
+        raise ConfigError(f"--lr must be a positive number such as 0.002, got {lr}")
+    if sampler not in SAMPLERS:
+        raise ConfigError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
+    if val_region is not None and val_fraction is not None:
+        raise ConfigError("give --val-region or --val-fraction, not both")
+    if val_fraction is not None and not 0 < val_fraction < 1:
+        raise ConfigError(f"--val-fraction must lie between 0 and 1, got {val_fraction}")
+    if device != "cuda" or not scheduler_address(scheduler):
+        resolve_device(device)  # a local cluster: no GPU for --device cuda fails here
+    area = resolve_path(within) if within is not None else None
+    region = resolve_path(val_region) if val_region is not None else None
+    ckpt_in = resolve_path(resume) if resume is not None else None
+    classes_file = resolve_path(classes) if isinstance(classes, (str, os.PathLike)) else None
+    augment_file = None if augment in PRESETS else resolve_path(augment)
+    inputs = [*scene_list, *label_list, area, region, classes_file, augment_file]
+    ckpt = _read_checkpoint(ckpt_in) if ckpt_in is not None else None
+    out = check_output(output, overwrite, inputs=[*inputs, ckpt_in], what="bundle")
     ckpt_path = out.with_name(out.name + ".checkpoint")
     log_path = out.with_name(out.name + ".log.jsonl")
+    # resuming rewrites the checkpoint it resumes and the log beside it; nothing else
+    resuming = ckpt_in is not None and _same_path(ckpt_path, ckpt_in)
+    try:
+        check_output(ckpt_path, overwrite or resuming, inputs=inputs, what="checkpoint")
+    except OutputExistsError:
+        raise OutputExistsError(
+            f"checkpoint {str(ckpt_path)!r} of an earlier run exists; continue that run with "
+            f"--resume {ckpt_path}, or pass --overwrite to start again"
+        ) from None
+    check_output(log_path, overwrite or resuming, inputs=inputs, what="training log")
+    for path in (area, region):
+        if path is not None:
+            check_input(path, "area" if path == area else "validation region")
     profiles = [read_profile(s) for s in scene_list]
     band_list = list(bands) if bands else list(range(1, profiles[0].count + 1))
     for profile in profiles:
@@ -736,26 +827,15 @@ def train(
                 f"scene {profile.path!r} has bands 1-{profile.count}; the model reads bands "
                 f"{band_list}; pass --bands with bands every scene has"
             )
-    if window < 8 or epochs < 1 or batch_size < 1:
-        raise ConfigError("--window must be at least 8, --epochs and --batch-size at least 1")
-    if sampler not in SAMPLERS:
-        raise ConfigError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
-    if val_region is not None and val_fraction is not None:
-        raise ConfigError("give --val-region or --val-fraction, not both")
-    if val_fraction is not None and not 0 < val_fraction < 1:
-        raise ConfigError(f"--val-fraction must lie between 0 and 1, got {val_fraction}")
     make_loss(loss)  # validate the names before any work
     build_augmenter(augment, window)
-    if augment not in PRESETS:  # a pipeline file: workers need its absolute path
-        augment = str(Path(augment).resolve())
-    label_specs = [LabelSpec(str(lb), label_field, tuple(ignore)) for lb in label_list]
-    for spec, profile in zip(label_specs, profiles):
-        check_labels(spec, profile)
+    if augment_file is not None:  # a pipeline file: workers need its absolute path
+        augment = augment_file
+    label_specs = [
+        check_labels(LabelSpec(lb, label_field, tuple(ignore)), profile)
+        for lb, profile in zip(label_list, profiles)
+    ]
     class_list = load_classes(classes) if classes is not None else None
-    area = str(Path(within).resolve()) if within is not None else None
-    region = str(Path(val_region).resolve()) if val_region is not None else None
-    if region is not None:
-        check_input(region, "validation region")
     bounds = [pixel_bounds(p, area) for p in profiles]
     for b, p in zip(bounds, profiles):
         if b[2] - b[0] < window or b[3] - b[1] < window:
@@ -765,174 +845,186 @@ def train(
             )
     arch_args = dict(arch_args or {})
     create_model(arch, len(band_list), 2, **arch_args)  # validate architecture arguments early
-    with session(workers, scheduler, gpu=device != "cpu") as client:
-        plan = plan_training(
-            client,
-            profiles,
-            label_specs,
-            band_list,
-            window=window,
-            area=area,
-            region=region,
-            val_fraction=val_fraction,
-            classes=class_list,
-            sampler=sampler,
-            batch_size=batch_size,
-            samples_per_epoch=samples_per_epoch,
-            epochs=epochs,
-            lr=lr,
-            loss=loss,
-            label_smoothing=label_smoothing,
-            augment=augment,
-            balance=balance,
-            nodata=nodata,
-            seed=seed,
-            device=device,
+    with folders_for(out):
+        with session(workers, scheduler, gpu=device != "cpu") as client:
+            plan = plan_training(
+                client,
+                profiles,
+                label_specs,
+                band_list,
+                window=window,
+                area=area,
+                region=region,
+                val_fraction=val_fraction,
+                classes=class_list,
+                sampler=sampler,
+                batch_size=batch_size,
+                samples_per_epoch=samples_per_epoch,
+                epochs=epochs,
+                lr=lr,
+                loss=loss,
+                label_smoothing=label_smoothing,
+                augment=augment,
+                balance=balance,
+                nodata=nodata,
+                seed=seed,
+                device=device,
+                arch=arch,
+                arch_args=arch_args,
+            )
+            cfg, class_list, total, worker_list = plan.cfg, plan.classes, plan.stats, plan.workers
+            world = len(worker_list)
+            labelled = sum(total.codes.values())
+            val_windows = cfg.val_windows
+            paths = [s.scene for s in cfg.specs]
+            mean, std = list(cfg.specs[0].mean), list(cfg.specs[0].std)
+            meta = _checkpoint_meta(cfg, class_list)
+            history: list[dict[str, Any]] = []
+            state: dict[str, Any] | None = None
+            best: dict[str, Any] | None = None  # epoch, miou, model weights
+            start = 0
+            if ckpt is not None:
+                _check_checkpoint(ckpt, str(resume), meta)
+                state, history, best = ckpt["state"], ckpt["history"], ckpt["best"]
+                start = int(ckpt["epoch"])
+                log.info("resuming from %s after epoch %d", resume, start)
+            log.info(
+                "train %s on %d scene(s): %d classes, %d labelled training px%s, %d workers, "
+                "%d epochs of %d steps x %d windows x %d px on each worker, sampler %s",
+                arch,
+                len(paths),
+                len(class_list),
+                labelled,
+                f", {sum(total.val_codes.values())} validation px" if val_windows else "",
+                world,
+                epochs,
+                cfg.steps,
+                batch_size,
+                window,
+                sampler,
+            )
+            finished = start
+            try:
+                with Progress("train", epochs - start, "epochs") as progress:
+                    for epoch in range(start, epochs):
+                        results = _run_epoch(
+                            client, worker_list, state, cfg, epoch, ckpt_path, epoch
+                        )
+                        first = results[0]
+                        state = first.state
+                        assert state is not None
+                        row: dict[str, Any] = {
+                            "epoch": epoch + 1,
+                            "loss": round(first.loss, 6),
+                            "seconds": round(max(r.seconds for r in results), 3),
+                            "windows": sum(r.windows for r in results),
+                            "lr": cfg.lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs)),
+                        }
+                        note = f"loss {first.loss:.4f}"
+                        if first.confusion is not None:
+                            sc = scores(first.confusion, class_list)
+                            row.update(
+                                val_loss=round(first.val_loss or 0.0, 6),
+                                val_miou=sc["miou"],
+                                val_accuracy=sc["overall_accuracy"],
+                                val_iou={c["name"]: c["iou"] for c in sc["per_class"]},
+                            )
+                            note += f" val loss {first.val_loss:.4f} mIoU {sc['miou']:.3f}"
+                            better = best is None or (sc["miou"] or 0.0) > best["miou"]
+                        else:
+                            better = True  # no validation: the last epoch is the one kept
+                        if better:
+                            best = {
+                                "epoch": epoch + 1,
+                                "miou": row.get("val_miou") or 0.0,
+                                "model": state["model"],
+                            }
+                        history.append(row)
+                        _save_checkpoint(
+                            ckpt_path,
+                            {
+                                "epoch": epoch + 1,
+                                "state": state,
+                                "history": history,
+                                "best": best,
+                                "meta": meta,
+                            },
+                        )
+                        # the log holds the checkpoint's history, then a line per epoch, and is written
+                        # only once an epoch is done (a run that fails first leaves none)
+                        _write_log(log_path, history)
+                        finished = epoch + 1
+                        progress.update(note=note)
+
+            except KeyboardInterrupt:
+                raise Interrupted(
+                    f"epoch {finished} of {epochs} finished; continue with the same command and "
+                    f"--resume {ckpt_path}"
+                    if finished
+                    else "no epoch had finished, so nothing was kept"
+                ) from None
+
+        assert best is not None
+        model = create_model(arch, len(band_list), len(class_list), **arch_args)
+        model.load_state_dict(best["model"])
+        model.eval()
+        rf = receptive_field(model, len(band_list))
+        # enough overlap that every pixel is predicted with its whole receptive field in one window;
+        # models that see the whole window (attention, image pooling) get a quarter of it
+        overlap = predict_window // 4 if rf is None else min(rf + rf % 2, predict_window // 2)
+        descriptions = profiles[0].descriptions
+        names = [descriptions[i - 1] or f"band {i}" for i in band_list]
+        best_row = next(h for h in history if h["epoch"] == best["epoch"])
+        contract = Contract(
             arch=arch,
             arch_args=arch_args,
-        )
-        cfg, class_list, total, worker_list = plan.cfg, plan.classes, plan.stats, plan.workers
-        world = len(worker_list)
-        labelled = sum(total.codes.values())
-        val_windows = cfg.val_windows
-        paths = [s.scene for s in cfg.specs]
-        mean, std = list(cfg.specs[0].mean), list(cfg.specs[0].std)
-        meta = _checkpoint_meta(cfg, class_list)
-        history: list[dict[str, Any]] = []
-        state: dict[str, Any] | None = None
-        best: dict[str, Any] | None = None  # epoch, miou, model weights
-        start = 0
-        if resume is not None:
-            ckpt = _load_checkpoint(resume, meta)
-            state, history, best = ckpt["state"], ckpt["history"], ckpt["best"]
-            start = int(ckpt["epoch"])
-            log.info("resuming from %s after epoch %d", resume, start)
-        # the log holds the epochs of the checkpoint's history, then one line per new epoch
-        log_path.write_text("".join(json.dumps(row) + "\n" for row in history))
-        log.info(
-            "train %s on %d scene(s): %d classes, %d labelled training px%s, %d workers, "
-            "%d epochs of %d steps x %d windows x %d px on each worker, sampler %s",
-            arch,
-            len(paths),
-            len(class_list),
-            labelled,
-            f", {sum(total.val_codes.values())} validation px" if val_windows else "",
-            world,
-            epochs,
-            cfg.steps,
-            batch_size,
-            window,
-            sampler,
-        )
-        with Progress("train", epochs - start, "epochs") as progress:
-            for epoch in range(start, epochs):
-                results = _run_epoch(client, worker_list, state, cfg, epoch, ckpt_path, epoch)
-                first = results[0]
-                state = first.state
-                assert state is not None
-                row: dict[str, Any] = {
-                    "epoch": epoch + 1,
-                    "loss": round(first.loss, 6),
-                    "seconds": round(max(r.seconds for r in results), 3),
-                    "windows": sum(r.windows for r in results),
-                    "lr": cfg.lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs)),
+            bands=[BandInfo(i, n) for i, n in zip(band_list, names)],
+            mean=mean,
+            std=std,
+            classes=list(class_list),
+            window=predict_window,
+            overlap=overlap,
+            receptive_field=rf,
+            crs=profiles[0].crs.to_string() if profiles[0].crs else None,
+            pixel_size=profiles[0].res,
+            nodata=nodata if nodata is not None else profiles[0].nodata,
+            geoseg_version=__version__,
+            training={
+                "scenes": scene_list,
+                "labels": label_list,
+                "within": area,
+                "validation": {
+                    "region": region,
+                    "fraction": val_fraction,
+                    "cell": split_cell(window),
                 }
-                note = f"loss {first.loss:.4f}"
-                if first.confusion is not None:
-                    sc = scores(first.confusion, class_list)
-                    row.update(
-                        val_loss=round(first.val_loss or 0.0, 6),
-                        val_miou=sc["miou"],
-                        val_accuracy=sc["overall_accuracy"],
-                        val_iou={c["name"]: c["iou"] for c in sc["per_class"]},
-                    )
-                    note += f" val loss {first.val_loss:.4f} mIoU {sc['miou']:.3f}"
-                    better = best is None or (sc["miou"] or 0.0) > best["miou"]
-                else:
-                    better = True  # no validation: the last epoch is the one kept
-                if better:
-                    best = {
-                        "epoch": epoch + 1,
-                        "miou": row.get("val_miou") or 0.0,
-                        "model": state["model"],
-                    }
-                history.append(row)
-                _save_checkpoint(
-                    ckpt_path,
-                    {
-                        "epoch": epoch + 1,
-                        "state": state,
-                        "history": history,
-                        "best": best,
-                        "meta": meta,
-                    },
-                )
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
-                progress.update(note=note)
-
-    assert best is not None
-    model = create_model(arch, len(band_list), len(class_list), **arch_args)
-    model.load_state_dict(best["model"])
-    model.eval()
-    rf = receptive_field(model, len(band_list))
-    # enough overlap that every pixel is predicted with its whole receptive field in one window;
-    # models that see the whole window (attention, image pooling) get a quarter of it
-    overlap = predict_window // 4 if rf is None else min(rf + rf % 2, predict_window // 2)
-    descriptions = profiles[0].descriptions
-    names = [descriptions[i - 1] or f"band {i}" for i in band_list]
-    best_row = next(h for h in history if h["epoch"] == best["epoch"])
-    contract = Contract(
-        arch=arch,
-        arch_args=arch_args,
-        bands=[BandInfo(i, n) for i, n in zip(band_list, names)],
-        mean=mean,
-        std=std,
-        classes=list(class_list),
-        window=predict_window,
-        overlap=overlap,
-        receptive_field=rf,
-        crs=profiles[0].crs.to_string() if profiles[0].crs else None,
-        pixel_size=profiles[0].res,
-        nodata=nodata if nodata is not None else profiles[0].nodata,
-        geoseg_version=__version__,
-        training={
-            "scenes": scene_list,
-            "labels": label_list,
-            "within": area,
-            "validation": {
-                "region": region,
-                "fraction": val_fraction,
-                "cell": split_cell(window),
-            }
-            if val_windows
-            else None,
-            "sampler": sampler,
-            "window": window,
-            "epochs": epochs,
-            "best_epoch": best["epoch"],
-            "best": {k: v for k, v in best_row.items() if k.startswith("val_")},
-            "workers": world,
-            "batch_size": batch_size,
-            "steps_per_epoch": cfg.steps,
-            "lr": lr,
-            "loss": loss,
-            "augment": augment,
-            "class_weights": cfg.class_weights,
-            "class_pixels": {str(k): v for k, v in sorted(total.codes.items())},
-            "validation_pixels": {str(k): v for k, v in sorted(total.val_codes.items())},
-            "parameters": parameter_count(model),
-            "history": history,
-        },
-    )
-    digest = save_bundle(out, model, contract, overwrite=overwrite)
-    log.info(
-        "wrote %s (%s, epoch %d of %d, receptive field %s, default overlap %d px)",
-        out,
-        arch,
-        best["epoch"],
-        epochs,
-        "the whole window" if rf is None else f"{rf} px",
-        overlap,
-    )
+                if val_windows
+                else None,
+                "sampler": sampler,
+                "window": window,
+                "epochs": epochs,
+                "best_epoch": best["epoch"],
+                "best": {k: v for k, v in best_row.items() if k.startswith("val_")},
+                "workers": world,
+                "batch_size": batch_size,
+                "steps_per_epoch": cfg.steps,
+                "lr": lr,
+                "loss": loss,
+                "augment": augment,
+                "class_weights": cfg.class_weights,
+                "class_pixels": {str(k): v for k, v in sorted(total.codes.items())},
+                "validation_pixels": {str(k): v for k, v in sorted(total.val_codes.items())},
+                "parameters": parameter_count(model),
+                "history": history,
+            },
+        )
+        digest = save_bundle(out, model, contract, overwrite=overwrite)
+        log.info(
+            "%s: kept epoch %d of %d; receptive field %s, default overlap %d px",
+            arch,
+            best["epoch"],
+            epochs,
+            "the whole window" if rf is None else f"{rf} px",
+            overlap,
+        )
     return TrainResult(out, list(class_list), history, digest, best["epoch"], ckpt_path, log_path)

@@ -36,14 +36,22 @@ import rasterio
 import shapely
 from affine import Affine
 from rasterio.crs import CRS
+from rasterio.errors import CRSError
 from rasterio.features import shapes
 from rasterio.windows import Window
 
 from geoseg.cluster import cpu_workers, session
-from geoseg.errors import ConfigError, NotARasterError
-from geoseg.io import NODATA_CLASS, atomic_output, check_output, open_raster, read_class_metadata
+from geoseg.errors import ConfigError, NotARasterError, check_range
+from geoseg.io import (
+    NODATA_CLASS,
+    atomic_output,
+    check_class_map,
+    check_output,
+    read_profile,
+    resolve_path,
+)
 from geoseg.progress import Progress
-from geoseg.tiling import block_windows
+from geoseg.tiling import MIN_BLOCK, block_windows
 
 log = logging.getLogger("geoseg")
 
@@ -516,7 +524,17 @@ def vectorize(
         The output's extension is not one of the formats, or a setting is negative.
     """
     driver = output_format(output)
-    out = check_output(output, overwrite)
+    source = resolve_path(classes)
+    out = check_output(output, overwrite, inputs=[source], what="polygons")
+    check_range("--block", block, MIN_BLOCK)
+    if crs is not None:
+        try:
+            crs = CRS.from_user_input(crs).to_string()
+        except CRSError:
+            raise ConfigError(
+                f"--crs {crs!r} is not a CRS PROJ knows; give an EPSG code such as EPSG:32617, "
+                "a PROJ string or WKT"
+            ) from None
     if min_area < 0 or simplify < 0:
         raise ConfigError(
             f"--min-area and --simplify must not be negative, got {min_area} and {simplify}"
@@ -534,19 +552,19 @@ def vectorize(
             f"GeoJSON is always WGS84 lon/lat (RFC 7946), so --crs {crs} cannot apply; write "
             ".gpkg, .parquet or .fgb for another CRS"
         )
-    with open_raster(classes, "class map") as src:
-        if not np.issubdtype(np.dtype(src.dtypes[0]), np.integer):
-            raise NotARasterError(
-                f"class map {str(classes)!r} has {src.dtypes[0]} values; expected an integer class "
-                "raster such as the output of 'geoseg predict'"
-            )
-        if src.crs is None:
-            raise NotARasterError(
-                f"class map {str(classes)!r} has no CRS; assign one (gdal_edit.py -a_srs) first"
-            )
-        meta = read_class_metadata(src) or []
-        nodata = int(src.nodata) if src.nodata is not None else NODATA_CLASS
-        height, width, transform, src_crs = src.height, src.width, src.transform, src.crs
+    profile = read_profile(source, "class map")
+    meta = check_class_map(profile) or []
+    if profile.crs is None:
+        raise NotARasterError(
+            f"class map {str(classes)!r} has no CRS; assign one (gdal_edit.py -a_srs) first"
+        )
+    nodata = int(profile.nodata) if profile.nodata is not None else NODATA_CLASS
+    height, width, transform, src_crs = (
+        profile.height,
+        profile.width,
+        profile.transform,
+        profile.crs,
+    )
     if not meta:
         warnings.warn(
             f"class map {str(classes)!r} has no class names; using the class ids", stacklevel=2
@@ -558,7 +576,7 @@ def vectorize(
     out_crs = "EPSG:4326" if driver == "GeoJSON" else crs
     cores = block_windows(height, width, block)
     args = (
-        str(Path(classes).resolve()),
+        source,
         nodata,
         tuple(only) if only else None,
         min_pixels,

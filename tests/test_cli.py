@@ -150,13 +150,23 @@ def test_not_a_raster(tmp_path, random_bundle):
 
 def test_output_exists_needs_overwrite(tmp_path, random_bundle):
     out = tmp_path / "c.tif"
-    out.write_bytes(b"keep me")
+    r = invoke("predict", random_bundle, SCENE, "-o", out, "--workers", 1, "-q")
+    assert r.exit_code == 0
+    before = out.read_bytes()
     assert_one_line_error(
         invoke("predict", random_bundle, SCENE, "-o", out), "exists", "--overwrite"
     )
-    assert out.read_bytes() == b"keep me"
+    assert out.read_bytes() == before
     r = invoke("predict", random_bundle, SCENE, "-o", out, "--overwrite", "--workers", 1, "-q")
     assert r.exit_code == 0 and rasterio.open(out).count == 1
+    # a file geoseg did not write is never replaced, --overwrite or not
+    theirs = tmp_path / "theirs.tif"
+    theirs.write_bytes(b"keep me")
+    for flag in ([], ["--overwrite"]):
+        assert_one_line_error(
+            invoke("predict", random_bundle, SCENE, "-o", theirs, *flag), "not a file geoseg wrote"
+        )
+    assert theirs.read_bytes() == b"keep me"
 
 
 def test_band_mismatch(tmp_path, random_bundle, make_raster):

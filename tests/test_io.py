@@ -4,7 +4,13 @@ import rasterio
 from affine import Affine
 from rasterio.windows import Window
 
-from geoseg.errors import GridMismatchError, InputNotFoundError, NotARasterError, OutputExistsError
+from geoseg.errors import (
+    GridMismatchError,
+    InputNotFoundError,
+    NotARasterError,
+    OutputError,
+    OutputExistsError,
+)
 from geoseg.io import atomic_output, check_same_grid, open_raster, read_profile, read_window
 
 from .conftest import LABELS, SCENE
@@ -44,13 +50,21 @@ def test_atomic_output_leaves_nothing_behind_on_error(tmp_path):
 
 
 def test_atomic_output_refuses_existing_unless_overwrite(tmp_path):
-    target = tmp_path / "out.txt"
-    target.write_text("old")
+    target = tmp_path / "out.md"
+    target.write_text("# geoseg evaluation\nold")  # a report geoseg wrote
     with pytest.raises(OutputExistsError, match="--overwrite"), atomic_output(target):
         pass
     with atomic_output(target, overwrite=True) as tmp:
         tmp.write_text("new")
     assert target.read_text() == "new" and len(list(tmp_path.iterdir())) == 1
+    theirs = tmp_path / "theirs.md"  # a file geoseg did not write is never replaced
+    theirs.write_text("mine")
+    with (
+        pytest.raises(OutputError, match="not a file geoseg wrote"),
+        atomic_output(theirs, overwrite=True) as tmp,
+    ):
+        tmp.write_text("new")
+    assert theirs.read_text() == "mine"
 
 
 def test_missing_and_non_raster_inputs_are_named(tmp_path):

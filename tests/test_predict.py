@@ -95,26 +95,27 @@ def test_a_stopped_run_resumes_and_recomputes_only_missing_blocks(random_bundle,
         "-o",
         str(out),
         "--block",
-        "48",
+        "64",
         "--workers",
         "1",
         "-q",
     ]
     proc = subprocess.Popen(cmd, start_new_session=True, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and len(list(parts.glob("block_*.tif"))) < 8:
+    # a block is done once its record is written, after its part file
+    while time.monotonic() < deadline and len(list(parts.glob("block_*.done"))) < 8:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    done_before = {p.name for p in parts.glob("block_*.tif")}
+    done_before = {p.name for p in parts.glob("block_*.done")}
     assert len(done_before) >= 8 and not out.exists()  # stopped part-way, nothing half-written
 
-    result = predict_scene(random_bundle, SCENE, out, block=48, workers=1)
+    result = predict_scene(random_bundle, SCENE, out, block=64, workers=1)
     assert result.resumed == len(done_before)
     assert 0 < result.resumed < result.blocks
     assert not parts.exists()  # cleaned up once complete
     fresh = tmp_path / "fresh.tif"
-    predict_scene(random_bundle, SCENE, fresh, block=48, workers=1)
+    predict_scene(random_bundle, SCENE, fresh, block=64, workers=1)
     with rasterio.open(out) as a, rasterio.open(fresh) as b:
         np.testing.assert_array_equal(a.read(1), b.read(1))
 

@@ -54,9 +54,52 @@ def create_model(name: str, in_channels: int, num_classes: int, **kwargs: Any) -
         raise ConfigError(
             f"{name} takes no argument {', '.join(unknown)}; valid arguments: {', '.join(sorted(fields))}"
         )
-    config = config_cls(in_channels=in_channels, num_classes=num_classes, **kwargs)
-    model: nn.Module = cls(config)
+    defaults = model_arguments(name)
+    for key, value in kwargs.items():
+        if not _same_kind(value, defaults[key]):
+            raise ConfigError(
+                f"{name} argument {key}={value!r}: expected {_kind(defaults[key])}, such as the "
+                f"default {key}={defaults[key]!r}"
+            )
+    try:
+        config = config_cls(in_channels=in_channels, num_classes=num_classes, **kwargs)
+        model: nn.Module = cls(config)
+    except (TypeError, ValueError, RuntimeError, AssertionError, ZeroDivisionError) as exc:
+        given = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+        raise ConfigError(
+            f"{name} cannot be built with {given} ({exc or type(exc).__name__}); the defaults "
+            f"are {', '.join(f'{k}={v!r}' for k, v in defaults.items())}"
+        ) from None
     return model
+
+
+def _kind(default: Any) -> str:
+    if isinstance(default, bool):
+        return "true or false"
+    if isinstance(default, (int, float)):
+        return "a number" if isinstance(default, float) else "an integer"
+    if isinstance(default, (tuple, list)):
+        return "a list such as [1, 2]"
+    return "a word" if isinstance(default, str) else type(default).__name__
+
+
+def _same_kind(value: Any, default: Any) -> bool:
+    """Whether ``value`` can stand where the architecture's default is ``default``."""
+    if default is None:
+        return True
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, (tuple, list)):
+        return (
+            isinstance(value, (tuple, list)) and all(_same_kind(v, default[0]) for v in value)
+            if default
+            else isinstance(value, (tuple, list))
+        )
+    return isinstance(value, type(default))
 
 
 def model_arguments(name: str) -> dict[str, Any]:
