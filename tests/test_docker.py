@@ -20,9 +20,12 @@ def test_compose_has_a_scheduler_cpu_workers_and_a_gpu_worker_on_shared_data():
     assert gpu["command"][5:7] == ["--resources", "GPU=1"]
     device = gpu["deploy"]["resources"]["reservations"]["devices"][0]
     assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+    # the client assembles what the workers wrote: it needs their volume and the scheduler
+    client = services["client"]
+    assert client["environment"]["DASK_SCHEDULER_ADDRESS"] == "tcp://scheduler:8786"
     for name, svc in services.items():
         cmd = svc["command"]
-        if name != "scheduler":
+        if name not in ("scheduler", "client"):
             assert cmd[:3] == ["dask", "worker", "tcp://scheduler:8786"]
             assert cmd[cmd.index("--nthreads") + 1] == "1"  # torch, not Dask, uses the cores
         assert "data:/data" in svc["volumes"]
