@@ -652,7 +652,12 @@ def test_ctrl_c_in_train_names_the_checkpoint(tmp_path):
     assert code == 130, err
     assert "Traceback" not in err and len(err.strip().splitlines()) <= 6, err
     assert f"--resume {out}.checkpoint" in err.splitlines()[-1]
-    assert not out.exists() and (tmp_path / "m.bundle.checkpoint").exists()
+    ckpt = tmp_path / "m.bundle.checkpoint"
+    assert not out.exists() and ckpt.exists()
+    # resuming with other settings names each that differs, with both values
+    args[args.index("50")] = "40"
+    r = invoke(*args, "--resume", ckpt, "--workers", 1, "-q")
+    assert_one_line_error(r, "other settings: epochs 50 there, 40 now", "without --resume")
 
 
 # -- messages that say what happened -----------------------------------------------------------
