@@ -20,6 +20,7 @@ import math
 import os
 import socket
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -482,30 +483,28 @@ def _run_epoch(
             check_workers()
             raise
         rendezvous = f"tcp://{host}:{port}"
-    # the weights and the configuration go to the cluster once, not once per rank inside the
-    # graph (tens of MB for a U-Net's weights and optimiser state)
-    try:  # on every rank's worker: each reads its own copy, and none depends on another's
-        shared = client.scatter([state, cfg], hash=False, workers=workers, broadcast=True)
-    except OSError:  # a worker it went to was lost
-        check_workers()
-        raise
-    futures = [
-        client.submit(
-            train_epoch,
-            shared[0],
-            shared[1],
-            epoch,
-            rank,
-            world,
-            rendezvous,
-            workers=[w],
-            allow_other_workers=False,
-            resources=task_resources(client, cfg.device),
-            pure=False,
-            key=f"train-epoch-{epoch + 1}-rank-{rank}-{os.urandom(4).hex()}",
-        )
-        for rank, w in enumerate(workers)
-    ]
+    # each rank's task carries the weights and optimiser state (tens of MB for a U-Net): Dask
+    # warns of a large graph, which is what this is. Scattering them first was tried and can hang
+    # when a worker has died but the scheduler has not yet noticed (the lost-worker test).
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sending large graph")
+        futures = [
+            client.submit(
+                train_epoch,
+                state,
+                cfg,
+                epoch,
+                rank,
+                world,
+                rendezvous,
+                workers=[w],
+                allow_other_workers=False,
+                resources=task_resources(client, cfg.device),
+                pure=False,
+                key=f"train-epoch-{epoch + 1}-rank-{rank}-{os.urandom(4).hex()}",
+            )
+            for rank, w in enumerate(workers)
+        ]
     try:
         while True:
             try:
