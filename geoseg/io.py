@@ -400,7 +400,8 @@ REPORT_MARK = "geoseg evaluation"
 """Words that every report geoseg writes holds (its title, or the JSON's ``miou_definition``)."""
 
 
-def _same_file(a: str, b: str) -> bool:
+def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """Whether two paths name one file (links and hard links included)."""
     if os.path.realpath(a) == os.path.realpath(b):
         return True
     try:
@@ -471,7 +472,7 @@ def check_output(
     """
     p = Path(path)
     for given in inputs:
-        if given is not None and not is_url(given) and _same_file(str(p), str(given)):
+        if given is not None and not is_url(given) and same_file(p, given):
             raise OutputError(
                 f"{what} {str(p)!r} is also an input ({str(given)!r}); geoseg never writes over "
                 "its inputs: choose another -o"

@@ -76,6 +76,7 @@ from geoseg.io import (
     folders_for,
     read_profile,
     resolve_path,
+    same_file,
 )
 from geoseg.losses import make_loss
 from geoseg.metrics import scores
@@ -436,10 +437,6 @@ def _write_log(path: Path, history: list[dict[str, Any]]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
     os.replace(tmp, path)
-
-
-def _same_path(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
-    return os.path.realpath(a) == os.path.realpath(b)
 
 
 def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
@@ -805,7 +802,7 @@ def train(
     ckpt_path = out.with_name(out.name + ".checkpoint")
     log_path = out.with_name(out.name + ".log.jsonl")
     # resuming rewrites the checkpoint it resumes and the log beside it; nothing else
-    resuming = ckpt_in is not None and _same_path(ckpt_path, ckpt_in)
+    resuming = ckpt_in is not None and same_file(ckpt_path, ckpt_in)
     try:
         check_output(ckpt_path, overwrite or resuming, inputs=inputs, what="checkpoint")
     except OutputExistsError:
