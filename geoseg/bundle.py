@@ -22,7 +22,14 @@ from rasterio.crs import CRS
 from torch import nn
 
 from geoseg.errors import BandMismatchError, BundleError
-from geoseg.io import ClassInfo, SceneProfile, atomic_output, check_input
+from geoseg.io import (
+    ClassInfo,
+    SceneProfile,
+    atomic_output,
+    check_input,
+    crs_equivalent,
+    read_scene_window,
+)
 from geoseg.models import create_model
 
 FORMAT = "geoseg.bundle/1"
@@ -144,24 +151,25 @@ def compare_scene(bundle: Bundle, profile: SceneProfile, *, samples: int = 16) -
                 f"({'; '.join(off[:3])}{'; ...' if len(off) > 3 else ''}); the map is likely "
                 "wrong: scale the scene to the training scene's units, or train on scenes like it"
             )
-    crs = CRS.from_user_input(c.crs) if c.crs else None
-    if crs is not None and profile.crs is not None and not _same_crs(crs, profile):
+    if c.crs is None or profile.crs is None:
+        return lines
+    crs = CRS.from_user_input(c.crs)
+    if not _same_crs(crs, profile):
         lines.append(
             f"scene {profile.path!r} is in {profile.crs.to_string()}, the bundle was trained in "
             f"{crs.to_string()}; the model sees the scene on its own grid, so reproject it "
             f"(gdalwarp -t_srs {crs.to_string()}) if the map looks wrong"
         )
-    if crs is not None and profile.crs is not None:
-        here = _pixel_metres(profile.crs, profile.res, profile)
-        there = _pixel_metres(crs, c.pixel_size, profile)
-        ratio = here / there if there > 0 else 1.0
-        if not 1 / PIXEL_RATIO < ratio < PIXEL_RATIO:
-            lines.append(
-                f"scene {profile.path!r} has pixels of {here:.4g} m, the bundle was trained on "
-                f"{there:.4g} m ({ratio:.3g}x); objects look {'smaller' if ratio > 1 else 'larger'}"
-                " to the model than in training: resample the scene to the training pixel size "
-                "(gdalwarp -tr) or train at this one"
-            )
+    here = _pixel_metres(profile.crs, profile.res, profile)
+    there = _pixel_metres(crs, c.pixel_size, profile)
+    ratio = here / there if there > 0 else 1.0
+    if not 1 / PIXEL_RATIO < ratio < PIXEL_RATIO:
+        lines.append(
+            f"scene {profile.path!r} has pixels of {here:.4g} m, the bundle was trained on "
+            f"{there:.4g} m ({ratio:.3g}x); objects look {'smaller' if ratio > 1 else 'larger'}"
+            " to the model than in training: resample the scene to the training pixel size "
+            "(gdalwarp -tr) or train at this one"
+        )
     return lines
 
 
@@ -171,8 +179,6 @@ def _sample_stats(
     """Per band, the mean and deviation of the valid pixels of up to ``samples`` windows of
     128 px spread over the scene (None if none is valid)."""
     from rasterio.windows import Window
-
-    from geoseg.io import read_scene_window
 
     side = 128
     n = max(1, int(np.sqrt(samples)))
@@ -192,8 +198,6 @@ def _sample_stats(
 
 
 def _same_crs(crs: CRS, profile: SceneProfile) -> bool:
-    from geoseg.io import crs_equivalent
-
     return crs == profile.crs or crs_equivalent(profile, crs)
 
 

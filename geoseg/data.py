@@ -139,14 +139,12 @@ def read_codes(
         if gdf.empty:
             return np.full(shape, -1, dtype=np.int32)
         ignore = set(spec.ignore)
-        values = [
-            -1 if int(v) in ignore else mapping.get(int(v), int(v))
-            for v in gdf[field]
-            if v is not None and v == v  # not None, not NaN
-        ]
-        geoms = [g for g, v in zip(gdf.geometry, gdf[field]) if v is not None and v == v]
         return rasterize(
-            zip(geoms, values),
+            (
+                (g, -1 if int(v) in ignore else mapping.get(int(v), int(v)))
+                for g, v in zip(gdf.geometry, gdf[field])
+                if v is not None and v == v  # not None, not NaN
+            ),
             out_shape=shape,
             transform=window_transform(window, profile.transform),
             fill=-1,
@@ -177,6 +175,14 @@ def map_codes(codes: np.ndarray, mapping: dict[int, int]) -> np.ndarray:
     return out
 
 
+CODE_RANGE = "class ids are whole numbers 0-254 (255 marks nodata in class maps)"
+
+
+def _field_option(what: str) -> str:
+    """The option that names the class field of vector ``what`` (labels or truth)."""
+    return "--label-field" if what == "labels" else "--truth-field"
+
+
 ID_LIKE = {"id", "fid", "gid", "ogc_fid", "objectid", "object_id", "uid", "index"}
 
 
@@ -196,10 +202,9 @@ def check_labels(
         field = spec.field
         if field is None:
             if len(numeric) != 1:
-                option = "--label-field" if what == "labels" else "--truth-field"
                 raise LabelError(
                     f"{what} {spec.path!r}: say which column holds the class codes with "
-                    f"{option}; integer columns: {', '.join(numeric) or 'none'}; all columns: "
+                    f"{_field_option(what)}; integer columns: {', '.join(numeric) or 'none'}; all columns: "
                     f"{columns}"
                 )
             field = numeric[0]
@@ -226,7 +231,7 @@ def check_labels(
 def _say_field(path: str, what: str, field: str, values: Any) -> None:
     """Say which column was taken for the class codes, and warn when it looks like an
     identifier rather than a class."""
-    option = "--label-field" if what == "labels" else "--truth-field"
+    option = _field_option(what)
     distinct = values.nunique()
     if field.lower() in ID_LIKE or (len(values) > 20 and distinct == len(values)):
         warnings.warn(
@@ -275,10 +280,7 @@ def check_codes(spec: LabelSpec, values: np.ndarray, what: str = "labels") -> No
     large = [c for c in whole if c > 254]
     bad_ids = sorted({i for _, i in spec.class_map if not 0 <= i <= 254})
     if bad_ids:
-        raise LabelError(
-            f"--class-map maps codes onto {bad_ids}; class ids are whole numbers 0-254 (255 "
-            "marks nodata in class maps)"
-        )
+        raise LabelError(f"--class-map maps codes onto {bad_ids}; {CODE_RANGE}")
     if not (fractional or negative or large):
         return
     source = f"{what} {spec.path!r}" + (f", field {spec.field!r}," if spec.field else "")
@@ -301,10 +303,7 @@ def check_codes(spec: LabelSpec, values: np.ndarray, what: str = "labels") -> No
         fix += f", or leave them out with --ignore {','.join(map(str, codes[:8]))}"
         if what == "truth":
             fix += " or map them onto the class map's ids with --class-map CODE:ID"
-    raise LabelError(
-        f"{source} hold {found}; class codes are whole numbers 0-254 (255 marks nodata in "
-        f"class maps): {fix}"
-    )
+    raise LabelError(f"{source} hold {found}; {CODE_RANGE}: {fix}")
 
 
 def _box(*b: float) -> Any:
@@ -353,8 +352,9 @@ def resolve_classes(
         )
     if not classes:
         raise LabelError(f"labels {spec.path!r} hold no class codes inside the scene")
-    if any(not 0 <= c.id < 255 for c in classes):
-        raise LabelError("class codes must be between 0 and 254 (255 marks nodata in class maps)")
+    bad = sorted(c.id for c in classes if not 0 <= c.id <= 254)
+    if bad:  # from a label raster's own class metadata: lists and codes are checked earlier
+        raise LabelError(f"labels {spec.path!r} name class ids {bad}; {CODE_RANGE}")
     return classes
 
 
@@ -381,10 +381,7 @@ def parse_classes(items: Any, source: str = "classes") -> list[ClassInfo]:
         ) from None
     bad = sorted(c.id for c in parsed if not 0 <= c.id <= 254)
     if bad:
-        raise LabelError(
-            f"{source} has class ids {bad}; class ids are whole numbers 0-254 (255 marks nodata "
-            "in class maps)"
-        )
+        raise LabelError(f"{source} has class ids {bad}; {CODE_RANGE}")
     return parsed
 
 
