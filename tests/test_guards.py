@@ -314,12 +314,14 @@ def test_vector_codes_are_checked_with_their_field(tmp_path):
     gpd.read_file(WEST)[["geometry"]].assign(code=-2).to_file(bad)
     r = invoke("train", SCENE, bad, "-o", tmp_path / "m.bundle", "--label-field", "code")
     assert_one_line_error(r, "bad.gpkg", "field 'code'", "negative codes -2")
+    assert not list(tmp_path.glob("m.bundle*"))
 
 
 def test_negative_truth_codes_name_the_class_map_option(tmp_path, class_map, nc_labels):
     truth = nc_labels("truth.tif", {5: -5})
     r = invoke("evaluate", class_map, truth, "-o", tmp_path / "r.json")
     assert_one_line_error(r, "truth", "negative codes -5", "--class-map")
+    assert not (tmp_path / "r.json").exists()
     r = invoke(
         "evaluate", class_map, truth, "-o", tmp_path / "r.json",
         "--class-map=-5:5,2:1,3:1,4:5,6:9,7:9", "--workers", 1,
@@ -335,6 +337,7 @@ def test_class_ids_above_254_name_their_source(tmp_path):
     classes.write_text("- {id: 1, name: a}\n- {id: 300, name: b}\n")
     r = invoke("train", SCENE, LABELS, "-o", tmp_path / "m.bundle", "--classes", classes)
     assert_one_line_error(r, "classes.yaml", "[300]", "0-254")
+    assert not list(tmp_path.glob("m.bundle*"))
 
 
 # -- 6. a scene unlike the training scene is said ----------------------------------------------
