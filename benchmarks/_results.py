@@ -21,11 +21,14 @@ import psutil
 import rasterio
 from rasterio.windows import Window
 
+from geoseg.classes import ClassInfo
 from geoseg.cluster import WORKER_MALLOC_ENV
-from geoseg.io import ClassInfo, write_class_metadata
+from geoseg.io import write_class_metadata
 from geoseg.pipeline import demo_workflow
 
 RESULTS = Path(__file__).parent / "results"
+# the repository's root, for the test helpers the benchmarks share (tests/clusters.py)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 LABELS = demo_workflow().parent / "nc_landclass96.tif"
 UPSAMPLE = 4
 

@@ -7,7 +7,7 @@ Training pixels: every labelled, valid pixel inside the western 60 % (``nc_train
 the U-Net draws its windows there (``--within``), the forest is fitted on those pixels' six band
 values. Test pixels: every labelled, valid pixel inside the eastern 40 % (``nc_holdout_east40``),
 never seen by either. Both are scored by the same confusion-matrix code
-(:func:`geoseg.metrics.scores`). Prints per-class IoU and mIoU for both and appends them to
+(:func:`geoseg.stages.evaluate.scores`). Prints per-class IoU and mIoU for both and appends them to
 benchmarks/results/accuracy.json.
 """
 
@@ -27,10 +27,10 @@ from rasterio.features import rasterize
 from sklearn.ensemble import RandomForestClassifier
 
 from geoseg import load_bundle
-from geoseg.metrics import scores
 from geoseg.pipeline import demo_workflow
-from geoseg.predict import predict_scene
-from geoseg.train import train
+from geoseg.scoring import scores
+from geoseg.stages.predict import predict_scene
+from geoseg.stages.train import train
 
 SAMPLE = demo_workflow().parent
 SCENE, LABELS = SAMPLE / "nc_landsat7_2000.tif", SAMPLE / "nc_landclass96.tif"

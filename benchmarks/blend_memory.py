@@ -22,7 +22,7 @@ from _results import PeakMemory, finish, under_worker_malloc
 from predict import make_bundle, make_scene
 
 import geoseg
-from geoseg.predict import predict_scene
+from geoseg.stages.predict import predict_scene
 
 
 def main() -> None:

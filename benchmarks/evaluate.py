@@ -23,7 +23,7 @@ import rasterio
 import shapely
 from _results import PeakMemory, finish, make_class_map, size_arguments
 
-from geoseg.metrics import evaluate
+from geoseg.stages.evaluate import evaluate
 
 GRID = 4
 

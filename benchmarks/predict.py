@@ -29,12 +29,13 @@ from _results import PeakMemory, finish, under_worker_malloc
 
 from geoseg import load_bundle
 from geoseg.bundle import BandInfo, Contract, save_bundle
-from geoseg.cluster import WORKER_MALLOC_ENV, loopback_cluster
-from geoseg.inference import default_batch_size
-from geoseg.io import ClassInfo
+from geoseg.classes import ClassInfo
+from geoseg.cluster import WORKER_MALLOC_ENV
 from geoseg.models import create_model, receptive_field
 from geoseg.pipeline import demo_workflow
-from geoseg.predict import default_overlap, predict_scene
+from geoseg.stages.predict import default_overlap, predict_scene
+from geoseg.tasks.predict import default_batch_size
+from tests.clusters import loopback_cluster
 
 SAMPLE = demo_workflow().parent / "nc_landsat7_2000.tif"
 

@@ -25,9 +25,10 @@ import torch
 from _results import finish, under_worker_malloc
 from predict import make_bundle, make_scene, model_alone
 
-from geoseg.cluster import WORKER_MALLOC_ENV, loopback_cluster
-from geoseg.inference import default_batch_size
-from geoseg.predict import predict_scene
+from geoseg.cluster import WORKER_MALLOC_ENV
+from geoseg.stages.predict import predict_scene
+from geoseg.tasks.predict import default_batch_size
+from tests.clusters import loopback_cluster
 
 
 def timed_call(

@@ -26,12 +26,13 @@ import torch
 from _results import append_result, under_worker_malloc
 
 from geoseg.cluster import session
-from geoseg.data import LabelSpec, TrainingSampler
 from geoseg.io import read_profile
+from geoseg.labels import LabelSpec
 from geoseg.losses import make_loss
 from geoseg.models import create_model
 from geoseg.pipeline import demo_workflow
-from geoseg.train import plan_training, train
+from geoseg.stages.train import TrainConfig, plan_training, train
+from geoseg.tasks.sampling import TrainingSampler
 
 SAMPLE = demo_workflow().parent
 SCENE, LABELS = SAMPLE / "nc_landsat7_2000.tif", SAMPLE / "nc_landclass96.tif"
@@ -46,12 +47,14 @@ def limit(args: argparse.Namespace) -> float:
             [read_profile(SCENE)],
             [LabelSpec(str(LABELS))],
             range(1, 7),
-            window=args.window,
-            batch_size=args.batch,
-            samples_per_epoch=args.batch * args.steps,
-            augment="none",
-            device="cpu",
-            arch_args=ARCH,
+            TrainConfig(
+                window=args.window,
+                batch_size=args.batch,
+                samples_per_epoch=args.batch * args.steps,
+                augment="none",
+                device="cpu",
+                arch_args=ARCH,
+            ),
         )
     cfg = plan.cfg
     sampler = TrainingSampler(cfg.specs, cfg.table, "random", seed=(0, 0))

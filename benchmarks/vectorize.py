@@ -25,7 +25,7 @@ import shapely
 from _results import PeakMemory, finish, make_class_map, size_arguments
 from rasterio.features import shapes
 
-from geoseg.vectorize import vectorize
+from geoseg.stages.vectorize import vectorize
 
 
 def whole_raster(path: Path, out: Path) -> int:
@@ -65,7 +65,7 @@ def main() -> None:
                         block=args.block,
                         workers=workers,
                         overwrite=True,
-                    )
+                    ).polygons
                     wall = time.perf_counter() - t
                 row["polygons"] = n
                 row[f"geoseg_{workers}w_s"] = round(wall, 2)

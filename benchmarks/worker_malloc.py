@@ -22,7 +22,7 @@ from _results import append_result
 
 import geoseg.cluster
 from geoseg.pipeline import demo_workflow
-from geoseg.train import train
+from geoseg.stages.train import train
 
 SAMPLE = demo_workflow().parent
 

@@ -1,7 +1,7 @@
 """Augmentation that moves image and mask together, for any band count and dtype.
 
 Built on albumentations. Geometric transforms act on image and mask alike; the mask is always
-resampled with nearest neighbour and filled with ``IGNORE``, so class ids are never interpolated.
+resampled with nearest neighbour and filled with ``NODATA``, so class ids are never interpolated.
 Radiometric transforms act per band and are scaled by each band's spread, so they mean the same
 for uint8 DN, uint16 reflectance or normalised float32.
 
@@ -31,9 +31,9 @@ import albumentations as A
 import cv2
 import numpy as np
 
+from geoseg.classes import NODATA
 from geoseg.errors import ConfigError
 
-IGNORE = 255
 PRESETS = ("none", "light", "strong")
 
 
@@ -87,7 +87,7 @@ class PerBandNoise(A.ImageOnlyTransform):
 
 class RandomValidCrop(A.DualTransform):
     """Crop ``height`` x ``width`` at a random place that holds at least one labelled pixel
-    (mask not ``IGNORE``), so no crop is all nodata."""
+    (mask not ``NODATA``), so no crop is all nodata."""
 
     def __init__(self, height: int, width: int, tries: int = 20, p: float = 1.0) -> None:
         super().__init__(p=p)
@@ -103,11 +103,11 @@ class RandomValidCrop(A.DualTransform):
                 f"RandomValidCrop of {self.height}x{self.width} px cannot cut a {mask.shape[0]}x"
                 f"{mask.shape[1]} px sample; raise the pipeline's margin"
             )
-        labelled = np.argwhere(mask != IGNORE)
+        labelled = np.argwhere(mask != NODATA)
         r = c = 0
         for _ in range(self.tries):
             r, c = self.py_random.randint(0, rows), self.py_random.randint(0, cols)
-            if (mask[r : r + self.height, c : c + self.width] != IGNORE).any():
+            if (mask[r : r + self.height, c : c + self.width] != NODATA).any():
                 break
         else:
             if len(labelled):  # place the crop over a labelled pixel
@@ -174,7 +174,7 @@ def _build(item: dict[str, Any], window: int) -> A.BasicTransform:
     if "mask_interpolation" in params:
         kwargs["mask_interpolation"] = cv2.INTER_NEAREST
     if "fill_mask" in params:
-        kwargs["fill_mask"] = IGNORE
+        kwargs["fill_mask"] = NODATA
     for key in ("scale", "translate_percent", "rotate", "shear"):
         if isinstance(kwargs.get(key), list):
             kwargs[key] = tuple(kwargs[key])

@@ -21,15 +21,9 @@ import torch
 from rasterio.crs import CRS
 from torch import nn
 
+from geoseg.classes import ClassInfo
 from geoseg.errors import BandMismatchError, BundleError
-from geoseg.io import (
-    ClassInfo,
-    SceneProfile,
-    atomic_output,
-    check_input,
-    crs_equivalent,
-    read_scene_window,
-)
+from geoseg.io import SceneProfile, atomic_output, check_input, crs_equivalent, read_scene_window
 from geoseg.models import create_model
 
 FORMAT = "geoseg.bundle/1"
@@ -119,7 +113,10 @@ class Bundle:
             raise BandMismatchError(
                 f"scene {profile.path!r} has {profile.count} bands, the bundle expects {which} "
                 f"({expected}); use a scene with these bands or a bundle trained on this scene's "
-                "bands"
+                "bands",
+                filename=profile.path,
+                expected=indexes,
+                found=profile.count,
             )
 
 

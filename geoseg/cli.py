@@ -19,7 +19,7 @@ import click
 import yaml
 
 from geoseg import __version__
-from geoseg.errors import ConfigError, GeosegError, Interrupted
+from geoseg.errors import ConfigError, GeosegError, Interrupted, command_line
 
 log = logging.getLogger("geoseg")
 _state = {"verbose": 0}
@@ -155,7 +155,8 @@ class GeosegGroup(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            with command_line():  # hints name --options, not Python keywords
+                return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
         except GeosegError as exc:
@@ -295,7 +296,7 @@ def train(
 
     Writes the bundle (the best epoch by validation mIoU, or the last), a checkpoint after every
     epoch (NAME.checkpoint) and a log line per epoch (NAME.log.jsonl)."""
-    from geoseg.train import train as run
+    from geoseg.stages.train import train as run
 
     _setup_logging(verbose, quiet)
     if len(inputs) < 2 or len(inputs) % 2:
@@ -393,7 +394,7 @@ def predict(
     **kw: Any,
 ) -> None:
     """Predict the class maps of SCENES with the model BUNDLE, all in one Dask graph."""
-    from geoseg.predict import predict_scenes
+    from geoseg.stages.predict import predict_scenes
 
     _setup_logging(verbose, quiet)
     options = {"min_area": min_area, "simplify": simplify}
@@ -423,10 +424,10 @@ def vectorize(
     classes: str, output: str, only: str | None, verbose: int, quiet: bool, **kw: Any
 ) -> None:
     """Turn the class map CLASSES into polygons."""
-    from geoseg.vectorize import vectorize as run
+    from geoseg.stages.vectorize import vectorize as run
 
     _setup_logging(verbose, quiet)
-    n = run(classes, output, only=_ints(only), **kw)
+    n = run(classes, output, classes=_ints(only), **kw).polygons
     click.echo(f"wrote {n} polygons to {output}")
 
 
@@ -471,12 +472,12 @@ def evaluate(
     **kw: Any,
 ) -> None:
     """Score the class map CLASSES against TRUTH (a class raster or a vector file)."""
-    from geoseg.metrics import evaluate as run
     from geoseg.report import score_table
+    from geoseg.stages.evaluate import evaluate as run
 
     _setup_logging(verbose, quiet)
     mapping = _class_map(class_map)
-    report = run(classes, truth, output, ignore=_ints(ignore) or (), class_map=mapping, **kw)
+    report = run(classes, truth, output, ignore=_ints(ignore) or (), code_map=mapping, **kw)
     if not quiet:
         click.echo(score_table(report))
     click.echo(f"wrote {output}")

@@ -2,8 +2,8 @@
 
 ``--workers N`` starts a ``LocalCluster`` of N worker processes (one thread each); ``--scheduler
 ADDRESS`` (or ``DASK_SCHEDULER_ADDRESS``) connects to a running cluster. Dask workers start with
-``OMP_NUM_THREADS=1``, so torch in a worker would use one thread; :func:`torch_threads` gives each
-task its worker's share of the machine's cores instead.
+``OMP_NUM_THREADS=1``, so torch in a worker would use one thread; :func:`prepare` gives each
+worker's tasks its share of the machine's cores instead (:func:`geoseg.tasks.torch_threads`).
 """
 
 from __future__ import annotations
@@ -11,14 +11,22 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import dask
 import yaml
+from distributed import Client, KilledWorker, LocalCluster, as_completed, get_client
+from distributed.comm import parse_address
+from distributed.comm.registry import backends
+from distributed.diagnostics.plugin import WorkerPlugin
 
 from geoseg.errors import ClusterError
+from geoseg.io import describe_window
 from geoseg.progress import Progress
+from geoseg.tasks import TORCH_THREADS
 
 log = logging.getLogger("geoseg")
 
@@ -38,9 +46,7 @@ def use_geoseg_defaults() -> None:
     """Make geoseg's Dask settings (``dask.yaml``) the defaults of this process: a value the user
     set (a config file, a ``DASK_*`` variable, ``dask.config.set``) keeps precedence."""
     global _defaults_applied
-    import dask
-    import distributed  # noqa: F401  (its own defaults first, or they would replace geoseg's)
-
+    # distributed, imported above, has set its own defaults: geoseg's go over them
     if not _defaults_applied:
         dask.config.update_defaults(_DASK_DEFAULTS)
         _defaults_applied = True
@@ -59,30 +65,47 @@ def session(
     client: Any = None,
     gpu: bool = False,
 ) -> Iterator[Any]:
-    """A ``distributed.Client`` for the duration of the block.
+    """A ``distributed.Client`` for the duration of the block, the Dask way.
 
-    With ``scheduler`` (or ``DASK_SCHEDULER_ADDRESS`` in the environment) it connects to that
-    cluster; otherwise it starts a local cluster of ``workers`` processes (one thread each) and
-    closes it after. A ``client`` already connected is used as it is (and left open).
+    ``client``, when given, is used as it is (and left open). Else ``scheduler`` (or
+    ``DASK_SCHEDULER_ADDRESS`` in the environment) connects to that cluster, and ``workers``
+    starts a local cluster of that many processes (one thread each). With none of these, the
+    current client (``distributed.get_client()``, such as one the caller made) is used, and
+    without one a local cluster is started for the block and closed after.
 
     ``gpu``: the work may use GPUs (``--device auto`` or ``cuda``). On a machine with GPUs the
     local cluster then has one worker per GPU by default, each declaring the ``GPU`` resource:
     dask-cuda's ``LocalCUDACluster`` when it is installed (``pip install 'geoseg[cuda]'``), which
     gives each worker its own GPU; else a ``LocalCluster``, whose workers all use the first GPU.
     """
-    import dask
-    from distributed import Client
 
-    if client is not None:
-        yield client
-        return
     address = scheduler_address(scheduler)
+    if client is None and workers is None and not address:
+        client = current_client()
+    if client is not None:
+        if workers is not None or scheduler:
+            log.warning("workers= and scheduler= are ignored with a client")
+        with client.as_current():  # Dask's helpers (wait, as_completed) use this client
+            yield prepare(client)
+        return
     if address:
         if workers is not None:
             log.warning("--workers is ignored with --scheduler %s", address)
-        with connect(address) as client:
-            yield client
+        with connect(address) as client, client.as_current():
+            yield prepare(client)
         return
+    with local_cluster(workers, gpu=gpu) as client, client.as_current():
+        yield client
+
+
+@contextlib.contextmanager
+def local_cluster(
+    workers: int | None = None, *, gpu: bool = False, set_as_default: bool = True
+) -> Iterator[Any]:
+    """A client of a new local cluster with geoseg's settings, closed after the block:
+    ``workers`` processes of one thread each (default: one per core, at most 8; with ``gpu``
+    on a machine with GPUs, one per GPU; see :func:`session`). ``set_as_default=False``: the
+    client does not become the process's current one (``distributed.get_client()``)."""
     gpus = _cuda_devices() if gpu else 0
     n = workers or gpus or default_workers()
     if n < 1:
@@ -93,14 +116,14 @@ def session(
         # Ctrl-C reaches the workers too: they ignore it, and the client stops them
         "distributed.worker.preload": ["geoseg.worker_preload"],
         # the nanny's config rather than env=, which dask-cuda replaces with its own
-        "distributed.nanny.environ.GEOSEG_TORCH_THREADS": str(max(1, (os.cpu_count() or 1) // n)),
+        f"distributed.nanny.environ.{TORCH_THREADS}": str(max(1, (os.cpu_count() or 1) // n)),
     }
     with dask.config.set(config):
         cluster = _local_cluster(n, gpus)
-        with cluster, Client(cluster) as client:
+        with cluster, Client(cluster, set_as_default=set_as_default) as client:
             log.debug("local Dask cluster: %d worker processes", n)
             try:
-                yield client
+                yield prepare(client)
             except KeyboardInterrupt:
                 # the cluster closes with the tasks still running: nothing of that is news
                 for name in ("distributed", "tornado", "asyncio"):
@@ -108,9 +131,16 @@ def session(
                 raise
 
 
-def _local_cluster(n: int, gpus: int) -> Any:
-    from distributed import LocalCluster
+def current_client() -> Any:
+    """The client this process uses by default (the last one made, unless told otherwise), or
+    None."""
+    try:
+        return get_client()
+    except ValueError:  # no client in this process
+        return None
 
+
+def _local_cluster(n: int, gpus: int) -> Any:
     common: dict[str, Any] = {
         "n_workers": n,
         "threads_per_worker": 1,
@@ -150,9 +180,6 @@ def connect(address: str) -> Any:
     """A ``distributed.Client`` of the scheduler at ``address``, or one clear error. A
     scheduler that does not answer is reported after ``geoseg.connect-timeout`` (5 s by
     default; Dask itself would retry for 30 s)."""
-    import dask
-    from distributed import Client
-
     _check_address(address)
     timeout = dask.config.get(CONNECT_TIMEOUT, "5s")
     try:
@@ -174,9 +201,6 @@ def _local_instead(address: str) -> str:
 
 def _check_address(address: str) -> None:
     """Refuse an address with no port, or a scheme Dask does not know, in one line."""
-    from distributed.comm import parse_address
-    from distributed.comm.registry import backends
-
     try:
         scheme, location = parse_address(address)
         ok = scheme in backends and (scheme == "inproc" or location.rpartition(":")[2].isdigit())
@@ -238,22 +262,25 @@ def cpu_workers(client: Any) -> list[str] | None:
     return cpu if cpu and len(cpu) < len(workers) else None
 
 
-def torch_threads() -> int:
-    """Threads torch should use in this process.
+class _TorchThreads(WorkerPlugin):
+    """A Dask worker plugin: on every worker, now and joining later, torch gets the worker's
+    share of its machine's cores (``GEOSEG_TORCH_THREADS``), unless that is set already (the
+    local cluster sets it through the nanny)."""
 
-    ``GEOSEG_TORCH_THREADS`` when set (the embedded cluster sets it to its workers' share of the
-    cores); in a Dask worker, the cores divided by the worker's threads; elsewhere, all cores.
-    """
-    env = os.environ.get("GEOSEG_TORCH_THREADS")
-    if env:
-        return max(1, int(env))
-    cores = os.cpu_count() or 1
-    try:
-        from distributed import get_worker
+    name = "geoseg-torch-threads"
+    idempotent = True
 
-        return max(1, cores // get_worker().state.nthreads)
-    except (ImportError, ValueError):
-        return cores
+    def setup(self, worker: Any) -> None:
+        if not os.environ.get(TORCH_THREADS):
+            share = (os.cpu_count() or 1) // max(1, worker.state.nthreads)
+            os.environ[TORCH_THREADS] = str(max(1, share))
+
+
+def prepare(client: Any) -> Any:
+    """Make ``client``'s cluster ready for geoseg's tasks (:class:`_TorchThreads` on every
+    worker); return the client."""
+    client.register_plugin(_TorchThreads(), name=_TorchThreads.name)
+    return client
 
 
 def run_tasks(
@@ -280,15 +307,12 @@ def run_tasks(
     that finished early would wait while another still held two blocks. Short tasks are all
     submitted at once: a round trip per task would cost more than it saves.
     """
-    import time
-
-    from distributed import as_completed
 
     where = cpu_workers(client) if cpu_only else None
     results: list[Any] = [None] * len(items)
     index: dict[Any, int] = {}
     todo = iter(range(len(items)))
-    running = as_completed()
+    running = as_completed(loop=client.loop)  # the client given, not the default one
 
     def feed(slots: int) -> None:
         while len(index) < slots:
@@ -344,13 +368,10 @@ def worker_slots(client: Any, resources: dict[str, int] | None, where: list[str]
 def task_result(future: Any, label: str, item: Any) -> Any:
     """``future.result()``, with Dask giving up on a task whose workers kept dying turned into
     one clear line that names the task's item (a block) and what to do."""
-    from distributed import KilledWorker
-
     try:
         return future.result()
     except KilledWorker:
         pass  # raised outside the handler: Dask's long message need not travel with ours
-    import dask
 
     deaths = dask.config.get("distributed.scheduler.allowed-failures") + 1
     again = "; the same command run again keeps the finished blocks" if label == "predict" else ""
@@ -363,60 +384,7 @@ def task_result(future: Any, label: str, item: Any) -> Any:
 
 def _describe(item: Any) -> str:
     """A block (a job with a ``core`` window, or the window itself) by its rows and columns."""
-    from geoseg.io import describe_window
-
     core = getattr(item, "core", item)
     if not hasattr(core, "row_off"):
         return f"task {item!r}"
     return f"the block at {describe_window(core)}"
-
-
-@contextlib.contextmanager
-def loopback_cluster(
-    workers: int = 1,
-    *worker_args: str,
-    env: dict[str, str] | None = None,
-    cwd: str | os.PathLike[str] | None = None,
-) -> Iterator[tuple[str, list[Any]]]:
-    """Start real ``dask scheduler`` and ``dask worker`` processes (one thread each) on
-    127.0.0.1; yield the scheduler's address and the worker processes, and stop them all after.
-    ``worker_args`` go to every ``dask worker``, ``env`` adds to their environment; every
-    process reads geoseg's ``dask.yaml``; ``cwd``: the workers' working folder. For tests and
-    benchmarks of the ``--scheduler`` path."""
-    import socket
-    import subprocess
-    import sys
-    import time
-
-    from distributed import Client
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    address = f"tcp://127.0.0.1:{port}"
-    dask = os.path.join(os.path.dirname(sys.executable), "dask")  # this environment's script
-    quiet: dict[str, Any] = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-    # geoseg's Dask settings, given to every process as the cluster guide says
-    settings = {**os.environ, "DASK_CONFIG": str(DASK_CONFIG)}
-    scheduler = subprocess.Popen(
-        [dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
-        env=settings,
-        **quiet,
-    )
-    procs: list[Any] = []
-    worker_env = {**settings, **(env or {})}
-    try:
-        time.sleep(2)
-        for _ in range(workers):
-            args = ["--nthreads", "1", "--no-dashboard", "--host", "127.0.0.1", *worker_args]
-            procs.append(
-                subprocess.Popen([dask, "worker", address, *args], env=worker_env, cwd=cwd, **quiet)
-            )
-        with Client(address, timeout="30s") as c:
-            c.wait_for_workers(workers, timeout=60)
-        yield address, procs
-    finally:
-        for p in [*reversed(procs), scheduler]:
-            p.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(timeout=30)

@@ -1,15 +1,62 @@
-"""The errors geoseg raises.
+"""The errors geoseg raises, and how a message names an option.
 
 Every error derives from :class:`GeosegError` and also from the matching builtin, so callers may
 catch either (``except FileNotFoundError`` works for a missing scene). Messages name the bad value,
-what was expected, and how to fix it.
+what was expected, and how to fix it; the values travel as attributes too (``filename``,
+``expected``, ``found``). A hint names an option the way the caller sets it: ``--overwrite`` on
+the command line, ``overwrite=True`` in Python (:func:`option`).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
+from typing import Any
+
+_COMMAND_LINE: ContextVar[bool] = ContextVar("geoseg_command_line", default=False)
+
+
+@contextlib.contextmanager
+def command_line() -> Iterator[None]:
+    """Within the block, hints name command-line options (the ``geoseg`` command sets it)."""
+    token = _COMMAND_LINE.set(True)
+    try:
+        yield
+    finally:
+        _COMMAND_LINE.reset(token)
+
+
+def option(flag: str, value: Any = True) -> str:
+    """The option ``flag`` (as on the command line, ``--allow-no-crs``) set to ``value``, the
+    way the caller writes it: ``--allow-no-crs`` / ``--block 256`` on the command line,
+    ``allow_no_crs=True`` / ``block=256`` in Python. ``value=None``: the name alone."""
+    if _COMMAND_LINE.get():
+        return flag if value is True or value is None else f"{flag} {value}"
+    name = flag.lstrip("-").replace("-", "_")
+    return name if value is None else f"{name}={value!r}"
+
 
 class GeosegError(Exception):
-    """Root of all geoseg errors."""
+    """Root of all geoseg errors. ``filename``: the file at fault, when one is; ``expected``
+    and ``found``: what was expected and what was there, when the error is a mismatch."""
+
+    filename: str | None = None
+    expected: Any = None
+    found: Any = None
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        filename: str | None = None,
+        expected: Any = None,
+        found: Any = None,
+    ) -> None:
+        super().__init__(message)
+        if filename is not None:
+            self.filename = str(filename)
+        self.expected, self.found = expected, found
 
 
 class InputNotFoundError(GeosegError, FileNotFoundError):
@@ -17,7 +64,12 @@ class InputNotFoundError(GeosegError, FileNotFoundError):
 
 
 class NotARasterError(GeosegError, ValueError):
-    """A file that should be a raster cannot be opened as one."""
+    """A file that should be a raster cannot be opened as one, or is not the raster expected
+    (a scene where a class map is meant)."""
+
+
+class NoCRSError(GeosegError, ValueError):
+    """A raster without a coordinate reference system where one is needed."""
 
 
 class NotAVectorError(GeosegError, ValueError):
@@ -69,7 +121,7 @@ def check_range(
     name: str, value: float | None, low: float | None = None, high: float | None = None
 ) -> None:
     """Raise :class:`ConfigError` unless ``value`` (when given) lies in ``[low, high]``; ``name``
-    is the option as users type it (``--block``)."""
+    is the option as on the command line (``--block``; see :func:`option`)."""
     if value is None:
         return
     if (low is not None and value < low) or (high is not None and value > high):
@@ -80,4 +132,10 @@ def check_range(
             if low is not None
             else f"at most {high}"
         )
-        raise ConfigError(f"{name} must be {bounds}, got {value}")
+        raise ConfigError(
+            f"{option(name, None)} must be {bounds}, got {value}", expected=bounds, found=value
+        )
+
+
+class TrainingError(GeosegError, RuntimeError):
+    """Training cannot go on (a non-finite loss, a lost worker)."""

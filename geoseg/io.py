@@ -21,11 +21,14 @@ import numpy as np
 import rasterio
 import shapely
 from affine import Affine
+from rasterio.coords import BoundingBox
 from rasterio.crs import CRS
 from rasterio.enums import MaskFlags
 from rasterio.errors import RasterioError, RasterioIOError
 from rasterio.windows import Window
+from rasterio.windows import bounds as window_bounds
 
+from geoseg.classes import ClassInfo
 from geoseg.errors import (
     GridMismatchError,
     InputNotFoundError,
@@ -34,28 +37,13 @@ from geoseg.errors import (
     OutputError,
     OutputExistsError,
     OutputLockedError,
+    option,
 )
-
-NODATA_CLASS = 255
-"""Value of nodata pixels in every class map geoseg writes."""
 
 CLASSES_TAG = "GEOSEG_CLASSES"
 """GeoTIFF tag holding the class list (JSON: id, name, colour) of a class raster."""
 
 _GDAL_URL_PREFIXES = ("/vsi", "http://", "https://", "s3://", "gs://")
-
-
-@dataclass(frozen=True)
-class ClassInfo:
-    """One class: the user's code, a name and a colour (``#rrggbb``)."""
-
-    id: int
-    name: str
-    color: str
-
-    def rgba(self) -> tuple[int, int, int, int]:
-        h = self.color.lstrip("#")
-        return (int(h[0:2], 16), int(h[2:4], 16), int(h[4:6], 16), 255)
 
 
 @dataclass(frozen=True)
@@ -81,11 +69,11 @@ class SceneProfile:
         return (abs(self.transform.a), abs(self.transform.e))
 
 
-def raster_bounds(profile: SceneProfile) -> tuple[float, float, float, float]:
-    """(left, bottom, right, top) of a scene in its CRS."""
-    from rasterio.windows import bounds
-
-    return bounds(Window(0, 0, profile.width, profile.height), profile.transform)
+def raster_bounds(profile: SceneProfile) -> BoundingBox:
+    """A scene's (left, bottom, right, top) in its CRS."""
+    return BoundingBox(
+        *window_bounds(Window(0, 0, profile.width, profile.height), profile.transform)
+    )
 
 
 def is_url(path: str | os.PathLike[str]) -> bool:
@@ -102,7 +90,7 @@ def check_input(path: str | os.PathLike[str], what: str = "input") -> str:
     """Return ``path`` as a string, raising a clear error if a local file is missing."""
     p = str(path)
     if not is_url(p) and not Path(p).exists():
-        raise InputNotFoundError(f"{what} {p!r} does not exist; check the path")
+        raise InputNotFoundError(f"{what} {p!r} does not exist; check the path", filename=p)
     return p
 
 
@@ -489,7 +477,10 @@ def check_output(
                 "its own outputs: move that file or choose another -o"
             )
         if not overwrite:
-            raise OutputExistsError(f"{what} {str(p)!r} exists; pass --overwrite to replace it")
+            raise OutputExistsError(
+                f"{what} {str(p)!r} exists; pass {option('--overwrite')} to replace it",
+                filename=str(p),
+            )
     check_writable(_nearest_folder(p), what, p)
     return p
 

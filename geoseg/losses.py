@@ -1,5 +1,5 @@
 """Segmentation losses by name, combinable with weights: ``"ce"``, ``"ce+dice"``,
-``"0.5*focal+lovasz"``. Every loss ignores pixels labelled ``IGNORE`` (nodata, unlabelled) and is
+``"0.5*focal+lovasz"``. Every loss ignores pixels labelled ``NODATA`` (nodata, unlabelled) and is
 finite, with no gradient, on a batch where every pixel is ignored."""
 
 from __future__ import annotations
@@ -10,14 +10,14 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from geoseg.data import IGNORE
+from geoseg.classes import NODATA
 from geoseg.errors import ConfigError
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _valid(target: torch.Tensor) -> torch.Tensor:
-    return target != IGNORE
+    return target != NODATA
 
 
 def _nothing(logits: torch.Tensor) -> torch.Tensor:
@@ -31,7 +31,7 @@ def cross_entropy(weight: torch.Tensor | None = None, label_smoothing: float = 0
         if not _valid(target).any():
             return _nothing(logits)
         return F.cross_entropy(
-            logits, target, weight=weight, ignore_index=IGNORE, label_smoothing=label_smoothing
+            logits, target, weight=weight, ignore_index=NODATA, label_smoothing=label_smoothing
         )
 
     return loss

@@ -2,8 +2,8 @@
 
 A workflow file names a ``scene`` and ``labels`` and has one section per stage (``train``,
 ``predict``, ``vectorize``, ``evaluate``) whose keys are that stage's options: the keyword
-arguments of :func:`geoseg.train.train`, :func:`geoseg.predict.predict_scenes`,
-:func:`geoseg.vectorize.vectorize` and :func:`geoseg.metrics.evaluate` (``evaluate`` also takes
+arguments of :func:`geoseg.stages.train.train`, :func:`geoseg.stages.predict.predict_scenes`,
+:func:`geoseg.stages.vectorize.vectorize` and :func:`geoseg.stages.evaluate.evaluate` (``evaluate`` also takes
 ``truth``, default the labels). Unknown keys and values of the wrong type are refused with the
 stage's keys and their types, and every path (the scene, the labels, and the options that name
 files) is resolved against the workflow file's folder and checked, all before the first stage
@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from geoseg.cluster import session
-from geoseg.errors import ConfigError, OutputExistsError
+from geoseg.errors import ConfigError, OutputExistsError, option
 from geoseg.io import check_input
 
 log = logging.getLogger("geoseg")
@@ -68,10 +68,10 @@ _PATH_KEYS = {
 
 
 def _stage_functions() -> dict[str, Any]:
-    from geoseg.metrics import evaluate
-    from geoseg.predict import predict_scenes
-    from geoseg.train import train
-    from geoseg.vectorize import vectorize
+    from geoseg.stages.evaluate import evaluate
+    from geoseg.stages.predict import predict_scenes
+    from geoseg.stages.train import train
+    from geoseg.stages.vectorize import vectorize
 
     return {"train": train, "predict": predict_scenes, "vectorize": vectorize, "evaluate": evaluate}
 
@@ -220,21 +220,22 @@ def run_workflow(
     path: str | os.PathLike[str],
     output: str | os.PathLike[str] | None = None,
     *,
+    client: Any = None,
     workers: int | None = None,
     scheduler: str | None = None,
     overwrite: bool = False,
 ) -> WorkflowResult:
     """Run every stage of the workflow at ``path``: train, predict, vectorize and evaluate, on
-    one cluster; outputs go to ``output`` (default: the workflow's ``output`` key, relative to
+    one client (``client``, else as :func:`geoseg.cluster.session` finds or makes one); outputs go to ``output`` (default: the workflow's ``output`` key, relative to
     the current directory), as named in :data:`OUTPUTS`. Everything the workflow names is
     checked before the first stage runs (:func:`load_workflow`), and no output may be one of
     its inputs or a file geoseg did not write."""
     from geoseg.io import check_output, folders_for
-    from geoseg.metrics import evaluate
-    from geoseg.predict import predict_scene
     from geoseg.report import write_report
-    from geoseg.train import train
-    from geoseg.vectorize import vectorize
+    from geoseg.stages.evaluate import evaluate, quick_look
+    from geoseg.stages.predict import predict_scene
+    from geoseg.stages.train import train
+    from geoseg.stages.vectorize import vectorize
 
     cfg = load_workflow(path)
     out_dir = Path(output or cfg.get("output") or "geoseg-output")
@@ -244,7 +245,7 @@ def run_workflow(
     existing = [str(f) for f in files.values() if f.exists()]
     if existing and not overwrite:
         raise OutputExistsError(
-            f"output folder {str(out_dir)!r} already holds {', '.join(existing)}; pass --overwrite "
+            f"output folder {str(out_dir)!r} already holds {', '.join(existing)}; pass {option('--overwrite')} "
             "to replace them or -o to write elsewhere"
         )
     inputs = _inputs(cfg)
@@ -253,9 +254,8 @@ def run_workflow(
     workers = workers or cfg.get("workers")
     report = None
     gpu = any(cfg[k].get("device", "auto") != "cpu" for k in ("train", "predict"))
-    with folders_for(files["bundle"]), session(workers, scheduler, gpu=gpu) as client:
-        address = client.scheduler.address
-        common = {"scheduler": address, "overwrite": overwrite}
+    with folders_for(files["bundle"]), session(workers, scheduler, client=client, gpu=gpu) as c:
+        common = {"client": c, "overwrite": overwrite}
         tr = dict(cfg["train"])
         train(cfg["scene"], cfg["labels"], files["bundle"], **tr, **common)
         predict_scene(files["bundle"], cfg["scene"], files["classes"], **cfg["predict"], **common)
@@ -264,8 +264,9 @@ def run_workflow(
         truth = ev.pop("truth", cfg["labels"])
         report = evaluate(files["classes"], truth, files["report"], **ev, **common)
     report["baseline_majority_class"] = majority_baseline(report, files["bundle"])
+    look = quick_look(report)
     for key in ("report", "report_csv", "report_html", "report_md"):
-        write_report(report, files[key], overwrite=True)
+        write_report(report, files[key], overwrite=True, look=look)
     return WorkflowResult(files, report)
 
 
@@ -275,8 +276,8 @@ def majority_baseline(report: dict[str, Any], bundle: Path) -> dict[str, Any]:
     import numpy as np
 
     from geoseg.bundle import load_bundle
-    from geoseg.io import ClassInfo
-    from geoseg.metrics import scores
+    from geoseg.classes import ClassInfo
+    from geoseg.scoring import scores
 
     counts = load_bundle(bundle).contract.training.get("class_pixels", {})
     classes = [ClassInfo(**c) for c in report["classes"]]

@@ -24,6 +24,7 @@ import itertools
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,15 +54,19 @@ def check_report_path(
 
 
 def write_report(
-    report: dict[str, Any], path: str | os.PathLike[str], *, overwrite: bool = False
+    report: dict[str, Any],
+    path: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    look: QuickLook | None = None,
 ) -> Path:
-    """Write ``report`` (from :func:`geoseg.metrics.evaluate`) by its extension: ``.json``,
-    ``.csv`` (a row per region and class), ``.md`` or ``.html`` (one self-contained page);
-    under a temporary name, renamed when complete."""
+    """Write ``report`` (from :func:`geoseg.stages.evaluate.evaluate`) by its extension: ``.json``,
+    ``.csv`` (a row per region and class), ``.md`` or ``.html`` (one self-contained page, with
+    ``look``'s pictures); under a temporary name, renamed when complete. Reads no file."""
     out = check_report_path(path, overwrite)
     ext = out.suffix.lower()
     writers = {".json": lambda r: json.dumps(r, indent=1), ".csv": to_csv, ".md": markdown}
-    text = writers[ext](report) if ext in writers else to_html(report)
+    text = writers[ext](report) if ext in writers else to_html(report, look)
     with atomic_output(out, overwrite) as tmp:
         tmp.write_text(text + "\n", encoding="utf-8")
     return out
@@ -242,82 +247,28 @@ def _colourise(codes: np.ndarray, report: dict[str, Any]) -> np.ndarray:
     return rgba
 
 
-def quicklooks(report: dict[str, Any], max_px: int = QUICKLOOK_PX) -> dict[str, Any]:
-    """Small pictures of the class map and the truth on one grid (nearest-neighbour), and that
-    grid: ``{"prediction", "truth"}`` as PNG data URLs, ``"transform"``, ``"shape"``."""
-    import rasterio
-    from rasterio.enums import Resampling
-    from rasterio.features import rasterize
-    from rasterio.vrt import WarpedVRT
+@dataclass(frozen=True)
+class QuickLook:
+    """What the HTML page pictures, read from the files by the evaluate driver
+    (:func:`geoseg.stages.evaluate.quick_look`): the class map and the truth as small arrays of
+    class ids (-1: none) on one grid, and each scored region's outline on that grid (pixel
+    coordinates), by its feature position."""
 
-    from geoseg.data import map_codes
-    from geoseg.io import NODATA_CLASS, is_vector_path, read_vector
-
-    with rasterio.open(report["prediction"]) as src:
-        scale = max(src.height, src.width) / max_px
-        shape = (max(1, round(src.height / scale)), max(1, round(src.width / scale)))
-        pred = src.read(1, out_shape=shape, resampling=Resampling.nearest).astype(np.int64)
-        nodata = src.nodata if src.nodata is not None else NODATA_CLASS
-        pred[pred == nodata] = -1
-        transform = src.transform * src.transform.scale(src.width / shape[1], src.height / shape[0])
-        crs, grid = src.crs, (src.crs, src.transform, src.width, src.height)
-    truth_path = report["truth"]
-    if is_vector_path(truth_path):
-        left, top = transform * (0, 0)
-        right, bottom = transform * (shape[1], shape[0])
-        gdf = read_vector(truth_path, "truth", crs, bounds=(left, bottom, right, top))
-        field = report.get("truth_field")
-        truth = rasterize(
-            ((g, int(v)) for g, v in zip(gdf.geometry, gdf[field]) if v is not None),
-            out_shape=shape,
-            transform=transform,
-            fill=-1,
-            dtype="int32",
-        ).astype(np.int64)
-    else:
-        with rasterio.open(truth_path) as tsrc:
-            vrt_crs, vrt_t, w, h = grid
-            with WarpedVRT(
-                tsrc,
-                crs=vrt_crs or tsrc.crs,
-                transform=vrt_t,
-                width=w,
-                height=h,
-                resampling=Resampling.nearest,
-            ) as vrt:
-                masked = vrt.read(1, out_shape=shape, resampling=Resampling.nearest, masked=True)
-        truth = np.where(np.ma.getmaskarray(masked), -1, masked.filled(0)).astype(np.int64)
-    ignored = np.isin(truth, list(report.get("ignore") or ()))  # truth codes, before mapping
-    mapping = {int(k): int(v) for k, v in (report.get("class_map") or {}).items()}
-    truth = map_codes(truth, mapping)
-    truth[ignored] = -1
-    return {
-        "prediction": _png(_colourise(pred, report)),
-        "truth": _png(_colourise(truth, report)),
-        "transform": transform,
-        "shape": shape,
-        "crs": crs,
-    }
+    prediction: np.ndarray
+    truth: np.ndarray
+    regions: dict[int, Any] = field(default_factory=dict)
 
 
-def _region_svg(report: dict[str, Any], looks: dict[str, Any]) -> str:
+def _region_svg(report: dict[str, Any], look: QuickLook, background: str) -> str:
     """The regions over a faint class map, each filled by its mIoU."""
     import shapely
 
-    from geoseg.io import read_vector
-
-    h, w = looks["shape"]
-    t = looks["transform"]
-    inv = ~t
-    frame = shapely.box(*(t * (0, h)), *(t * (w, 0)))
-    gdf = read_vector(report["regions_file"], "regions", looks["crs"], bounds=frame.bounds)
+    h, w = look.prediction.shape
     paths = []
     for r in report["regions"]:
-        geom = gdf.geometry.loc[r["feature"]].intersection(frame)
-        if geom.is_empty:
+        px = look.regions.get(r["feature"])
+        if px is None or px.is_empty:
             continue
-        px = shapely.transform(geom, lambda xy: np.column_stack(inv * (xy[:, 0], xy[:, 1])))
-        px = px.simplify(0.5)
         rings = []
         for part in shapely.get_parts(px):
             if part.geom_type != "Polygon":
@@ -335,7 +286,7 @@ def _region_svg(report: dict[str, Any], looks: dict[str, Any]) -> str:
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" '
         f'role="img" aria-label="regions coloured by mIoU">'
         f'<rect width="{w}" height="{h}" fill="#fafafa" stroke="#ccc"/>'
-        f'<image href="{looks["prediction"]}" width="{w}" height="{h}" opacity="0.35" '
+        f'<image href="{background}" width="{w}" height="{h}" opacity="0.35" '
         f'style="image-rendering:pixelated"/>{"".join(paths)}</svg>'
     )
 
@@ -374,12 +325,17 @@ def _heatmap(s: dict[str, Any], names: list[str]) -> str:
     )
 
 
-def to_html(report: dict[str, Any]) -> str:
-    """One self-contained page: summary, per-class table, confusion heatmap, per-region table
-    and map, and quick looks of the class map and the truth (images inline, no scripts)."""
+def to_html(report: dict[str, Any], look: QuickLook | None = None) -> str:
+    """One self-contained page: summary, per-class table, confusion heatmap, per-region table,
+    and with ``look`` the regions' map and quick looks of the class map and the truth (images
+    inline, no scripts)."""
     names = [c["name"] for c in report["classes"]]
     o = report["overall"]
-    looks = quicklooks(report)
+    pictures = (
+        {k: _png(_colourise(getattr(look, k), report)) for k in ("prediction", "truth")}
+        if look is not None
+        else None
+    )
     legend = "".join(
         f'<span style="background:{_esc(c.get("color") or "#808080")}33">'
         f'<b style="color:{_esc(c.get("color") or "#808080")}">&#9632;</b> {_esc(c["name"])}</span>'
@@ -424,18 +380,23 @@ def to_html(report: dict[str, Any]) -> str:
             f"<h2>Per region ({_esc(report.get('region_field') or 'name')})</h2>",
             "<table><tr><th>region</th><th>pixels</th><th>mIoU</th><th>accuracy</th>"
             f"{head}</tr>{rows}</table><p>Columns after accuracy: IoU per class.</p>",
-            "<figure>",
-            _region_svg(report, looks),
-            "<figcaption>Regions coloured by mIoU (red 0, yellow 0.5, green 1; grey: nothing "
-            "scored) over the class map</figcaption></figure>",
         ]
-    h, w = looks["shape"]
+        if look is not None and pictures is not None:
+            parts += [
+                "<figure>",
+                _region_svg(report, look, pictures["prediction"]),
+                "<figcaption>Regions coloured by mIoU (red 0, yellow 0.5, green 1; grey: nothing "
+                "scored) over the class map</figcaption></figure>",
+            ]
+    if look is None or pictures is None:
+        return "\n".join([*parts, "</body></html>"])
+    h, w = look.prediction.shape
     parts += [
         "<h2>Quick look</h2>",
         f'<div class=legend>{legend}</div><div class="figs">',
-        f'<figure><img class=ql alt="class map" src="{looks["prediction"]}" width="{w}" '
+        f'<figure><img class=ql alt="class map" src="{pictures["prediction"]}" width="{w}" '
         f'height="{h}"><figcaption>class map</figcaption></figure>',
-        f'<figure><img class=ql alt="truth" src="{looks["truth"]}" width="{w}" height="{h}">'
+        f'<figure><img class=ql alt="truth" src="{pictures["truth"]}" width="{w}" height="{h}">'
         "<figcaption>truth</figcaption></figure></div>",
         "</body></html>",
     ]

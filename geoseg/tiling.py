@@ -47,6 +47,12 @@ def block_windows(height: int, width: int, block: int) -> list[Window]:
     ]
 
 
+def spans(window: Window) -> tuple[tuple[int, int], tuple[int, int]]:
+    """``window``'s rows and columns as whole ``(start, stop)`` pairs (rasterio keeps floats)."""
+    (r0, r1), (c0, c1) = window.toranges()
+    return (int(r0), int(r1)), (int(c0), int(c1))
+
+
 @dataclass(frozen=True)
 class WindowGrid:
     """The global grid of model windows over a ``height`` x ``width`` scene.
@@ -92,8 +98,8 @@ class WindowGrid:
             return starts[(e[:-1] < hi) & (e[1:] > lo)]
         return starts[(starts < hi) & (starts + self.window > lo)]
 
-    def plateau(self, window: Window) -> tuple[int, int, int, int]:
-        """For ``trim``: ``window``'s plateau as scene rows ``r0:r1`` and columns ``c0:c1``."""
+    def plateau(self, window: Window) -> Window:
+        """For ``trim``: ``window``'s plateau, in scene pixels."""
         out = []
         for starts, length, off in (
             (self.row_starts, self.height, int(window.row_off)),
@@ -103,11 +109,11 @@ class WindowGrid:
             k = int(np.searchsorted(starts, off))
             out += [int(e[k]), int(min(e[k + 1], off + self.window))]
         r0, r1, c0, c1 = out
-        return r0, r1, c0, c1
+        return Window(c0, r0, c1 - c0, r1 - r0)
 
     def weights(self, window: Window) -> np.ndarray:
         """For ``trim``: 1 on ``window``'s plateau, 0 elsewhere (a ``(window, window)`` array)."""
-        r0, r1, c0, c1 = self.plateau(window)
+        (r0, r1), (c0, c1) = spans(self.plateau(window))
         w = np.zeros((self.window, self.window), dtype=np.float32)
         w[
             r0 - int(window.row_off) : r1 - int(window.row_off),

@@ -13,8 +13,9 @@ import rasterio
 from affine import Affine
 
 import geoseg
-from geoseg.cluster import loopback_cluster as external_cluster  # noqa: F401 (for the tests)
-from geoseg.io import ClassInfo, write_class_metadata
+from geoseg.classes import ClassInfo
+from geoseg.io import write_class_metadata
+from tests.clusters import loopback_cluster as external_cluster  # noqa: F401 (for the tests)
 
 SAMPLE = Path(geoseg.__file__).parent / "sample"
 SCENE = SAMPLE / "nc_landsat7_2000.tif"
@@ -68,15 +69,19 @@ def make_raster(tmp_path: Path) -> Callable[..., Path]:
 
 
 def make_random_bundle(path: Path, bands: int, mean: float, std: float) -> Path:
-    """An untrained, tiny U-Net bundle: for tests about tiling, not learning."""
+    """An untrained, tiny U-Net bundle: for tests about tiling, not learning. Its receptive
+    field is measured (20 px) and its overlap covers it, as training would store them."""
     import torch
 
     from geoseg.bundle import BandInfo, Contract, save_bundle
-    from geoseg.io import ClassInfo, read_profile
-    from geoseg.models import create_model
+    from geoseg.classes import ClassInfo
+    from geoseg.io import read_profile
+    from geoseg.models import create_model, receptive_field
 
     torch.manual_seed(0)
     model = create_model("unet", bands, 3, depth=2, base_width=4).eval()
+    rf = receptive_field(model, bands)
+    assert rf is not None
     prof = read_profile(SCENE)
     contract = Contract(
         arch="unet",
@@ -90,13 +95,25 @@ def make_random_bundle(path: Path, bands: int, mean: float, std: float) -> Path:
             ClassInfo(9, "nine", "#0000ff"),
         ],
         window=64,
-        overlap=16,
-        receptive_field=13,
+        overlap=rf + rf % 2,
+        receptive_field=rf,
         crs=prof.crs.to_string(),
         pixel_size=prof.res,
     )
     save_bundle(path, model, contract)
     return path
+
+
+@pytest.fixture(scope="session")
+def dask_client() -> Any:
+    """One local cluster of two worker processes, with geoseg's settings, shared by every test
+    that only needs a cluster: handed to the stage functions as ``client=``. It is not the
+    process's current client, so a call without ``client=`` still makes its own cluster (or
+    uses ``--scheduler``) as users' calls do."""
+    from geoseg.cluster import local_cluster
+
+    with local_cluster(2, set_as_default=False) as client:
+        yield client
 
 
 @pytest.fixture(scope="session")
@@ -106,11 +123,11 @@ def random_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def nc_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def nc_run(tmp_path_factory: pytest.TempPathFactory, dask_client) -> dict[str, Path]:
     """A short real training on the western 60 % of the NC scene, its class map and polygons."""
-    from geoseg.predict import predict_scene
-    from geoseg.train import train
-    from geoseg.vectorize import vectorize
+    from geoseg.stages.predict import predict_scene
+    from geoseg.stages.train import train
+    from geoseg.stages.vectorize import vectorize
 
     d = tmp_path_factory.mktemp("nc")
     out = {"bundle": d / "nc.bundle", "classes": d / "classes.tif", "polygons": d / "polygons.gpkg"}
@@ -122,10 +139,10 @@ def nc_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         arch_args={"depth": 2, "base_width": 8},
         epochs=2,
         samples_per_epoch=128,
-        workers=1,
+        client=dask_client,
     )
-    predict_scene(out["bundle"], SCENE, out["classes"], block=256, workers=2)
-    vectorize(out["classes"], out["polygons"], block=256, workers=1)
+    predict_scene(out["bundle"], SCENE, out["classes"], block=256, client=dask_client)
+    vectorize(out["classes"], out["polygons"], block=256, client=dask_client)
     return out
 
 
@@ -159,3 +176,28 @@ def iguazu_classes(tmp_path_factory: pytest.TempPathFactory) -> Path:
         dst.write(classes, 1)
         write_class_metadata(dst, IGUAZU_CLASSES)
     return path
+
+
+def assert_same_polygons(a: Path, b: Path, *, exact: bool = True) -> None:
+    """Two polygon files hold the same features, in any order: the same columns and values, and
+    the same geometries, vertex for vertex (each normalised, so a ring may start anywhere); with
+    ``exact=False`` the same point sets (``shapely.equals``), so a vertex on a straight edge may
+    differ."""
+    import geopandas as gpd
+    import pandas as pd
+    import shapely
+
+    def table(path: Path) -> pd.DataFrame:
+        gdf = gpd.read_file(path)
+        c = gdf.geometry.centroid
+        frame = pd.DataFrame(gdf.drop(columns="geometry")).assign(
+            _x=c.x.round(3), _y=c.y.round(3), _g=shapely.normalize(gdf.geometry.values)
+        )
+        keys = [k for k in frame.columns if k != "_g"]
+        return frame.sort_values(keys).reset_index(drop=True)
+
+    left, right = table(a), table(b)
+    assert len(left) > 0
+    pd.testing.assert_frame_equal(left.drop(columns="_g"), right.drop(columns="_g"))
+    same = shapely.equals_exact if exact else shapely.equals
+    assert same(left["_g"].to_numpy(), right["_g"].to_numpy()).all()

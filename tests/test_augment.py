@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from geoseg.augment import IGNORE, build_augmenter
+from geoseg.augment import build_augmenter
+from geoseg.classes import NODATA
 from geoseg.errors import ConfigError
 
 
@@ -42,12 +43,12 @@ def test_strong_pipeline_crops_to_the_window_keeps_labels_and_never_interpolates
     assert aug.margin == 8
     img, mask = _scene_like(np.float32, 13, size=64 + 2 * aug.margin)
     mask = mask * 3  # class ids 0, 3, 6, 9: an interpolated id would fall between them
-    mask[:, :40] = IGNORE  # a large unlabelled part
+    mask[:, :40] = NODATA  # a large unlabelled part
     for _ in range(30):
         out, m = aug(img, mask)
         assert out.shape == (13, 64, 64) and m.shape == (64, 64)
-        assert set(np.unique(m)) <= {0, 3, 6, 9, IGNORE}
-        assert (m != IGNORE).any()  # the crop never lands on all-unlabelled pixels
+        assert set(np.unique(m)) <= {0, 3, 6, 9, NODATA}
+        assert (m != NODATA).any()  # the crop never lands on all-unlabelled pixels
 
 
 def test_radiometric_transforms_act_per_band_on_the_image_only():
@@ -77,7 +78,7 @@ def test_custom_pipeline_from_yaml(tmp_path):
     img, mask = _scene_like(np.uint16, 3, size=40)
     out, m = aug(img, mask)
     assert out.shape == (3, 32, 32) and out.dtype == np.uint16
-    assert set(np.unique(m)) <= {0, 1, 2, 3, IGNORE}  # rotation fills with IGNORE, nearest ids
+    assert set(np.unique(m)) <= {0, 1, 2, 3, NODATA}  # rotation fills with NODATA, nearest ids
 
 
 def test_bad_pipelines_say_what_is_valid(tmp_path):

@@ -44,5 +44,6 @@ def test_band_mismatch_names_the_expected_bands(random_bundle, make_raster):
     four = make_raster("four.tif", np.ones((4, 8, 8), "uint8"))
     with pytest.raises(
         BandMismatchError, match=r"4 bands, the bundle expects 6 \(b1,b2,b3,b4,b5,b6\)"
-    ):
+    ) as e:
         b.check_scene(read_profile(four))
+    assert (e.value.filename, e.value.expected, e.value.found) == (str(four), [1, 2, 3, 4, 5, 6], 4)

@@ -4,6 +4,7 @@ one line on stderr, a non-zero exit, no traceback, no partial output."""
 from __future__ import annotations
 
 import json
+import re
 
 import geopandas as gpd
 import numpy as np
@@ -14,11 +15,22 @@ from click.testing import CliRunner
 
 from geoseg.cli import cli
 
-from .conftest import EAST, LABELS, REGIONS, SAMPLE, SCENE, WEST, external_cluster
+from .conftest import (
+    EAST,
+    LABELS,
+    REGIONS,
+    SAMPLE,
+    SCENE,
+    WEST,
+    assert_same_polygons,
+    external_cluster,
+)
 
 
 def invoke(*args: str):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    return CliRunner().invoke(
+        cli, [str(a) for a in args], prog_name="geoseg", catch_exceptions=False
+    )
 
 
 def assert_one_line_error(result, *needles: str) -> None:
@@ -34,55 +46,62 @@ def assert_one_line_error(result, *needles: str) -> None:
 def test_every_command_has_help_with_an_example(command):
     result = invoke(command, "--help")
     assert result.exit_code == 0
-    assert "Example:" in result.output and "--workers" in result.output and "-v" in result.output
+    out = result.output
+    assert result.output.startswith(f"Usage: geoseg {command} [OPTIONS]")
+    # the options every command shares, each on its own line, and an example that runs it
+    for option in (r"-v, --verbose", r"-q, --quiet", r"--workers N", r"--scheduler ADDRESS"):
+        if command == "demo" and option == r"--scheduler ADDRESS":
+            continue
+        assert re.search(rf"^  {option}\b", out, re.M), (command, option)
+    example = out.split("Example:", 1)[1].strip().splitlines()[0]
+    assert example.startswith(f"geoseg {command} "), example
 
 
-def test_commands_chain_on_the_real_scene(tmp_path):
+def test_commands_chain_on_the_real_scene(tmp_path, dask_client):
+    """Each command writes what its library function writes from the same inputs, and says
+    what it wrote."""
+    from geoseg import load_bundle
+    from geoseg.report import markdown, score_table
+    from geoseg.stages.evaluate import evaluate
+    from geoseg.stages.predict import predict_scene
+    from geoseg.stages.vectorize import vectorize
+
     bundle, classes = tmp_path / "m.bundle", tmp_path / "c.tif"
+    cluster = ("--scheduler", dask_client.scheduler.address)
     r = invoke(
-        "train",
-        SCENE,
-        LABELS,
-        "-o",
-        bundle,
-        "--within",
-        WEST,
-        "--epochs",
-        1,
-        "--samples-per-epoch",
-        32,
-        "--arch-arg",
-        "depth=2",
-        "--arch-arg",
-        "base_width=4",
-        "--workers",
-        1,
-        "-q",
-    )
+        "train", SCENE, LABELS, "-o", bundle, "--within", WEST, "--epochs", 1,
+        "--samples-per-epoch", 32, "--arch-arg", "depth=2", "--arch-arg", "base_width=4",
+        *cluster, "-q",
+    )  # fmt: skip
     assert r.exit_code == 0, r.output + r.stderr
-    r = invoke("predict", bundle, SCENE, "-o", classes, "--block", 256, "--workers", 2)
+    assert r.stdout.strip() == f"wrote {bundle}"
+    contract = load_bundle(bundle).contract
+    assert contract.arch_args == {"depth": 2, "base_width": 4}
+    assert [c.id for c in contract.classes] == [1, 2, 3, 4, 5, 6, 7]
+    r = invoke("predict", bundle, SCENE, "-o", classes, "--block", 256, *cluster)
     assert r.exit_code == 0, r.stderr
     assert "predict:" in r.stderr  # progress
-    r = invoke("vectorize", classes, "-o", tmp_path / "p.geojson", "--workers", 1)
-    assert r.exit_code == 0 and "polygons" in r.output
-    assert len(gpd.read_file(tmp_path / "p.geojson")) > 0
+    assert r.stdout.strip() == f"wrote {classes}"
+    predict_scene(bundle, SCENE, tmp_path / "lib.tif", block=256, client=dask_client)
+    with rasterio.open(classes) as a, rasterio.open(tmp_path / "lib.tif") as b:
+        np.testing.assert_array_equal(a.read(), b.read())
+    polygons = tmp_path / "p.geojson"
+    r = invoke("vectorize", classes, "-o", polygons, *cluster)
+    n = vectorize(classes, tmp_path / "lib.geojson", client=dask_client).polygons
+    assert r.exit_code == 0 and r.stdout.strip() == f"wrote {n} polygons to {polygons}"
+    assert_same_polygons(polygons, tmp_path / "lib.geojson")
     r = invoke(
-        "evaluate",
-        classes,
-        LABELS,
-        "-o",
-        tmp_path / "r.md",
-        "--within",
-        EAST,
-        "--regions",
-        REGIONS,
-        "--workers",
-        1,
-    )
-    assert r.exit_code == 0 and "mIoU" in r.output
+        "evaluate", classes, LABELS, "-o", tmp_path / "r.md", "--within", EAST,
+        "--regions", REGIONS, *cluster,
+    )  # fmt: skip
+    report = evaluate(classes, LABELS, within=EAST, regions=REGIONS, client=dask_client)
+    assert r.exit_code == 0
+    assert r.stdout == f"{score_table(report)}\nwrote {tmp_path / 'r.md'}\n"
+    assert (tmp_path / "r.md").read_text().rstrip() == markdown(report).rstrip()
     assert "| north-west |" in (tmp_path / "r.md").read_text()
 
 
+@pytest.mark.slow
 def test_run_workflow_from_yaml(tmp_path):
     wf = yaml.safe_load((SAMPLE / "demo.yaml").read_text())
     for key in ("scene", "labels"):
@@ -99,6 +118,7 @@ def test_run_workflow_from_yaml(tmp_path):
     assert_one_line_error(again, "already holds", "--overwrite")
 
 
+@pytest.mark.slow
 def test_demo_end_to_end(tmp_path):
     """The README's demo: scene grid, nodata, polygons, report, and a real model."""
     out = tmp_path / "demo"
@@ -190,6 +210,7 @@ def test_failed_training_leaves_no_bundle(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_predict_through_an_external_scheduler(tmp_path, random_bundle):
     """--scheduler against real `dask scheduler` and `dask worker` processes on loopback."""
     with external_cluster(1) as (address, _):
@@ -210,6 +231,7 @@ def test_predict_through_an_external_scheduler(tmp_path, random_bundle):
         assert "no Dask worker declares a GPU" in r.stderr and "--resources GPU=1" in r.stderr
 
 
+@pytest.mark.slow
 def test_unreachable_scheduler_is_one_line(tmp_path, random_bundle):
     import dask
 
@@ -239,3 +261,33 @@ def test_bad_polygon_and_report_options_are_one_line(tmp_path):
         "CODE:ID",
     )
     assert not out.exists() and not report.exists() and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    "command, function",
+    [
+        ("train", "geoseg.stages.train:train"),
+        ("predict", "geoseg.stages.predict:predict_scenes"),
+        ("vectorize", "geoseg.stages.vectorize:vectorize"),
+        ("evaluate", "geoseg.stages.evaluate:evaluate"),
+    ],
+)
+def test_the_command_line_defaults_are_the_library_defaults(command, function):
+    """The CLI declares its defaults itself (``--help`` imports no stage): each must be the
+    library function's, or a command and a Python call would do different things."""
+    import importlib
+    import inspect
+
+    module, name = function.split(":")
+    params = inspect.signature(getattr(importlib.import_module(module), name)).parameters
+    compared = []
+    for option in cli.commands[command].params:
+        p = params.get(option.name)
+        default = option.default
+        if type(default).__name__ == "Sentinel":  # click's "no default": a flag is off
+            default = False if getattr(option, "is_flag", False) else None
+        if p is None or p.default is inspect.Parameter.empty or default in (None, ()):
+            continue
+        assert default == p.default, (command, option.name, default, p.default)
+        compared.append(option.name)
+    assert len(compared) >= {"train": 13, "predict": 4, "vectorize": 3, "evaluate": 1}[command]

@@ -165,7 +165,7 @@ def test_a_killed_run_leaves_no_lock(tmp_path):
 
 
 def test_damaged_parts_are_computed_again(tmp_path, random_bundle, class_map, monkeypatch):
-    import geoseg.predict as predict
+    import geoseg.stages.predict as predict
 
     out = tmp_path / "c.tif"
 
@@ -190,7 +190,7 @@ def test_damaged_parts_are_computed_again(tmp_path, random_bundle, class_map, mo
 
 
 def test_overwrite_starts_clean(tmp_path, random_bundle, monkeypatch):
-    import geoseg.predict as predict
+    import geoseg.stages.predict as predict
 
     out = tmp_path / "c.tif"
 
@@ -275,12 +275,12 @@ def nc_labels(make_raster):
 def test_label_codes_that_cannot_be_classes_are_refused_first(
     tmp_path, nc_labels, recode, dtype, needles, monkeypatch
 ):
-    import geoseg.train
+    import geoseg.stages.train
 
     def no_cluster(*args, **kwargs):
         raise AssertionError("a cluster was started before the labels were checked")
 
-    monkeypatch.setattr(geoseg.train, "session", no_cluster)
+    monkeypatch.setattr(geoseg.stages.train, "session", no_cluster)
     labels = nc_labels("bad.tif", recode, dtype)
     out = tmp_path / "m.bundle"
     r = invoke("train", SCENE, labels, "-o", out, "--within", WEST, "--epochs", 1)
@@ -289,7 +289,7 @@ def test_label_codes_that_cannot_be_classes_are_refused_first(
 
 
 def test_ignored_negative_codes_and_float_labels_train(tmp_path, nc_labels):
-    from geoseg.data import LabelSpec, check_codes, raster_values
+    from geoseg.labels import LabelSpec, check_codes, raster_values
 
     labels = nc_labels("ok.tif", {5: -5}, "float32")
     values = raster_values(str(labels))
@@ -397,7 +397,7 @@ def test_more_than_five_workers_are_all_counted(monkeypatch):
     from distributed import Client, LocalCluster
 
     from geoseg.cluster import worker_slots, workers_info
-    from geoseg.predict import default_block
+    from geoseg.stages.predict import default_block
 
     # the releases of distributed from 2025.7 to 2026.6 listed five workers unless asked
     original = Client.scheduler_info
@@ -423,6 +423,7 @@ def test_more_than_five_workers_are_all_counted(monkeypatch):
 # -- 9. paths are resolved on the client ---------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_relative_paths_reach_workers_in_another_folder(tmp_path, monkeypatch, class_map):
     from .conftest import SAMPLE, external_cluster
 
@@ -538,6 +539,7 @@ def test_no_crs_with_polygons_says_why(tmp_path, random_bundle, make_raster):
     assert "pass --allow-no-crs" not in r.stderr
 
 
+@pytest.mark.slow
 def test_a_dead_scheduler_from_the_environment_names_it(tmp_path, random_bundle, monkeypatch):
     monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", "tcp://127.0.0.1:9")
     t0 = time.monotonic()
@@ -548,13 +550,13 @@ def test_a_dead_scheduler_from_the_environment_names_it(tmp_path, random_bundle,
 
 
 def test_a_failed_run_leaves_no_empty_folder(tmp_path, random_bundle, monkeypatch):
-    import geoseg.predict
+    import geoseg.stages.predict
     from geoseg.errors import ClusterError
 
     def fail(*args, **kwargs):
         raise ClusterError("the cluster went away")
 
-    monkeypatch.setattr(geoseg.predict, "run_tasks", fail)  # after the folders are made
+    monkeypatch.setattr(geoseg.stages.predict, "run_tasks", fail)  # after the folders are made
     out = tmp_path / "new" / "deeper" / "c.tif"
     r = invoke("predict", random_bundle, SCENE, "-o", out, "--workers", 1, "--block", 256, "-q")
     assert_one_line_error(r, "the cluster went away")
@@ -629,13 +631,14 @@ def _interrupt(args: list[str], after: bytes, tmp_path: Path) -> tuple[int, str]
     return p.returncode, err.read_text()
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_predict_says_what_was_kept(tmp_path, random_bundle):
     with rasterio.open(SCENE) as src:
         data, profile = src.read(), src.profile
     big = tmp_path / "big.tif"
-    profile.update(width=3072, height=3072)
+    profile.update(width=2048, height=2048)
     with rasterio.open(big, "w", **profile) as dst:
-        dst.write(np.tile(data, (1, 7, 7))[:, :3072, :3072])
+        dst.write(np.tile(data, (1, 5, 5))[:, :2048, :2048])
     out = tmp_path / "c.tif"
     args = ["predict", str(random_bundle), str(big), "-o", str(out), "--block", "128"]
     code, err = _interrupt([*args, "--workers", "2"], b"predict: [", tmp_path)
@@ -647,6 +650,7 @@ def test_ctrl_c_in_predict_says_what_was_kept(tmp_path, random_bundle):
     assert r.exit_code == 0 and "already done, resuming" in r.stderr
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_train_names_the_checkpoint(tmp_path):
     out = tmp_path / "m.bundle"
     args = ["train", str(SCENE), str(LABELS), "-o", str(out), "--within", str(WEST)]
@@ -666,16 +670,17 @@ def test_ctrl_c_in_train_names_the_checkpoint(tmp_path):
 # -- messages that say what happened -----------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_an_overlap_below_the_receptive_field_warns(tmp_path, random_bundle):
     r = invoke(
         "predict", random_bundle, SCENE, "-o", tmp_path / "a.tif", "--overlap", 4, "--workers", 1
     )
     assert r.exit_code == 0, r.stderr
-    assert "overlap 4 px is less than the model's receptive field (13 px)" in r.stderr
-    assert "--overlap 14" in r.stderr
+    assert "overlap 4 px is less than the model's receptive field (20 px)" in r.stderr
+    assert "--overlap 20" in r.stderr
     r = invoke("predict", random_bundle, SCENE, "-o", tmp_path / "b.tif", "--window", 16)
     assert r.exit_code == 0, r.stderr
-    assert "overlap 8 px is less" in r.stderr and "use --window 28 or more" in r.stderr
+    assert "overlap 8 px is less" in r.stderr and "use --window 40 or more" in r.stderr
     r = invoke("predict", random_bundle, SCENE, "-o", tmp_path / "c.tif", "--workers", 1)
     assert "geoseg: warning" not in r.stderr  # the default overlap covers the field
 
@@ -705,6 +710,7 @@ def test_evaluate_speaks_of_truth_and_class_map(tmp_path, class_map):
     assert "labels" not in r.stderr and "scene" not in r.stderr
 
 
+@pytest.mark.slow
 def test_training_a_full_size_model_sends_no_large_graph(tmp_path):
     """The weights and optimiser state (about 90 MB for the default U-Net) travel once per
     epoch as data, not inside the graph of every rank: Dask says nothing about it."""

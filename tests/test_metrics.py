@@ -4,9 +4,11 @@ import rasterio
 from rasterio.features import rasterize
 from sklearn.metrics import confusion_matrix
 
+from geoseg.classes import ClassInfo
 from geoseg.errors import ConfigError, GridMismatchError, LabelError
-from geoseg.io import ClassInfo, read_vector
-from geoseg.metrics import evaluate, scores
+from geoseg.io import read_vector
+from geoseg.scoring import scores
+from geoseg.stages.evaluate import evaluate
 
 from .conftest import EAST, LABELS, REGIONS, iguazu_index_classes, shared
 
@@ -23,7 +25,7 @@ def _inside(path, shape, transform, crs):
     ]
 
 
-def test_confusion_equals_sklearn_overall_and_per_region(nc_run, tmp_path):
+def test_confusion_equals_sklearn_overall_and_per_region(nc_run, tmp_path, dask_client):
     report = evaluate(
         nc_run["classes"],
         LABELS,
@@ -31,7 +33,7 @@ def test_confusion_equals_sklearn_overall_and_per_region(nc_run, tmp_path):
         within=EAST,
         regions=REGIONS,
         block=128,
-        workers=2,
+        client=dask_client,
     )
     pred, truth, transform, crs = _arrays(nc_run["classes"])
     ids = [c["id"] for c in report["classes"]]
@@ -52,9 +54,9 @@ def test_confusion_equals_sklearn_overall_and_per_region(nc_run, tmp_path):
     assert (tmp_path / "r.json").exists()
 
 
-def test_block_size_changes_no_number(nc_run):
-    a = evaluate(nc_run["classes"], LABELS, regions=REGIONS, block=100, workers=1)
-    b = evaluate(nc_run["classes"], LABELS, regions=REGIONS, block=4096, workers=1)
+def test_block_size_changes_no_number(nc_run, dask_client):
+    a = evaluate(nc_run["classes"], LABELS, regions=REGIONS, block=100, client=dask_client)
+    b = evaluate(nc_run["classes"], LABELS, regions=REGIONS, block=4096, client=dask_client)
     assert a == b
 
 
@@ -76,7 +78,7 @@ def test_scores_by_hand():
     assert s["kappa"] == pytest.approx((0.7 - pe) / (1 - pe), abs=1e-6)
 
 
-def test_truth_codes_missing_from_the_class_map_are_listed(nc_run, make_raster):
+def test_truth_codes_missing_from_the_class_map_are_listed(nc_run, make_raster, dask_client):
     with rasterio.open(LABELS) as t:
         truth = t.read(1)
         prof = {"crs": t.crs, "transform": t.transform, "nodata": 0}
@@ -84,14 +86,16 @@ def test_truth_codes_missing_from_the_class_map_are_listed(nc_run, make_raster):
     truth[200:210, 200:210] = 42
     path = make_raster("t.tif", truth[None], **prof)
     with pytest.raises(LabelError, match=r"codes \[42\].*--class-map.*--ignore 42"):
-        evaluate(nc_run["classes"], path, workers=1)
-    ok = evaluate(nc_run["classes"], path, ignore=[42], workers=1)
+        evaluate(nc_run["classes"], path, client=dask_client)
+    ok = evaluate(nc_run["classes"], path, ignore=[42], client=dask_client)
     assert ok["overall"]["pixels"] > 0
 
 
-def test_region_field_missing_lists_the_fields(nc_run):
+def test_region_field_missing_lists_the_fields(nc_run, dask_client):
     with pytest.raises(ConfigError, match="columns: name"):
-        evaluate(nc_run["classes"], LABELS, regions=REGIONS, region_field="county", workers=1)
+        evaluate(
+            nc_run["classes"], LABELS, regions=REGIONS, region_field="county", client=dask_client
+        )
 
 
 # -- the Iguazu scene with its real country and MGRS regions ----------------------------------
@@ -141,7 +145,7 @@ def _region_masks(path, class_map, features):
 
 @pytest.mark.parametrize("regions, field", [(COUNTRIES, "name"), (MGRS, "Name")])
 def test_iguazu_confusion_equals_sklearn_per_real_region(
-    iguazu_classes, iguazu_truth, regions, field
+    iguazu_classes, iguazu_truth, regions, field, dask_client
 ):
     report = evaluate(
         iguazu_classes,
@@ -150,7 +154,7 @@ def test_iguazu_confusion_equals_sklearn_per_real_region(
         region_field=field,
         ignore=[3],
         block=700,
-        workers=2,
+        client=dask_client,
     )
     ids = [c["id"] for c in report["classes"]]
     assert [c["name"] for c in report["classes"]][:4] == ["water", "crop", "tree", "developed"]
@@ -173,9 +177,15 @@ def test_iguazu_confusion_equals_sklearn_per_real_region(
     assert np.asarray(overall)[:, 2].sum() > 0 and np.asarray(overall)[2].sum() == 0  # 3 ignored
 
 
-def test_iguazu_real_labels_as_raster_or_vector_with_a_class_map(iguazu_classes, tmp_path):
+def test_iguazu_real_labels_as_raster_or_vector_with_a_class_map(
+    iguazu_classes, tmp_path, dask_client
+):
     raster = evaluate(
-        iguazu_classes, shared(IGUAZU_LABELS), regions=shared(MGRS), region_field="Name", workers=1
+        iguazu_classes,
+        shared(IGUAZU_LABELS),
+        regions=shared(MGRS),
+        region_field="Name",
+        client=dask_client,
     )
     with rasterio.open(shared(IGUAZU_LABELS)) as src:
         truth = src.read(1)
@@ -192,18 +202,18 @@ def test_iguazu_real_labels_as_raster_or_vector_with_a_class_map(iguazu_classes,
         iguazu_classes,
         vector,
         truth_field="code",
-        class_map={11: 1, 12: 2, 13: 3, 14: 4},
+        code_map={11: 1, 12: 2, 13: 3, 14: 4},
         regions=shared(MGRS),
         region_field="Name",
         block=512,
-        workers=1,
+        client=dask_client,
     )
     assert mapped["overall"] == raster["overall"] and mapped["regions"] == raster["regions"]
     with pytest.raises(LabelError, match=r"\[11, 12, 13, 14\].*--class-map"):
-        evaluate(iguazu_classes, vector, truth_field="code", workers=1)
+        evaluate(iguazu_classes, vector, truth_field="code", client=dask_client)
 
 
-def test_truth_on_another_grid_needs_resample(iguazu_classes, iguazu_truth, tmp_path):
+def test_truth_on_another_grid_needs_resample(iguazu_classes, iguazu_truth, tmp_path, dask_client):
     from rasterio.warp import Resampling, reproject
 
     with rasterio.open(iguazu_truth) as src:
@@ -217,9 +227,9 @@ def test_truth_on_another_grid_needs_resample(iguazu_classes, iguazu_truth, tmp_
     )
     with rasterio.open(coarse, "w", **prof) as dst:
         dst.write(codes[::2, ::2], 1)
-    with pytest.raises(GridMismatchError, match="--resample nearest"):
-        evaluate(iguazu_classes, coarse, workers=1)
-    report = evaluate(iguazu_classes, coarse, resample="nearest", block=500, workers=1)
+    with pytest.raises(GridMismatchError, match="resample='nearest'"):
+        evaluate(iguazu_classes, coarse, client=dask_client)
+    report = evaluate(iguazu_classes, coarse, resample="nearest", block=500, client=dask_client)
     with rasterio.open(iguazu_classes) as c, rasterio.open(coarse) as src:
         warped = np.zeros(c.shape, dtype="uint8")
         reproject(
@@ -240,7 +250,7 @@ def test_truth_on_another_grid_needs_resample(iguazu_classes, iguazu_truth, tmp_
     with rasterio.open(far, "w", **prof) as dst:
         dst.write(codes[::2, ::2], 1)
     with pytest.raises(LabelError, match="does not overlap"):
-        evaluate(iguazu_classes, far, resample="nearest", workers=1)
+        evaluate(iguazu_classes, far, resample="nearest", client=dask_client)
 
 
 def test_iguazu_block_size_changes_no_number(iguazu_classes, iguazu_truth):
@@ -250,13 +260,18 @@ def test_iguazu_block_size_changes_no_number(iguazu_classes, iguazu_truth):
     )
 
 
-def test_reports_as_csv_and_html(iguazu_classes, iguazu_truth, tmp_path):
+def test_reports_as_csv_and_html(iguazu_classes, iguazu_truth, tmp_path, dask_client):
     import csv
 
-    from geoseg.report import write_report
+    from geoseg.report import to_html, write_report
+    from geoseg.stages.evaluate import quick_look
 
     report = evaluate(
-        iguazu_classes, iguazu_truth, tmp_path / "r.json", regions=shared(COUNTRIES), workers=1
+        iguazu_classes,
+        iguazu_truth,
+        tmp_path / "r.json",
+        regions=shared(COUNTRIES),
+        client=dask_client,
     )
     write_report(report, tmp_path / "r.csv")
     rows = list(csv.DictReader((tmp_path / "r.csv").open()))
@@ -269,8 +284,17 @@ def test_reports_as_csv_and_html(iguazu_classes, iguazu_truth, tmp_path):
     assert float(brazil[0]["region_miou"]) == src["miou"]
     absent = [r for r in rows if r["region"] == "(all)" and r["class_name"] == "bare"]
     assert absent[0]["present"] == "True" and absent[0]["truth_pixels"] == "0"
-    write_report(report, tmp_path / "r.html")
+    # the page as evaluate writes it, which reads the pictures for write_report
+    evaluate(
+        iguazu_classes, iguazu_truth, tmp_path / "r.html", regions=shared(COUNTRIES),
+        client=dask_client,
+    )  # fmt: skip
     page = (tmp_path / "r.html").read_text()
+    assert page.rstrip("\n") == to_html(report, quick_look(report))
+    # without the pictures (report.py reads no file): the same tables, no images
+    write_report(report, tmp_path / "plain.html")
+    plain = (tmp_path / "plain.html").read_text()
+    assert plain.count("<table") == 3 and "data:image/png" not in plain and "<svg" not in plain
     assert page.count("<table") == 3  # per class, confusion matrix, per region
     assert page.count("<path ") == 3 and "Paraguay: mIoU" in page  # the region map
     assert page.count('src="data:image/png;base64,') == 2  # class map and truth
@@ -278,17 +302,19 @@ def test_reports_as_csv_and_html(iguazu_classes, iguazu_truth, tmp_path):
     assert "https://" not in page  # self-contained
 
 
-def test_class_map_without_metadata_falls_back_to_ids(make_raster, tmp_path):
+def test_class_map_without_metadata_falls_back_to_ids(make_raster, tmp_path, dask_client):
     with rasterio.open(LABELS) as t:
         codes, prof = t.read(1), {"crs": t.crs, "transform": t.transform, "nodata": 0}
     bare = make_raster("bare.tif", codes[None], **prof)
     with pytest.warns(UserWarning, match="no class metadata"):
-        report = evaluate(bare, LABELS, workers=1)
+        report = evaluate(bare, LABELS, client=dask_client)
     assert [c["name"] for c in report["classes"]] == [f"class {i}" for i in range(1, 8)]
     assert report["overall"]["miou"] == 1.0
 
 
-def test_html_report_renders_in_headless_chromium(iguazu_classes, iguazu_truth, tmp_path):
+def test_html_report_renders_in_headless_chromium(
+    iguazu_classes, iguazu_truth, tmp_path, dask_client
+):
     import shutil
     import subprocess
 
@@ -296,7 +322,7 @@ def test_html_report_renders_in_headless_chromium(iguazu_classes, iguazu_truth, 
     if browser is None:
         pytest.skip("no chromium here (apt-get install chromium)")
     page = tmp_path / "r.html"
-    evaluate(iguazu_classes, iguazu_truth, page, regions=shared(COUNTRIES), workers=1)
+    evaluate(iguazu_classes, iguazu_truth, page, regions=shared(COUNTRIES), client=dask_client)
     shot = tmp_path / "r.png"
     run = subprocess.run(
         [

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import rasterio
 
-from geoseg.io import NODATA_CLASS, read_class_metadata
-from geoseg.predict import predict_scene
+from geoseg.classes import NODATA
+from geoseg.io import read_class_metadata
+from geoseg.stages.predict import predict_scene
 
 from .conftest import SCENE, external_cluster
 
@@ -15,46 +16,50 @@ def _scene_valid() -> np.ndarray:
         return np.all(src.read() != 0, axis=0)
 
 
-def test_class_map_is_on_the_scene_grid_with_nodata_and_classes(random_bundle, tmp_path):
+def test_class_map_is_on_the_scene_grid_with_nodata_and_classes(
+    random_bundle, tmp_path, dask_client
+):
     out = tmp_path / "classes.tif"
-    result = predict_scene(random_bundle, SCENE, out, block=200, workers=1)
+    result = predict_scene(random_bundle, SCENE, out, block=200, client=dask_client)
     assert result.path == out and result.blocks == 9
     with rasterio.open(out) as c, rasterio.open(SCENE) as s:
         assert (c.crs, c.transform, c.width, c.height) == (s.crs, s.transform, s.width, s.height)
-        assert c.dtypes[0] == "uint8" and c.nodata == NODATA_CLASS
+        assert c.dtypes[0] == "uint8" and c.nodata == NODATA
         assert c.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
         a = c.read(1)
         assert [x.name for x in read_class_metadata(c)] == ["one", "five", "nine"]
         assert c.colormap(1)[5][:3] == (0, 255, 0)
     valid = _scene_valid()
-    np.testing.assert_array_equal(a == NODATA_CLASS, ~valid)
+    np.testing.assert_array_equal(a == NODATA, ~valid)
     assert set(np.unique(a[valid])) <= {1, 5, 9}  # the users' codes, not indices
     assert not list(tmp_path.glob(".*"))  # no parts or temporary files left
 
 
-def test_class_map_does_not_depend_on_block_size_or_workers(random_bundle, tmp_path):
+def test_class_map_does_not_depend_on_block_size_or_workers(random_bundle, tmp_path, dask_client):
     from geoseg.tiling import WindowGrid
 
     a_path, b_path = tmp_path / "a.tif", tmp_path / "b.tif"
-    a = predict_scene(random_bundle, SCENE, a_path, block=96, workers=2)
+    a = predict_scene(random_bundle, SCENE, a_path, block=96, client=dask_client)
     b = predict_scene(random_bundle, SCENE, b_path, block=1024, workers=1)
     # trim blending (the overlap covers the field): every window runs once, in one block
-    n_windows = WindowGrid(443, 489, 64, 16).n_windows
+    n_windows = WindowGrid(443, 489, 64, 20).n_windows  # the bundle's window and overlap
     assert a.windows_run + a.windows_skipped == n_windows == b.windows_run + b.windows_skipped
     with rasterio.open(a_path) as a, rasterio.open(b_path) as b:
         np.testing.assert_array_equal(a.read(1), b.read(1))
 
 
 @pytest.mark.parametrize("blend", ["gaussian", "cosine"])
-def test_weighted_blends_run_every_window_once_whatever_the_blocks(random_bundle, tmp_path, blend):
+def test_weighted_blends_run_every_window_once_whatever_the_blocks(
+    random_bundle, tmp_path, blend, dask_client
+):
     """Blocks run only the windows they own and hand the sums that fall on neighbours over,
     so small blocks compute what one block over the whole scene computes, window for window."""
     from geoseg.tiling import WindowGrid
 
     small, whole = tmp_path / "small.tif", tmp_path / "whole.tif"
-    a = predict_scene(random_bundle, SCENE, small, block=96, workers=2, blend=blend)
+    a = predict_scene(random_bundle, SCENE, small, block=96, client=dask_client, blend=blend)
     b = predict_scene(random_bundle, SCENE, whole, block=1024, workers=1, blend=blend)
-    n_windows = WindowGrid(443, 489, 64, 16).n_windows
+    n_windows = WindowGrid(443, 489, 64, 20).n_windows  # the bundle's window and overlap
     assert a.windows_run + a.windows_skipped == n_windows == b.windows_run + b.windows_skipped
     assert a.blocks == 30 and b.blocks == 1
     with rasterio.open(small) as x, rasterio.open(whole) as y:
@@ -64,19 +69,24 @@ def test_weighted_blends_run_every_window_once_whatever_the_blocks(random_bundle
     assert ((ca == 255) == (cb == 255)).all()
 
 
-def test_scene_larger_than_a_block_gets_mode_overviews(random_bundle, tmp_path, make_raster):
+def test_scene_larger_than_a_block_gets_mode_overviews(
+    random_bundle, tmp_path, make_raster, dask_client
+):
     rng = np.random.default_rng(0)
     data = rng.integers(1, 255, size=(6, 1100, 1300), dtype=np.uint8)
     scene = make_raster("big.tif", data, nodata=0)
     out = tmp_path / "big_classes.tif"
-    predict_scene(random_bundle, scene, out, window=128, overlap=16, block=1024, workers=2)
+    predict_scene(random_bundle, scene, out, window=128, overlap=20, block=1024, client=dask_client)
     with rasterio.open(out) as c:
         assert c.overviews(1)[:2] == [2, 4]
         ov = c.read(1, out_shape=(550, 650))
-        assert set(np.unique(ov)) <= {1, 5, 9, NODATA_CLASS}  # categorical, never averaged
+        assert set(np.unique(ov)) <= {1, 5, 9, NODATA}  # categorical, never averaged
 
 
-def test_a_stopped_run_resumes_and_recomputes_only_missing_blocks(random_bundle, tmp_path):
+@pytest.mark.slow
+def test_a_stopped_run_resumes_and_recomputes_only_missing_blocks(
+    random_bundle, tmp_path, dask_client
+):
     """Kill a real `geoseg predict` (client and workers) mid-run, then run it again."""
     import os
     import signal
@@ -110,67 +120,75 @@ def test_a_stopped_run_resumes_and_recomputes_only_missing_blocks(random_bundle,
     done_before = {p.name for p in parts.glob("block_*.done")}
     assert len(done_before) >= 8 and not out.exists()  # stopped part-way, nothing half-written
 
-    result = predict_scene(random_bundle, SCENE, out, block=64, workers=1)
+    result = predict_scene(random_bundle, SCENE, out, block=64, client=dask_client)
     assert result.resumed == len(done_before)
     assert 0 < result.resumed < result.blocks
     assert not parts.exists()  # cleaned up once complete
     fresh = tmp_path / "fresh.tif"
-    predict_scene(random_bundle, SCENE, fresh, block=64, workers=1)
+    predict_scene(random_bundle, SCENE, fresh, block=64, client=dask_client)
     with rasterio.open(out) as a, rasterio.open(fresh) as b:
         np.testing.assert_array_equal(a.read(1), b.read(1))
 
 
-def test_parts_from_a_run_with_other_settings_are_not_reused(random_bundle, tmp_path):
+def test_parts_from_a_run_with_other_settings_are_not_reused(random_bundle, tmp_path, dask_client):
     out = tmp_path / "c.tif"
     parts = tmp_path / ".c.tif.parts"
     parts.mkdir()
     (parts / "run.json").write_text('{"window": 1}')
     (parts / "block_0_0.tif").write_text("stale")
-    result = predict_scene(random_bundle, SCENE, out, block=1024, workers=1)
+    result = predict_scene(random_bundle, SCENE, out, block=1024, client=dask_client)
     assert result.resumed == 0 and rasterio.open(out).count == 1
 
 
-def test_scene_smaller_than_a_window_is_padded(random_bundle, tmp_path, make_raster):
+def test_scene_smaller_than_a_window_is_padded(random_bundle, tmp_path, make_raster, dask_client):
     rng = np.random.default_rng(0)
     small = make_raster("small.tif", rng.integers(1, 255, (6, 20, 30), dtype=np.uint8), nodata=0)
     out = tmp_path / "small_classes.tif"
-    predict_scene(random_bundle, small, out, workers=1)  # window 64 > 20 x 30
+    predict_scene(random_bundle, small, out, client=dask_client)  # window 64 > 20 x 30
     with rasterio.open(out) as c:
         assert c.shape == (20, 30) and set(np.unique(c.read(1))) <= {1, 5, 9}
 
 
-def test_bf16_and_fp32_agree_almost_everywhere(random_bundle, tmp_path):
+def test_bf16_and_fp32_agree_almost_everywhere(random_bundle, tmp_path, dask_client):
     maps = {}
     for p in ("fp32", "bf16"):
         out = tmp_path / f"{p}.tif"
-        predict_scene(random_bundle, SCENE, out, precision=p, workers=1)
+        predict_scene(random_bundle, SCENE, out, precision=p, client=dask_client)
         with rasterio.open(out) as c:
             maps[p] = c.read(1)
-    valid = maps["fp32"] != NODATA_CLASS
+    valid = maps["fp32"] != NODATA
     agreement = (maps["fp32"] == maps["bf16"])[valid].mean()
     assert agreement > 0.99
 
 
-def test_bad_prediction_inputs(random_bundle, tmp_path, make_raster):
+def test_bad_prediction_inputs(random_bundle, tmp_path, make_raster, dask_client):
     import shutil
 
-    from geoseg.errors import ConfigError, NotARasterError
+    from geoseg.errors import ConfigError, NoCRSError, NotARasterError
 
     rng = np.random.default_rng(0)
     data = rng.integers(1, 255, (6, 64, 64), dtype=np.uint8)
-    with pytest.raises(NotARasterError, match=r"no CRS.*--allow-no-crs"):
+    with pytest.raises(NoCRSError, match=r"no CRS.*pass allow_no_crs=True") as no_crs:
         predict_scene(
-            random_bundle, make_raster("nocrs.tif", data, crs=None), tmp_path / "a.tif", workers=1
+            random_bundle,
+            make_raster("nocrs.tif", data, crs=None),
+            tmp_path / "a.tif",
+            client=dask_client,
         )
+    # a Python caller is told the keyword, and the error carries the file
+    assert no_crs.value.filename == str(tmp_path / "nocrs.tif")
+    assert not isinstance(no_crs.value, NotARasterError) and "--allow" not in str(no_crs.value)
     with pytest.raises(ConfigError, match="less than the window"):
-        predict_scene(random_bundle, SCENE, tmp_path / "b.tif", window=64, overlap=64, workers=1)
+        predict_scene(
+            random_bundle, SCENE, tmp_path / "b.tif", window=64, overlap=64, client=dask_client
+        )
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o500)
     try:
         if not os.access(locked, os.W_OK):  # root may write anywhere
             with pytest.raises(ConfigError, match="cannot write"):
-                predict_scene(random_bundle, SCENE, locked / "c.tif", workers=1)
+                predict_scene(random_bundle, SCENE, locked / "c.tif", client=dask_client)
     finally:
         locked.chmod(0o700)
     import torch
@@ -192,13 +210,13 @@ def test_bad_prediction_inputs(random_bundle, tmp_path, make_raster):
     with open(cut, "r+b") as f:
         f.truncate(cut.stat().st_size // 2)
     with pytest.raises(NotARasterError, match="truncated or damaged"):
-        predict_scene(random_bundle, cut, tmp_path / "e.tif", workers=1)
+        predict_scene(random_bundle, cut, tmp_path / "e.tif", client=dask_client)
     assert not list(tmp_path.glob("[a-e].tif"))
 
 
-def _disagreement_at_window_edges(bundle, tmp_path, blend):
+def _disagreement_at_window_edges(bundle, tmp_path, blend, dask_client):
     from geoseg import load_bundle
-    from geoseg.predict import default_overlap
+    from geoseg.stages.predict import default_overlap
     from geoseg.tiling import WindowGrid
 
     window = 64
@@ -210,12 +228,19 @@ def _disagreement_at_window_edges(bundle, tmp_path, blend):
         window=window,
         blend=blend,
         precision="fp32",
-        workers=2,
+        client=dask_client,
         overwrite=True,
     )
     # one window over the whole scene: every pixel with all the context the scene has
     predict_scene(
-        bundle, SCENE, whole, window=512, overlap=0, precision="fp32", workers=1, overwrite=True
+        bundle,
+        SCENE,
+        whole,
+        window=512,
+        overlap=0,
+        precision="fp32",
+        client=dask_client,
+        overwrite=True,
     )
     with rasterio.open(tiled) as a, rasterio.open(whole) as b:
         t, w = a.read(1), b.read(1)
@@ -227,25 +252,31 @@ def _disagreement_at_window_edges(bundle, tmp_path, blend):
     for s in grid.col_starts:
         for e in (s, s + window):
             edge[:, max(0, e - 2) : e + 2] = True
-    valid = t != NODATA_CLASS
+    valid = t != NODATA
     differ = (t != w) & valid
     return differ[edge & valid].mean(), differ[~edge & valid].mean()
 
 
-def test_no_seams_at_window_edges(nc_run, tmp_path):
+def test_no_seams_at_window_edges(nc_run, tmp_path, dask_client):
     # the default (trim: the overlap covers the receptive field) equals one whole-scene window
-    at_edges, elsewhere = _disagreement_at_window_edges(nc_run["bundle"], tmp_path, "auto")
+    at_edges, elsewhere = _disagreement_at_window_edges(
+        nc_run["bundle"], tmp_path, "auto", dask_client
+    )
     assert at_edges <= elsewhere and at_edges < 0.001
     # equal weights leave seams, and the test sees them
-    raw_edges, raw_elsewhere = _disagreement_at_window_edges(nc_run["bundle"], tmp_path, "none")
+    raw_edges, raw_elsewhere = _disagreement_at_window_edges(
+        nc_run["bundle"], tmp_path, "none", dask_client
+    )
     assert raw_edges > raw_elsewhere and raw_edges > 0.01
 
 
-def test_several_scenes_in_one_graph_with_probabilities_and_a_gdal_url(random_bundle, tmp_path):
+def test_several_scenes_in_one_graph_with_probabilities_and_a_gdal_url(
+    random_bundle, tmp_path, dask_client
+):
     import zipfile
 
     from geoseg.errors import ConfigError
-    from geoseg.predict import predict_scenes
+    from geoseg.stages.predict import predict_scenes
 
     archive = tmp_path / "scenes.zip"
     with zipfile.ZipFile(archive, "w") as z:
@@ -253,7 +284,7 @@ def test_several_scenes_in_one_graph_with_probabilities_and_a_gdal_url(random_bu
     url = f"/vsizip/{archive}/nc_copy.tif"  # a GDAL URL, read by the workers through GDAL
     out = tmp_path / "maps"
     results = predict_scenes(
-        random_bundle, [SCENE, url], out, block=256, probabilities=True, workers=2
+        random_bundle, [SCENE, url], out, block=256, probabilities=True, client=dask_client
     )
     assert [r.path.name for r in results] == ["nc_landsat7_2000.tif", "nc_copy.tif"]
     with rasterio.open(results[0].path) as a, rasterio.open(results[1].path) as b:
@@ -262,34 +293,34 @@ def test_several_scenes_in_one_graph_with_probabilities_and_a_gdal_url(random_bu
     with rasterio.open(results[0].probabilities) as p:
         probs = p.read()
         assert p.count == 3 and p.descriptions[1].startswith("five")
-    valid = classes != NODATA_CLASS
-    np.testing.assert_array_equal(probs[:, ~valid], NODATA_CLASS)
+    valid = classes != NODATA
+    np.testing.assert_array_equal(probs[:, ~valid], NODATA)
     total = probs[:, valid].astype(int).sum(0)
     assert np.abs(total - 254).max() <= 2  # probabilities sum to one, up to rounding
     ids = np.array([1, 5, 9])
     assert (ids[probs[:, valid].argmax(0)] == classes[valid]).mean() > 0.99
     with pytest.raises(ConfigError, match="need an output folder"):
-        predict_scenes(random_bundle, [SCENE, url], tmp_path / "one.tif", workers=1)
+        predict_scenes(random_bundle, [SCENE, url], tmp_path / "one.tif", client=dask_client)
 
 
-def test_nebraska_stripes_of_nodata_in_a_geographic_crs(tmp_path):
+def test_nebraska_stripes_of_nodata_in_a_geographic_crs(tmp_path, dask_client):
     from .conftest import make_random_bundle, shared
 
     scene = shared("large-scenes/nebraska_landsat5_with_nodata_wgs84.tif")
     bundle = make_random_bundle(tmp_path / "one_band.bundle", 1, 8000.0, 3000.0)
     out = tmp_path / "nebraska.tif"
-    result = predict_scene(bundle, scene, out, block=1024, window=128, workers=2)
+    result = predict_scene(bundle, scene, out, block=1024, window=128, client=dask_client)
     with rasterio.open(scene) as s, rasterio.open(out) as c:
         assert c.crs == s.crs and c.crs.is_geographic and c.transform == s.transform
         nodata = s.read_masks(1) == 0
-        np.testing.assert_array_equal(c.read(1) == NODATA_CLASS, nodata)
+        np.testing.assert_array_equal(c.read(1) == NODATA, nodata)
     assert 0.5 < nodata.mean() < 0.7  # the scene's 59 % nodata in stripes
     assert result.windows_skipped > 0  # all-nodata windows never reach the model
 
 
 def test_default_block_gives_every_local_worker_two_blocks(make_raster, monkeypatch):
     from geoseg.io import read_profile
-    from geoseg.predict import default_block
+    from geoseg.stages.predict import default_block
 
     monkeypatch.delenv("DASK_SCHEDULER_ADDRESS", raising=False)
     big = read_profile(make_raster("big.tif", np.zeros((1, 2048, 2048), "uint8")))

@@ -5,17 +5,17 @@ import rasterio
 from shapely.affinity import translate
 
 from geoseg import load_bundle
-from geoseg.data import (
+from geoseg.errors import BandMismatchError, ConfigError, GridMismatchError, LabelError
+from geoseg.io import read_profile
+from geoseg.labels import LabelSpec
+from geoseg.stages.train import train
+from geoseg.tasks.sampling import (
     AnchorTable,
-    LabelSpec,
     SampleSpec,
     TrainingSampler,
     block_stats,
     pixel_bounds,
 )
-from geoseg.errors import BandMismatchError, ConfigError, GridMismatchError, LabelError
-from geoseg.io import read_profile
-from geoseg.train import train
 
 from .conftest import EAST, LABELS, SCENE, WEST, shared
 
@@ -130,11 +130,11 @@ def test_balanced_sampler_draws_rare_classes_as_often_as_common_ones():
     np.testing.assert_allclose(drawn["balanced"], 1 / 7, atol=0.02)
 
 
-def test_vector_labels_in_another_crs(tmp_path):
+def test_vector_labels_in_another_crs(tmp_path, dask_client):
     polygons = shared("nc-landsat7-landclass96/landsat96_polygons.shp")
     out = tmp_path / "v.bundle"
     with pytest.raises(LabelError, match=r"column 'label' holds str values.*integer columns: id"):
-        train(SCENE, polygons, out, label_field="label", workers=1)
+        train(SCENE, polygons, out, label_field="label", client=dask_client)
     # without --label-field the only integer column, 'id', is used
     result = train(
         SCENE,
@@ -143,49 +143,56 @@ def test_vector_labels_in_another_crs(tmp_path):
         arch_args={"depth": 2, "base_width": 4},
         epochs=1,
         samples_per_epoch=32,
-        workers=1,
+        client=dask_client,
     )
     assert out.exists()
     assert [c.id for c in result.classes] == sorted(gpd.read_file(polygons)["id"].unique())
 
 
-def test_bad_training_inputs_get_clear_errors(tmp_path, make_raster):
+def test_bad_training_inputs_get_clear_errors(tmp_path, make_raster, dask_client):
     out = tmp_path / "m.bundle"
     with pytest.raises(BandMismatchError, match=r"bands 1-6; the model reads bands \[1, 7\]"):
-        train(SCENE, LABELS, out, bands=[1, 7], workers=1)
+        train(SCENE, LABELS, out, bands=[1, 7], client=dask_client)
     with pytest.raises(ConfigError, match="one label file per scene"):
-        train([SCENE, SCENE], [LABELS], out, workers=1)
+        train([SCENE, SCENE], [LABELS], out, client=dask_client)
     with pytest.raises(ConfigError, match="--val-region or --val-fraction, not both"):
-        train(SCENE, LABELS, out, val_region=EAST, val_fraction=0.2, workers=1)
+        train(SCENE, LABELS, out, val_region=EAST, val_fraction=0.2, client=dask_client)
     other = make_raster("shifted.tif", np.ones((50, 60), "uint8"), nodata=0)
     with pytest.raises(GridMismatchError, match="labels"):
-        train(SCENE, other, out, workers=1)
+        train(SCENE, other, out, client=dask_client)
     empty = tmp_path / "empty.tif"
     with rasterio.open(LABELS) as src:
         prof = src.profile
     with rasterio.open(empty, "w", **prof) as dst:
         dst.write(np.zeros((prof["height"], prof["width"]), prof["dtype"]), 1)
     with pytest.raises(LabelError, match="no labelled training pixel"):
-        train(SCENE, empty, out, ignore=[0], workers=1)
+        train(SCENE, empty, out, ignore=[0], client=dask_client)
     with pytest.raises(ConfigError, match="larger than the training area"):
-        train(SCENE, LABELS, out, within=WEST, window=512, workers=1)
+        train(SCENE, LABELS, out, within=WEST, window=512, client=dask_client)
     with pytest.raises(LabelError, match=r"codes \[6, 7\] that are not in the class list"):
-        train(SCENE, LABELS, out, classes=[{"id": i} for i in range(1, 6)], epochs=1, workers=1)
+        train(
+            SCENE,
+            LABELS,
+            out,
+            classes=[{"id": i} for i in range(1, 6)],
+            epochs=1,
+            client=dask_client,
+        )
     far = gpd.read_file(WEST)
     far["geometry"] = far.geometry.apply(lambda g: translate(g, 1e6, 0))
     far["code"] = 1
     far.to_file(tmp_path / "far.gpkg")
     with pytest.raises(LabelError, match="do not overlap"):
-        train(SCENE, tmp_path / "far.gpkg", out, workers=1)
+        train(SCENE, tmp_path / "far.gpkg", out, client=dask_client)
     far[["name", "geometry"]].to_file(tmp_path / "names.gpkg")
     with pytest.raises(LabelError, match="integer columns: none; all columns: name"):
-        train(SCENE, tmp_path / "names.gpkg", out, workers=1)
+        train(SCENE, tmp_path / "names.gpkg", out, client=dask_client)
     assert not out.exists()
 
 
 @pytest.mark.parametrize("arch", ["fcn8s", "deeplabv3plus", "segformer"])
-def test_train_and_predict_accept_every_architecture(arch, tmp_path):
-    from geoseg.predict import predict_scene
+def test_train_and_predict_accept_every_architecture(arch, tmp_path, dask_client):
+    from geoseg.stages.predict import predict_scene
 
     from .test_models import SMALL
 
@@ -201,7 +208,7 @@ def test_train_and_predict_accept_every_architecture(arch, tmp_path):
         samples_per_epoch=16,
         loss="ce+lovasz",
         augment="strong",
-        workers=1,
+        client=dask_client,
     )
     b = load_bundle(bundle)
     assert b.contract.arch == arch and b.contract.training["parameters"] > 0
@@ -210,6 +217,6 @@ def test_train_and_predict_accept_every_architecture(arch, tmp_path):
     else:  # attention or image pooling: the whole window
         assert b.contract.receptive_field is None and b.overlap == 64
     out = tmp_path / "classes.tif"
-    predict_scene(bundle, SCENE, out, block=256, workers=1)
+    predict_scene(bundle, SCENE, out, block=256, client=dask_client)
     with rasterio.open(out) as c:
         assert set(np.unique(c.read(1))) <= {1, 2, 3, 4, 5, 6, 7, 255}

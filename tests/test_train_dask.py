@@ -25,11 +25,14 @@ from rasterio.features import rasterize
 from geoseg import load_bundle
 from geoseg.augment import build_augmenter
 from geoseg.cluster import session
-from geoseg.data import LabelSpec, TrainingSampler
+from geoseg.errors import TrainingError
 from geoseg.io import read_profile
+from geoseg.labels import LabelSpec
 from geoseg.losses import make_loss
 from geoseg.models import create_model
-from geoseg.train import TrainingError, plan_training, train, train_epoch
+from geoseg.stages.train import TrainConfig, plan_training, train
+from geoseg.tasks.sampling import TrainingSampler
+from geoseg.tasks.train import train_epoch
 
 from .conftest import EAST, LABELS, SCENE, WEST, external_cluster, shared
 
@@ -50,7 +53,8 @@ def client():
 def plan(client: Any, scenes=(SCENE,), labels=(LABELS,), field=None, **over: Any):
     profiles = [read_profile(s) for s in scenes]
     specs = [LabelSpec(str(lb), field) for lb in labels]
-    return plan_training(client, profiles, specs, range(1, 7), **{**SMALL_PLAN, **over})
+    config = TrainConfig(**{**SMALL_PLAN, **over})
+    return plan_training(client, profiles, specs, range(1, 7), config)
 
 
 def scene_valid() -> np.ndarray:
@@ -68,7 +72,7 @@ def labelled() -> np.ndarray:
 def test_no_validation_pixel_is_seen_in_training(client, split):
     profile = read_profile(SCENE)
     if split == "region":
-        p = plan(client, region=str(EAST))
+        p = plan(client, val_region=str(EAST))
         val = rasterize(
             ((g, 1) for g in gpd.read_file(EAST).to_crs(profile.crs).geometry),
             out_shape=(profile.height, profile.width),
@@ -103,7 +107,7 @@ def test_no_validation_pixel_is_seen_in_training(client, split):
 
 
 def test_normalisation_statistics_are_numpys_over_valid_pixels(client):
-    p = plan(client, area=str(WEST))
+    p = plan(client, within=str(WEST))
     profile = read_profile(SCENE)
     inside = rasterize(
         ((g, 1) for g in gpd.read_file(WEST).to_crs(profile.crs).geometry),
@@ -201,6 +205,7 @@ def cli(*args: Any) -> list[str]:
     return [str(Path(sys.executable).parent / "geoseg"), *map(str, args)]
 
 
+@pytest.mark.slow
 def test_resume_after_a_killed_run_gives_the_uninterrupted_result(tmp_path):
     common = [
         SCENE, LABELS, "--arch-arg", "depth=2", "--arch-arg", "base_width=8", "--window", 32,
@@ -234,6 +239,7 @@ def test_resume_after_a_killed_run_gives_the_uninterrupted_result(tmp_path):
     assert all(0 <= r["val_miou"] <= 1 and r["val_loss"] > 0 for r in rows)
 
 
+@pytest.mark.slow
 def test_a_lost_worker_stops_the_run_and_names_the_checkpoint(tmp_path):
     out = tmp_path / "m.bundle"
     log = out.with_name(out.name + ".log.jsonl")
@@ -258,6 +264,7 @@ def test_a_lost_worker_stops_the_run_and_names_the_checkpoint(tmp_path):
     assert ckpt.exists() and not out.exists()
 
 
+@pytest.mark.slow
 def test_a_non_finite_loss_names_the_batch_and_its_windows(tmp_path):
     with pytest.raises(TrainingError, match=r"non-finite at epoch 1, batch \d+ on rank 0") as e:
         train(
@@ -269,7 +276,7 @@ def test_a_non_finite_loss_names_the_batch_and_its_windows(tmp_path):
             samples_per_epoch=256,
             epochs=1,
             lr=1e12,
-            workers=1,
+            workers=1,  # one rank: the message names rank 0
         )
     assert "windows: nc_landsat7_2000.tif rows" in str(e.value)
     assert not (tmp_path / "m.bundle").exists()

@@ -11,10 +11,11 @@ import shapely
 from pyproj import Geod
 
 from geoseg.cli import cli
-from geoseg.errors import ConfigError, NotARasterError
-from geoseg.vectorize import sieve, vectorize
+from geoseg.errors import ConfigError, NoCRSError, NotARasterError
+from geoseg.stages.vectorize import vectorize
+from geoseg.tasks.vectorize import sieve
 
-from .conftest import LABELS, SCENE
+from .conftest import LABELS, SCENE, assert_same_polygons
 
 NC_NAMES = {"developed", "agriculture", "herbaceous", "shrubland", "forest", "water", "sediment"}
 
@@ -55,36 +56,43 @@ def test_nc_polygon_areas_equal_pixel_areas_and_never_overlap(nc_run):
     assert set(gdf.class_name) <= NC_NAMES
 
 
-def test_nc_polygons_do_not_depend_on_block_size(nc_run, tmp_path):
+def test_nc_polygons_do_not_depend_on_block_size(nc_run, tmp_path, dask_client):
     small = tmp_path / "small.gpkg"
-    vectorize(nc_run["classes"], small, block=100, workers=2)
-    assert _key(gpd.read_file(small)) == _key(gpd.read_file(nc_run["polygons"]))
+    vectorize(nc_run["classes"], small, block=100, client=dask_client)
+    # the same polygons; a merged one may keep a vertex on a straight edge where blocks met
+    assert_same_polygons(small, nc_run["polygons"], exact=False)
 
 
-def test_iguazu_polygons_are_exact_in_every_format_and_block_size(iguazu_classes, tmp_path):
+@pytest.mark.slow
+def test_iguazu_polygons_are_exact_in_every_format_and_block_size(
+    iguazu_classes, tmp_path, dask_client
+):
     ref = tmp_path / "p.gpkg"
-    vectorize(iguazu_classes, ref, workers=2)
+    vectorize(iguazu_classes, ref, client=dask_client)
     gdf = gpd.read_file(ref)
     assert len(gdf) > 1000
     assert_exact_polygons(gdf, iguazu_classes)
     assert (gdf.geom_type == "Polygon").all()
     for name, block in (("p.parquet", 300), ("p.fgb", 700)):
-        assert vectorize(iguazu_classes, tmp_path / name, block=block, workers=2) == len(gdf)
+        assert vectorize(
+            iguazu_classes, tmp_path / name, block=block, client=dask_client
+        ).polygons == len(gdf)
         other = _read(tmp_path / name)
         assert other.crs == gdf.crs
         assert _key(other) == _key(gdf)
         assert other["area_m2"].sum() == pytest.approx(gdf["area_m2"].sum(), rel=1e-12)
 
 
-def test_geojson_is_lon_lat_with_right_hand_rings(nc_run, iguazu_classes, tmp_path):
+def test_geojson_is_lon_lat_with_right_hand_rings(nc_run, iguazu_classes, tmp_path, dask_client):
     for classes, (west, east, south, north) in (
         (nc_run["classes"], (-79.0, -78.0, 35.0, 36.5)),  # Raleigh, NC
         (iguazu_classes, (-55.5, -54.0, -26.5, -25.0)),  # Foz do Iguaçu
     ):
         out = tmp_path / "p.geojson"
-        n = vectorize(classes, out, workers=1, overwrite=True)
+        result = vectorize(classes, out, client=dask_client, overwrite=True)
         gdf = gpd.read_file(out)
-        assert len(gdf) == n and gdf.crs.to_epsg() == 4326
+        assert result.path == out and result.crs == "EPSG:4326"
+        assert len(gdf) == result.polygons and gdf.crs.to_epsg() == 4326
         minx, miny, maxx, maxy = gdf.total_bounds
         assert west < minx < maxx < east and south < miny < maxy < north
         ext = [shapely.get_exterior_ring(g) for g in gdf.geometry]
@@ -94,10 +102,11 @@ def test_geojson_is_lon_lat_with_right_hand_rings(nc_run, iguazu_classes, tmp_pa
         assert "crs" not in out.read_text()[:200]  # RFC 7946 has no crs member
 
 
-def test_simplified_polygons_keep_the_coverage(iguazu_classes, tmp_path):
+@pytest.mark.slow
+def test_simplified_polygons_keep_the_coverage(iguazu_classes, tmp_path, dask_client):
     plain, simple = tmp_path / "plain.gpkg", tmp_path / "simple.gpkg"
-    vectorize(iguazu_classes, plain, block=512, workers=2)
-    vectorize(iguazu_classes, simple, block=512, simplify=45.0, workers=2)
+    vectorize(iguazu_classes, plain, block=512, client=dask_client)
+    vectorize(iguazu_classes, simple, block=512, simplify=45.0, client=dask_client)
     a, b = gpd.read_file(plain), gpd.read_file(simple)
     assert b.is_valid.all() and len(b) == len(a)
     verts = lambda g: shapely.get_num_coordinates(g.geometry.values).sum()  # noqa: E731
@@ -112,10 +121,10 @@ def test_simplified_polygons_keep_the_coverage(iguazu_classes, tmp_path):
     assert holes(b) == holes(a) > 0
 
 
-def test_min_area_merges_small_patches_whatever_the_block(tmp_path):
+def test_min_area_merges_small_patches_whatever_the_block(tmp_path, dask_client):
     out, small_blocks = tmp_path / "s.gpkg", tmp_path / "b.gpkg"
-    vectorize(LABELS, out, min_area=10_000, workers=2)
-    vectorize(LABELS, small_blocks, min_area=10_000, block=97, workers=2)
+    vectorize(LABELS, out, min_area=10_000, client=dask_client)
+    vectorize(LABELS, small_blocks, min_area=10_000, block=97, client=dask_client)
     a, b = gpd.read_file(out), gpd.read_file(small_blocks)
     plain_total = sum(_pixel_areas(LABELS).values())
     assert a["area_m2"].sum() == pytest.approx(plain_total, rel=1e-9)  # nothing lost
@@ -147,7 +156,7 @@ def test_sieve_takes_the_neighbour_with_the_longest_shared_edge():
     assert sieve(lonely, lonely > 0, 5)[1, 1] == 7
 
 
-def test_areas_are_geodesic_in_a_geographic_crs(make_raster, tmp_path):
+def test_areas_are_geodesic_in_a_geographic_crs(make_raster, tmp_path, dask_client):
     from affine import Affine
 
     data = np.full((1, 40, 60), 1, "uint8")
@@ -156,7 +165,7 @@ def test_areas_are_geodesic_in_a_geographic_crs(make_raster, tmp_path):
     t = Affine(0.01, 0, -100.0, 0, -0.01, 41.0)  # about 840 m x 1110 m pixels near 40.8 N
     path = make_raster("g.tif", data, crs="EPSG:4326", transform=t, nodata=255)
     out = tmp_path / "g.gpkg"
-    vectorize(path, out, workers=1)
+    vectorize(path, out, client=dask_client)
     gdf = gpd.read_file(out)
     geod = Geod(ellps="WGS84")
 
@@ -207,24 +216,25 @@ def test_predict_writes_polygons_in_the_same_run(tmp_path, random_bundle):
     assert set(gdf.class_name) <= {"one", "five", "nine"}
 
 
-def test_bad_rasters_and_formats_are_refused(make_raster, tmp_path, nc_run):
+def test_bad_rasters_and_formats_are_refused(make_raster, tmp_path, nc_run, dask_client):
     floats = make_raster("f.tif", np.zeros((1, 4, 4), "float32"))
     with pytest.raises(NotARasterError, match="integer class raster"):
-        vectorize(floats, tmp_path / "a.gpkg", workers=1)
+        vectorize(floats, tmp_path / "a.gpkg", client=dask_client)
     no_crs = make_raster("n.tif", np.zeros((1, 4, 4), "uint8"), crs=None)
-    with pytest.raises(NotARasterError, match="no CRS"):
-        vectorize(no_crs, tmp_path / "b.gpkg", workers=1)
+    with pytest.raises(NoCRSError, match="no CRS") as e:
+        vectorize(no_crs, tmp_path / "b.gpkg", client=dask_client)
+    assert e.value.filename == str(no_crs)
     with pytest.raises(ConfigError, match=r"\.geojson"):
-        vectorize(nc_run["classes"], tmp_path / "c.shp", workers=1)
+        vectorize(nc_run["classes"], tmp_path / "c.shp", client=dask_client)
     with pytest.raises(ConfigError, match="always WGS84"):
-        vectorize(nc_run["classes"], tmp_path / "d.geojson", crs="EPSG:3857", workers=1)
+        vectorize(nc_run["classes"], tmp_path / "d.geojson", crs="EPSG:3857", client=dask_client)
     assert not list(tmp_path.glob("[abcd].*")) and not list(tmp_path.glob(".*tmp*"))
 
 
 @pytest.mark.parametrize("ext", ["gpkg", "geojson", "parquet", "fgb"])
-def test_all_nodata_writes_a_valid_empty_file(make_raster, tmp_path, ext):
+def test_all_nodata_writes_a_valid_empty_file(make_raster, tmp_path, ext, dask_client):
     empty = make_raster("e.tif", np.full((1, 8, 8), 255, "uint8"), nodata=255)
     out = tmp_path / f"e.{ext}"
     with pytest.warns(UserWarning, match="no polygons"):
-        assert vectorize(empty, out, workers=1) == 0
+        assert vectorize(empty, out, client=dask_client).polygons == 0
     assert len(_read(out)) == 0

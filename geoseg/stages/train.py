@@ -12,51 +12,26 @@ stopped run or a lost worker costs at most one epoch: ``--resume`` continues fro
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import json
 import logging
 import math
 import os
-import socket
 import time
 import warnings
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from datetime import timedelta
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from geoseg import __version__
-from geoseg.augment import IGNORE, PRESETS, build_augmenter
+from geoseg.augment import PRESETS, build_augmenter
 from geoseg.bundle import BandInfo, Contract, save_bundle
-from geoseg.cluster import (
-    run_tasks,
-    scheduler_address,
-    session,
-    task_resources,
-    torch_threads,
-    workers_info,
-)
-from geoseg.data import (
-    SAMPLERS,
-    AnchorTable,
-    BlockStats,
-    LabelSpec,
-    SampleSpec,
-    TrainingSampler,
-    ValSplit,
-    block_stats,
-    check_labels,
-    load_classes,
-    pixel_bounds,
-    resolve_classes,
-)
+from geoseg.classes import ClassInfo
+from geoseg.cluster import run_tasks, scheduler_address, session, task_resources, workers_info
 from geoseg.errors import (
     BandMismatchError,
     ConfigError,
@@ -64,251 +39,37 @@ from geoseg.errors import (
     Interrupted,
     LabelError,
     OutputExistsError,
+    TrainingError,
     check_range,
+    option,
 )
-from geoseg.inference import resolve_device
 from geoseg.io import (
-    ClassInfo,
     SceneProfile,
     check_input,
     check_output,
-    describe_window,
     folders_for,
     read_profile,
     resolve_path,
     same_file,
 )
+from geoseg.labels import LabelSpec, check_labels, load_classes, resolve_classes
 from geoseg.losses import make_loss
-from geoseg.metrics import scores
 from geoseg.models import create_model, parameter_count, receptive_field
 from geoseg.progress import Progress
+from geoseg.scoring import scores
+from geoseg.tasks.predict import resolve_device
+from geoseg.tasks.sampling import (
+    SAMPLERS,
+    AnchorTable,
+    BlockStats,
+    SampleSpec,
+    ValSplit,
+    pixel_bounds,
+)
+from geoseg.tasks.train import EpochConfig, EpochResult, free_port, stats_task, train_epoch
 from geoseg.tiling import MIN_WINDOW, block_windows
 
 log = logging.getLogger("geoseg")
-GROUP_TIMEOUT_S = 300  # how long a rank waits for the others in a collective
-
-
-class TrainingError(GeosegError, RuntimeError):
-    """Training cannot go on (a non-finite loss, a lost worker)."""
-
-
-@dataclass(frozen=True)
-class EpochConfig:
-    """Everything an epoch task needs; plain data, cheap to send."""
-
-    specs: tuple[SampleSpec, ...]
-    table: AnchorTable
-    sampler: str
-    val_windows: tuple[tuple[int, Any], ...]  # (scene index, Window)
-    arch: str
-    arch_args: dict[str, Any]
-    num_classes: int
-    batch_size: int  # per rank
-    steps: int  # per rank and epoch
-    epochs: int
-    lr: float
-    loss: str
-    label_smoothing: float
-    class_weights: tuple[float, ...] | None
-    seed: int
-    device: str
-
-
-@dataclass
-class EpochResult:
-    """What one rank reports for one epoch; only rank 0 carries the new state."""
-
-    epoch: int
-    rank: int
-    state: dict[str, Any] | None
-    loss: float  # mean training loss over all ranks
-    val_loss: float | None
-    confusion: np.ndarray | None  # validation, summed over ranks (rows truth)
-    seconds: float
-    windows: int  # training windows this rank drew
-    pixels: int  # labelled training pixels this rank saw
-    where: list[tuple[int, int, int]] = field(default_factory=list)  # (scene, row, col) drawn
-
-
-@contextlib.contextmanager
-def _process_group(rendezvous: str | None, rank: int, world: int, device: str) -> Iterator[None]:
-    if world == 1:
-        yield
-        return
-    import torch.distributed as dist
-
-    dist.init_process_group(
-        "nccl" if device == "cuda" else "gloo",
-        init_method=rendezvous,
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=GROUP_TIMEOUT_S),
-    )
-    try:
-        yield
-        dist.barrier()  # every rank is done with the group before it goes
-    finally:
-        dist.destroy_process_group()
-
-
-def _describe(spec: SampleSpec, window: Any) -> str:
-    return f"{Path(spec.scene).name} {describe_window(window)}"
-
-
-def _amp(device: str) -> tuple[torch.dtype | None, bool]:
-    """Mixed precision for training: bf16 (or fp16 with loss scaling) on a GPU, none on a CPU."""
-    if device != "cuda":
-        return None, False
-    if torch.cuda.is_bf16_supported():
-        return torch.bfloat16, False
-    return torch.float16, True
-
-
-def train_epoch(
-    state: dict[str, Any] | None,
-    cfg: EpochConfig,
-    epoch: int,
-    rank: int = 0,
-    world: int = 1,
-    rendezvous: str | None = None,
-) -> EpochResult:
-    """Run one epoch as rank ``rank`` of ``world`` (a Dask task). ``state`` holds the model and
-    optimiser state from the previous epoch, or None to start."""
-    t0 = time.perf_counter()
-    torch.set_num_threads(torch_threads())
-    device = resolve_device(cfg.device)
-    amp_dtype, scaled = _amp(device)
-    with _process_group(rendezvous, rank, world, device):
-        torch.manual_seed(cfg.seed * 1000 + epoch)  # the same initial weights on every rank
-        model = create_model(cfg.arch, len(cfg.specs[0].bands), cfg.num_classes, **cfg.arch_args)
-        model = model.to(device)
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
-        if state is not None:
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-        for g in opt.param_groups:  # cosine decay over the whole run
-            g["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))
-        net: torch.nn.Module = model
-        if world > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            net = DistributedDataParallel(model)
-        torch.manual_seed(cfg.seed * 1000 + epoch + 7919 * rank)  # dropout differs by rank
-        scaler = torch.amp.GradScaler("cuda", enabled=scaled)
-        loss_fn = make_loss(
-            cfg.loss, cfg.class_weights, device, label_smoothing=cfg.label_smoothing
-        )
-        sampler = TrainingSampler(
-            cfg.specs, cfg.table, cfg.sampler, seed=(cfg.seed, epoch), rank=rank, world=world
-        )
-        losses, pixels, where = [], 0, []
-        try:
-            model.train()
-            for step in range(cfg.steps):
-                batch = [sampler.sample() for _ in range(cfg.batch_size)]
-                x = torch.from_numpy(np.stack([b[0] for b in batch])).to(device)
-                y = torch.from_numpy(np.stack([b[1] for b in batch]).astype(np.int64)).to(device)
-                with torch.autocast(device, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    loss = loss_fn(net(x), y)
-                mean_loss, bad_here = _mean_over_ranks(loss.detach().float(), world)
-                if bad_here or not math.isfinite(mean_loss):
-                    places = "; ".join(_describe(cfg.specs[s], w) for _, _, (s, w) in batch)
-                    raise TrainingError(
-                        f"the loss became non-finite at epoch {epoch + 1}, batch {step + 1}"
-                        + (
-                            f" on rank {rank}, windows: {places}"
-                            if bad_here
-                            else " on another rank"
-                        )
-                        + "; lower --lr or check the scenes for extreme values"
-                    )
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-                losses.append(mean_loss)
-                pixels += int((y != IGNORE).sum())
-                where += [(s, int(w.row_off), int(w.col_off)) for _, _, (s, w) in batch]
-            confusion, val_loss = _validate(model, cfg, sampler, rank, world, device, amp_dtype)
-        finally:
-            sampler.close()
-            # DDP's reducer holds the process group: it must go before the group is destroyed,
-            # else gloo's destructor can wait for its threads forever
-            del net
-            gc.collect()
-    new_state = None
-    if rank == 0:
-        new_state = {
-            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "optimizer": opt.state_dict(),
-        }
-    return EpochResult(
-        epoch,
-        rank,
-        new_state,
-        float(np.mean(losses)),
-        val_loss,
-        confusion,
-        time.perf_counter() - t0,
-        cfg.steps * cfg.batch_size,
-        pixels,
-        where,
-    )
-
-
-def _mean_over_ranks(loss: torch.Tensor, world: int) -> tuple[float, bool]:
-    """The loss averaged over ranks, and whether this rank's own loss is non-finite."""
-    bad = not bool(torch.isfinite(loss))
-    if world == 1:
-        return float(loss), bad
-    import torch.distributed as dist
-
-    t = torch.stack([torch.nan_to_num(loss, 0.0, 0.0, 0.0), torch.tensor(float(bad)).to(loss)])
-    dist.all_reduce(t)
-    mean = float(t[0]) / world if float(t[1]) == 0 else math.nan
-    return mean, bad
-
-
-def _validate(
-    model: torch.nn.Module,
-    cfg: EpochConfig,
-    sampler: TrainingSampler,
-    rank: int,
-    world: int,
-    device: str,
-    amp_dtype: torch.dtype | None,
-) -> tuple[np.ndarray | None, float | None]:
-    """Confusion matrix and mean cross-entropy over the validation pixels, each rank scoring
-    its share of the validation windows, summed over ranks."""
-    if not cfg.val_windows:
-        return None, None
-    k = cfg.num_classes
-    conf = torch.zeros(k * k, dtype=torch.int64, device=device)
-    loss_px = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, pixels
-    model.eval()
-    with torch.inference_mode():
-        for scene, window in cfg.val_windows[rank::world]:
-            rd = sampler.reader(scene)
-            x, mask = rd.read(window)
-            mask[~rd.val_mask(window)] = IGNORE
-            if not (mask != IGNORE).any():
-                continue
-            with torch.autocast(device, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = model(torch.from_numpy(x)[None].to(device))
-            logits = logits.float()
-            y = torch.from_numpy(mask.astype(np.int64))[None].to(device)
-            keep = y != IGNORE
-            loss_px[0] += F.cross_entropy(logits, y, ignore_index=IGNORE, reduction="sum").double()
-            loss_px[1] += keep.sum()
-            pair = y[keep] * k + logits.argmax(1)[keep]
-            conf += torch.bincount(pair, minlength=k * k)
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.all_reduce(conf)
-        dist.all_reduce(loss_px)
-    n = float(loss_px[1])
-    return conf.cpu().numpy().reshape(k, k), (float(loss_px[0]) / n if n else None)
 
 
 @dataclass(frozen=True)
@@ -342,29 +103,6 @@ def split_cell(window: int) -> int:
     """The side of the squares that statistics are gathered on and a validation fraction is
     split by: the smallest multiple of the training window that is at least 256 px."""
     return window * max(1, -(-256 // window))
-
-
-def _free_port() -> int:
-    """A TCP port free on this host now (runs on the rank-0 worker, for the rendezvous)."""
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        return int(sock.getsockname()[1])
-
-
-def _stats_task(
-    item: tuple[int, Any],
-    scenes: Sequence[str],
-    bands: tuple[int, ...],
-    specs: Sequence[LabelSpec],
-    within: str | None,
-    nodata: float | None,
-    val_region: str | None,
-    window: int,
-) -> BlockStats:
-    scene, block = item
-    return block_stats(
-        block, scenes[scene], bands, specs[scene], within, nodata, val_region, window
-    )
 
 
 def _split_fraction(
@@ -475,7 +213,7 @@ def _run_epoch(
     if world > 1:
         host = urlparse(workers[0]).hostname
         try:
-            port = client.run(_free_port, workers=[workers[0]])[workers[0]]
+            port = client.run(free_port, workers=[workers[0]])[workers[0]]
         except Exception:  # a worker that cannot answer is lost
             check_workers()
             raise
@@ -534,6 +272,59 @@ def _run_epoch(
             f.cancel()
 
 
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """The settings of a training run, checked once when made (a bad value raises
+    :class:`ConfigError`); :func:`train` documents each. Paths are as given; :func:`train`
+    resolves them before the run."""
+
+    label_field: str | None = None
+    classes: str | os.PathLike[str] | Sequence[Any] | None = None
+    ignore: Sequence[int] = ()
+    bands: Sequence[int] | None = None
+    arch: str = "unet"
+    arch_args: dict[str, Any] | None = None
+    window: int = 64
+    predict_window: int = 256
+    epochs: int = 20
+    batch_size: int = 16
+    samples_per_epoch: int | None = None
+    lr: float = 2e-3
+    loss: str = "ce"
+    label_smoothing: float = 0.0
+    augment: str = "light"
+    balance: bool = True
+    sampler: str = "random"
+    within: str | os.PathLike[str] | None = None
+    val_region: str | os.PathLike[str] | None = None
+    val_fraction: float | None = None
+    nodata: float | None = None
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_range("--window", self.window, MIN_WINDOW)
+        check_range("--predict-window", self.predict_window, MIN_WINDOW)
+        check_range("--epochs", self.epochs, 1)
+        check_range("--batch-size", self.batch_size, 1)
+        check_range("--samples-per-epoch", self.samples_per_epoch, 1)
+        check_range("--label-smoothing", self.label_smoothing, 0, 0.99)
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"--lr must be a positive number such as 0.002, got {self.lr}")
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(
+                f"unknown sampler {self.sampler!r}; expected one of {', '.join(SAMPLERS)}"
+            )
+        if self.val_region is not None and self.val_fraction is not None:
+            raise ConfigError("give --val-region or --val-fraction, not both")
+        if self.val_fraction is not None and not 0 < self.val_fraction < 1:
+            raise ConfigError(f"--val-fraction must lie between 0 and 1, got {self.val_fraction}")
+        make_loss(self.loss)  # the names, before any work
+
+
+_D = TrainConfig  # the defaults of train()'s keywords: one place
+
+
 @dataclass
 class TrainingPlan:
     """What the statistics pass decided: the epoch configuration, the classes, the summed
@@ -550,31 +341,17 @@ def plan_training(
     profiles: Sequence[SceneProfile],
     label_specs: Sequence[LabelSpec],
     band_list: Sequence[int],
-    *,
-    window: int = 64,
-    area: str | None = None,
-    region: str | None = None,
-    val_fraction: float | None = None,
+    config: TrainConfig,
     classes: Sequence[ClassInfo] | None = None,
-    sampler: str = "random",
-    batch_size: int = 16,
-    samples_per_epoch: int | None = None,
-    epochs: int = 20,
-    lr: float = 2e-3,
-    loss: str = "ce",
-    label_smoothing: float = 0.0,
-    augment: str = "light",
-    balance: bool = True,
-    nodata: float | None = None,
-    seed: int = 0,
-    device: str = "auto",
-    arch: str = "unet",
-    arch_args: dict[str, Any] | None = None,
 ) -> TrainingPlan:
     """Gather statistics over every block of every scene on the cluster, split off the
-    validation pixels and describe the epochs (see :func:`train` for the arguments; ``area``
-    and ``region`` are its ``within`` and ``val_region``)."""
-    arch_args = dict(arch_args or {})
+    validation pixels and describe the epochs (``config``'s paths resolved; ``classes``: the
+    class list, default from the labels)."""
+    c = config
+    area = None if c.within is None else str(c.within)
+    region = None if c.val_region is None else str(c.val_region)
+    window, val_fraction, seed, nodata = c.window, c.val_fraction, c.seed, c.nodata
+    arch_args = dict(c.arch_args or {})
     cell = split_cell(window)
     paths = [p.path for p in profiles]
     bounds = [pixel_bounds(p, area) for p in profiles]
@@ -584,7 +361,7 @@ def plan_training(
     ]
     parts = run_tasks(
         client,
-        _stats_task,
+        stats_task,
         items,
         "statistics",
         paths,
@@ -648,7 +425,7 @@ def plan_training(
     ]
     worker_list = sorted(workers_info(client))
     world = len(worker_list)
-    per_epoch = samples_per_epoch or max(256, round(2 * labelled / window**2))
+    per_epoch = c.samples_per_epoch or max(256, round(2 * labelled / window**2))
     cfg = EpochConfig(
         specs=tuple(
             SampleSpec(
@@ -661,27 +438,27 @@ def plan_training(
                 window=window,
                 within=area,
                 bounds=b,
-                augment=augment,
+                augment=c.augment,
                 nodata=nodata,
                 val=split,
             )
             for path, spec, b, split in zip(paths, label_specs, bounds, splits)
         ),
         table=table,
-        sampler=sampler,
+        sampler=c.sampler,
         val_windows=val_windows,
-        arch=arch,
+        arch=c.arch,
         arch_args=arch_args,
         num_classes=len(class_list),
-        batch_size=batch_size,
-        steps=max(1, math.ceil(per_epoch / (batch_size * world))),
-        epochs=epochs,
-        lr=lr,
-        loss=loss,
-        label_smoothing=label_smoothing,
-        class_weights=_class_weights(total.codes, class_list) if balance else None,
+        batch_size=c.batch_size,
+        steps=max(1, math.ceil(per_epoch / (c.batch_size * world))),
+        epochs=c.epochs,
+        lr=c.lr,
+        loss=c.loss,
+        label_smoothing=c.label_smoothing,
+        class_weights=_class_weights(total.codes, class_list) if c.balance else None,
         seed=seed,
-        device=device,
+        device=c.device,
     )
     return TrainingPlan(cfg, class_list, total, worker_list)
 
@@ -691,30 +468,31 @@ def train(
     labels: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     output: str | os.PathLike[str],
     *,
-    label_field: str | None = None,
-    classes: str | os.PathLike[str] | Sequence[Any] | None = None,
-    ignore: Sequence[int] = (),
-    bands: Sequence[int] | None = None,
-    arch: str = "unet",
-    arch_args: dict[str, Any] | None = None,
-    window: int = 64,
-    predict_window: int = 256,
-    epochs: int = 20,
-    batch_size: int = 16,
-    samples_per_epoch: int | None = None,
-    lr: float = 2e-3,
-    loss: str = "ce",
-    label_smoothing: float = 0.0,
-    augment: str = "light",
-    balance: bool = True,
-    sampler: str = "random",
-    within: str | os.PathLike[str] | None = None,
-    val_region: str | os.PathLike[str] | None = None,
-    val_fraction: float | None = None,
-    nodata: float | None = None,
-    seed: int = 0,
-    device: str = "auto",
+    label_field: str | None = _D.label_field,
+    classes: str | os.PathLike[str] | Sequence[Any] | None = _D.classes,
+    ignore: Sequence[int] = _D.ignore,
+    bands: Sequence[int] | None = _D.bands,
+    arch: str = _D.arch,
+    arch_args: dict[str, Any] | None = _D.arch_args,
+    window: int = _D.window,
+    predict_window: int = _D.predict_window,
+    epochs: int = _D.epochs,
+    batch_size: int = _D.batch_size,
+    samples_per_epoch: int | None = _D.samples_per_epoch,
+    lr: float = _D.lr,
+    loss: str = _D.loss,
+    label_smoothing: float = _D.label_smoothing,
+    augment: str = _D.augment,
+    balance: bool = _D.balance,
+    sampler: str = _D.sampler,
+    within: str | os.PathLike[str] | None = _D.within,
+    val_region: str | os.PathLike[str] | None = _D.val_region,
+    val_fraction: float | None = _D.val_fraction,
+    nodata: float | None = _D.nodata,
+    seed: int = _D.seed,
+    device: str = _D.device,
     resume: str | os.PathLike[str] | None = None,
+    client: Any = None,
     workers: int | None = None,
     scheduler: str | None = None,
     overwrite: bool = False,
@@ -762,11 +540,18 @@ def train(
     resume
         A checkpoint of an earlier run with the same settings: training continues after its
         last finished epoch.
+    client, workers, scheduler
+        Where to train (see :func:`geoseg.cluster.session`): a ``distributed.Client``, a local
+        cluster of ``workers`` processes or a running scheduler's address; by default the
+        current client, else a local cluster made for the call. Every worker of the cluster is
+        one rank.
 
     Returns
     -------
     TrainResult
     """
+    given = locals()
+    config = TrainConfig(**{f.name: given[f.name] for f in fields(TrainConfig)})  # checks them
     # every path is resolved here: workers may run in other folders, or on other machines
     scene_list = [resolve_path(s) for s in _as_list(scenes)]
     label_list = [resolve_path(lb) for lb in _as_list(labels)]
@@ -775,21 +560,7 @@ def train(
             f"got {len(scene_list)} scenes and {len(label_list)} label files; give one label "
             "file per scene: SCENE... LABELS..."
         )
-    check_range("--window", window, MIN_WINDOW)
-    check_range("--predict-window", predict_window, MIN_WINDOW)
-    check_range("--epochs", epochs, 1)
-    check_range("--batch-size", batch_size, 1)
-    check_range("--samples-per-epoch", samples_per_epoch, 1)
-    check_range("--label-smoothing", label_smoothing, 0, 0.99)
-    if not (math.isfinite(lr) and lr > 0):
-        raise ConfigError(f"--lr must be a positive number such as 0.002, got {lr}")
-    if sampler not in SAMPLERS:
-        raise ConfigError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
-    if val_region is not None and val_fraction is not None:
-        raise ConfigError("give --val-region or --val-fraction, not both")
-    if val_fraction is not None and not 0 < val_fraction < 1:
-        raise ConfigError(f"--val-fraction must lie between 0 and 1, got {val_fraction}")
-    if device != "cuda" or not scheduler_address(scheduler):
+    if device != "cuda" or (client is None and not scheduler_address(scheduler)):
         resolve_device(device)  # a local cluster: no GPU for --device cuda fails here
     area = resolve_path(within) if within is not None else None
     region = resolve_path(val_region) if val_region is not None else None
@@ -808,7 +579,8 @@ def train(
     except OutputExistsError:
         raise OutputExistsError(
             f"checkpoint {str(ckpt_path)!r} of an earlier run exists; continue that run with "
-            f"--resume {ckpt_path}, or pass --overwrite to start again"
+            f"{option('--resume', str(ckpt_path))}, or pass {option('--overwrite')} to start again",
+            filename=str(ckpt_path),
         ) from None
     check_output(log_path, overwrite or resuming, inputs=inputs, what="training log")
     for path in (area, region):
@@ -821,9 +593,11 @@ def train(
         if bad:
             raise BandMismatchError(
                 f"scene {profile.path!r} has bands 1-{profile.count}; the model reads bands "
-                f"{band_list}; pass --bands with bands every scene has"
+                f"{band_list}; pass {option('--bands', None)} with bands every scene has",
+                filename=profile.path,
+                expected=band_list,
+                found=profile.count,
             )
-    make_loss(loss)  # validate the names before any work
     build_augmenter(augment, window)
     if augment_file is not None:  # a pipeline file: workers need its absolute path
         augment = augment_file
@@ -834,40 +608,19 @@ def train(
     class_list = load_classes(classes) if classes is not None else None
     bounds = [pixel_bounds(p, area) for p in profiles]
     for b, p in zip(bounds, profiles):
-        if b[2] - b[0] < window or b[3] - b[1] < window:
+        if b.height < window or b.width < window:
             raise ConfigError(
                 f"window {window} px is larger than the training area of {p.path!r} "
-                f"({b[3] - b[1]} x {b[2] - b[0]} px); pass a smaller --window"
+                f"({b.width} x {b.height} px); pass a smaller {option('--window', None)}"
             )
     arch_args = dict(arch_args or {})
     create_model(arch, len(band_list), 2, **arch_args)  # validate architecture arguments early
     with folders_for(out):
-        with session(workers, scheduler, gpu=device != "cpu") as client:
-            plan = plan_training(
-                client,
-                profiles,
-                label_specs,
-                band_list,
-                window=window,
-                area=area,
-                region=region,
-                val_fraction=val_fraction,
-                classes=class_list,
-                sampler=sampler,
-                batch_size=batch_size,
-                samples_per_epoch=samples_per_epoch,
-                epochs=epochs,
-                lr=lr,
-                loss=loss,
-                label_smoothing=label_smoothing,
-                augment=augment,
-                balance=balance,
-                nodata=nodata,
-                seed=seed,
-                device=device,
-                arch=arch,
-                arch_args=arch_args,
+        with session(workers, scheduler, client=client, gpu=device != "cpu") as client:
+            resolved = replace(
+                config, within=area, val_region=region, augment=augment, arch_args=arch_args
             )
+            plan = plan_training(client, profiles, label_specs, band_list, resolved, class_list)
             cfg, class_list, total, worker_list = plan.cfg, plan.classes, plan.stats, plan.workers
             world = len(worker_list)
             labelled = sum(total.codes.values())

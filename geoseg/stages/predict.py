@@ -1,6 +1,6 @@
 """Predicting a scene on a Dask cluster and assembling the class map (the graph stage).
 
-One task per block (:func:`geoseg.inference.predict_block`); each writes its core to a part file
+One task per block (:func:`geoseg.tasks.predict.predict_block`); each writes its core to a part file
 in a folder beside the output, named for the block. The parts are then copied, block by block, into
 one tiled GeoTIFF and turned into a Cloud-Optimized GeoTIFF with the bundle's colour table and class
 names, under a temporary name that is renamed onto the output when complete.
@@ -12,6 +12,7 @@ again finds them, checks that the settings match, and computes only the blocks t
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import os
@@ -19,9 +20,9 @@ import time
 import warnings
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Concatenate, ParamSpec
 
 import numpy as np
 import rasterio
@@ -31,9 +32,11 @@ from rasterio.windows import intersect as windows_intersect
 
 from geoseg.blending import resolve_blend
 from geoseg.bundle import Bundle, compare_scene, load_bundle
+from geoseg.classes import NODATA
 from geoseg.cluster import (
     connect,
     count_workers,
+    current_client,
     default_workers,
     run_tasks,
     scheduler_address,
@@ -42,23 +45,16 @@ from geoseg.cluster import (
     task_result,
     workers_info,
 )
-from geoseg.errors import BandMismatchError, ConfigError, Interrupted, NotARasterError, check_range
-from geoseg.inference import (
-    Accumulated,
-    BlockJob,
-    BlockResult,
-    accumulate_block,
-    finish_block,
-    part_done,
-    part_name,
-    predict_block,
-    resolve_device,
-    resolve_precision,
-    take_piece,
+from geoseg.errors import (
+    BandMismatchError,
+    ConfigError,
+    Interrupted,
+    NoCRSError,
+    check_range,
+    option,
 )
 from geoseg.io import (
     GEOSEG_TAG,
-    NODATA_CLASS,
     SceneProfile,
     atomic_output,
     check_output,
@@ -72,10 +68,24 @@ from geoseg.io import (
     write_class_metadata,
 )
 from geoseg.progress import Progress
+from geoseg.stages.vectorize import FORMATS, output_format, vectorize
+from geoseg.tasks.predict import (
+    Accumulated,
+    BlockJob,
+    BlockResult,
+    accumulate_block,
+    finish_block,
+    part_done,
+    part_name,
+    predict_block,
+    resolve_device,
+    resolve_precision,
+    take_piece,
+)
 from geoseg.tiling import MIN_BLOCK, MIN_WINDOW, WindowGrid
-from geoseg.vectorize import FORMATS, output_format, vectorize
 
 log = logging.getLogger("geoseg")
+_P = ParamSpec("_P")
 
 
 @dataclass(frozen=True)
@@ -95,6 +105,34 @@ class PredictResult:
     seconds: dict[str, float] | None = None
 
 
+@dataclass(frozen=True)
+class PredictOptions:
+    """The settings of one prediction run, checked and resolved (the window and overlap from
+    the bundle when not given, the blend from the overlap): what every block is computed with.
+    A resumed run must have the same (:meth:`run_settings`)."""
+
+    window: int
+    overlap: int
+    block: int | None  # None: default_block, once the workers are known
+    blend: str
+    batch_size: int | None
+    device: str
+    precision: str
+    probabilities: bool
+
+    def run_settings(self, bundle_hash: str) -> dict[str, Any]:
+        """What the parts of a run depend on: a part of another run is not reused."""
+        return {
+            "bundle": bundle_hash,
+            "window": self.window,
+            "overlap": self.overlap,
+            "block": self.block,
+            "blend": self.blend,
+            "precision": self.precision,
+            "probabilities": self.probabilities,
+        }
+
+
 @dataclass
 class _Plan:
     """One scene's share of a prediction run."""
@@ -106,19 +144,6 @@ class _Plan:
     parts: Path
     todo: list[Window]
     probabilities: bool
-
-
-def predict_scene(
-    bundle: str | os.PathLike[str],
-    scene: str | os.PathLike[str],
-    output: str | os.PathLike[str],
-    **options: Any,
-) -> PredictResult:
-    """Predict ``scene`` with ``bundle`` and write the class map to ``output`` (a COG).
-
-    Takes the options of :func:`predict_scenes`; see there.
-    """
-    return predict_scenes(bundle, [scene], output, **options)[0]
 
 
 def predict_scenes(
@@ -138,6 +163,7 @@ def predict_scenes(
     strict: bool = False,
     polygons: str | os.PathLike[str] | None = None,
     vectorize_options: dict[str, Any] | None = None,
+    client: Any = None,
     workers: int | None = None,
     scheduler: str | None = None,
     overwrite: bool = False,
@@ -159,7 +185,7 @@ def predict_scenes(
         grows with it. Default: :func:`default_block`, about two blocks per local worker, at
         most 2048.
     batch_size
-        Windows per forward pass; default :func:`geoseg.inference.default_batch_size` (8 on a
+        Windows per forward pass; default :func:`geoseg.tasks.predict.default_batch_size` (8 on a
         GPU, one 512 px window's worth of pixels on a CPU).
     blend
         How overlapping windows are weighted: ``trim`` (each pixel from the window where it is
@@ -181,11 +207,13 @@ def predict_scenes(
         (:func:`geoseg.bundle.compare_scene`); without it each difference is a warning.
     polygons, vectorize_options
         Also turn each class map into polygons on the same cluster
-        (:func:`geoseg.vectorize.vectorize` with ``vectorize_options``, e.g. ``min_area``): with
+        (:func:`geoseg.stages.vectorize.vectorize` with ``vectorize_options``, e.g. ``min_area``): with
         one scene, the polygon file to write; with several, a folder that receives
         ``<scene name>.gpkg`` for each.
-    workers, scheduler
-        A local cluster of ``workers`` processes, or the address of an existing scheduler.
+    client, workers, scheduler
+        Where to run: a ``distributed.Client``; else a local cluster of ``workers`` processes,
+        or the address of an existing scheduler; with none of them, the current client
+        (``distributed.get_client()``), else a local cluster made for the call.
     overwrite
         Replace outputs that exist.
 
@@ -203,7 +231,7 @@ def predict_scenes(
     if not scenes:
         raise ConfigError("no scene to predict")
     b = load_bundle(bundle)
-    if device == "cuda" and not scheduler_address(scheduler):
+    if device == "cuda" and client is None and not scheduler_address(scheduler):
         resolve_device("cuda")  # a local cluster: fail here, not on every worker
     resolve_precision(precision, "cuda" if device == "cuda" else "cpu")
     check_range("--batch-size", batch_size, 1)
@@ -234,12 +262,14 @@ def predict_scenes(
     with contextlib.ExitStack() as locks:
         locks.enter_context(folders_for(*outs, *(polygon_outs or [])))
         try:
-            return _run(
-                b, bundle, plans, profiles, outs, polygon_outs, locks,
-                window=win, overlap=ovl, block=block, batch_size=batch_size, blend=blend,
+            opts = PredictOptions(
+                window=win, overlap=ovl, block=block, blend=blend, batch_size=batch_size,
                 device=device, precision=precision, probabilities=probabilities,
-                vectorize_options=vectorize_options, workers=workers, scheduler=scheduler,
-                overwrite=overwrite,
+            )  # fmt: skip
+            return _run(
+                b, bundle, plans, profiles, outs, polygon_outs, locks, opts,
+                vectorize_options=vectorize_options, client=client, workers=workers,
+                scheduler=scheduler, overwrite=overwrite,
             )  # fmt: skip
         except KeyboardInterrupt:
             raise Interrupted(_progress_note(plans)) from None
@@ -247,6 +277,34 @@ def predict_scenes(
             for p in plans:  # a run that finished no block leaves no part folder behind
                 if p.parts.exists() and not any(p.parts.glob("*.done")):
                     remove_parts(p.parts)
+
+
+def _for_one_scene(
+    many: Callable[Concatenate[Any, Sequence[Any], Any, _P], list[PredictResult]],
+) -> Callable[Concatenate[Any, Any, Any, _P], PredictResult]:
+    """``predict_scenes`` for one scene, with the same options (one signature, not two)."""
+
+    def predict_scene(
+        bundle: str | os.PathLike[str],
+        scene: str | os.PathLike[str],
+        output: str | os.PathLike[str],
+        /,
+        *args: _P.args,
+        **kwargs: _P.kwargs,
+    ) -> PredictResult:
+        return many(bundle, [scene], output, *args, **kwargs)[0]
+
+    params = list(inspect.signature(many).parameters.values())
+    params[1] = params[1].replace(name="scene", annotation="str | os.PathLike[str]")
+    predict_scene.__signature__ = inspect.signature(many).replace(  # type: ignore[attr-defined]
+        parameters=params, return_annotation="PredictResult"
+    )
+    predict_scene.__doc__ = """Predict ``scene`` with ``bundle`` and write the class map to
+    ``output`` (a COG); the options are those of :func:`predict_scenes`."""
+    return predict_scene
+
+
+predict_scene = _for_one_scene(predict_scenes)
 
 
 def _progress_note(plans: list[_Plan]) -> str:
@@ -270,35 +328,25 @@ def _run(
     outs: list[Path],
     polygon_outs: list[Path] | None,
     locks: contextlib.ExitStack,
+    opts: PredictOptions,
     *,
-    window: int,
-    overlap: int,
-    block: int | None,
-    batch_size: int | None,
-    blend: str,
-    device: str,
-    precision: str,
-    probabilities: bool,
     vectorize_options: dict[str, Any] | None,
+    client: Any,
     workers: int | None,
     scheduler: str | None,
     overwrite: bool,
 ) -> list[PredictResult]:
     """Plan the blocks of every scene (``plans`` is filled as they are made), run them and
     assemble the outputs."""
-    win, ovl = window, overlap
+    win, ovl, blend, probabilities = opts.window, opts.overlap, opts.blend, opts.probabilities
     # one connection to a running cluster serves both counting its workers and the run
     address = scheduler_address(scheduler)
-    with connect(address) if address else contextlib.nullcontext() as remote:
-        settings = {
-            "bundle": b.hash,
-            "window": win,
-            "overlap": ovl,
-            "block": block or default_block(profiles, workers, remote),
-            "blend": blend,
-            "precision": precision,
-            "probabilities": probabilities,
-        }
+    if client is None and workers is None and not address:
+        client = current_client()
+    opened = connect(address) if client is None and address else contextlib.nullcontext(client)
+    with opened as remote:
+        opts = replace(opts, block=opts.block or default_block(profiles, workers, remote))
+        settings = opts.run_settings(b.hash)
         for profile, out in zip(profiles, outs):
             plans.append(_plan(profile, out, settings, locks, overwrite=overwrite))
         jobs = [BlockJob(c, p.profile.path, p.grid, str(p.parts)) for p in plans for c in p.todo]
@@ -308,7 +356,11 @@ def _run(
         # windows and the other 10.
         jobs.sort(key=lambda j: -len(j.grid.windows_for(j.core)))
         t0 = time.perf_counter()
-        with session(workers, scheduler, client=remote, gpu=device != "cpu") as client:
+        gpu = opts.device != "cpu"
+        where = (
+            session(client=remote) if remote is not None else session(workers, scheduler, gpu=gpu)
+        )
+        with where as client:
             t_start = time.perf_counter() - t0
             for p in plans:
                 resumed = len(p.cores) - len(p.todo)
@@ -329,11 +381,11 @@ def _run(
                 )
             _log_dashboard(client)
             options: dict[str, Any] = {
-                "batch_size": batch_size,
-                "device": device,
-                "precision": precision,
+                "batch_size": opts.batch_size,
+                "device": opts.device,
+                "precision": opts.precision,
             }
-            resources = task_resources(client, device)
+            resources = task_resources(client, opts.device)
             bundle_path = str(Path(bundle).resolve())
             if blend == "trim":
                 results: list[BlockResult] = run_tasks(
@@ -455,7 +507,7 @@ def _run_shared_windows(
     jobs = [j for p in plans for j in p.todo]
     results: list[BlockResult] = [None] * len(finals)  # type: ignore[list-item]
     with Progress("predict", len(finals)) as progress:
-        for fut in as_completed(finals):
+        for fut in as_completed(finals, loop=client.loop):
             i = index[fut.key]
             r = results[i] = task_result(fut, "predict", jobs[i])
             progress.update(pixels=int(r.core.width * r.core.height))
@@ -552,22 +604,24 @@ def _check_scene(
     from the training scene in scale, pixel size or CRS."""
     if profile.crs is None:
         if not allow_no_crs:
-            raise NotARasterError(
+            raise NoCRSError(
                 f"scene {profile.path!r} has no CRS, so its class map could not be placed on a "
-                "map; assign one (gdal_edit.py -a_srs) or pass --allow-no-crs"
+                f"map; assign one (gdal_edit.py -a_srs) or pass {option('--allow-no-crs')}",
+                filename=profile.path,
             )
         if polygons is not None:
-            raise NotARasterError(
+            raise NoCRSError(
                 f"scene {profile.path!r} has no CRS, and polygons need one (GeoJSON is WGS84 "
                 "lon/lat, the other formats carry the CRS): assign one (gdal_edit.py -a_srs) or "
-                "drop --polygons"
+                f"drop {option('--polygons', None)}",
+                filename=profile.path,
             )
     b.check_scene(profile)
     problems = compare_scene(b, profile)
     for line in problems:
         if strict:
             raise BandMismatchError(f"{line} (--strict)")
-        warnings.warn(f"{line}; pass --strict to refuse such scenes", stacklevel=3)
+        warnings.warn(f"{line}; pass {option('--strict')} to refuse such scenes", stacklevel=3)
 
 
 def _warn_overlap(b: Bundle, window: int, overlap: int, given: bool) -> None:
@@ -742,7 +796,7 @@ def _assemble(
         height=profile.height,
         count=count,
         dtype="uint8",
-        nodata=NODATA_CLASS,
+        nodata=NODATA,
         crs=profile.crs,
         transform=profile.transform,
         tiled=True,
@@ -754,7 +808,7 @@ def _assemble(
             with rasterio.open(parts / Path(part_name(core)).with_suffix(suffix)) as src:
                 data = src.read()
             dst.write(data, window=core)
-            valid += int(np.count_nonzero(data[0] != NODATA_CLASS))
+            valid += int(np.count_nonzero(data[0] != NODATA))
         describe(dst)
     with atomic_output(output, overwrite) as tmp:
         rasterio.shutil.copy(

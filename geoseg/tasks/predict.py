@@ -26,10 +26,11 @@ from rasterio.windows import intersection as window_intersection
 
 from geoseg.blending import window_weights
 from geoseg.bundle import Bundle, load_bundle
-from geoseg.cluster import torch_threads
+from geoseg.classes import NODATA
 from geoseg.errors import ConfigError
-from geoseg.io import NODATA_CLASS, read_scene_window, standardize
-from geoseg.tiling import WindowGrid
+from geoseg.io import read_scene_window, standardize
+from geoseg.tasks import torch_threads
+from geoseg.tiling import WindowGrid, spans
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -175,7 +176,7 @@ def predict_windows(
             logits = logits.float()
             for lg, (win, (r, c)) in zip(logits, batch):
                 if trim:
-                    pr0, pr1, pc0, pc1 = grid.plateau(win)  # type: ignore[union-attr]
+                    (pr0, pr1), (pc0, pc1) = spans(grid.plateau(win))  # type: ignore[union-attr]
                     wr, wc = int(win.row_off), int(win.col_off)
                     part = lg[:, pr0 - wr : pr1 - wr, pc0 - wc : pc1 - wc]
                     rows = slice(pr0 - origin[0], pr1 - origin[0])
@@ -232,13 +233,13 @@ def _write_block(
     """Write the core's class map (and probabilities) as the block's part files, then the
     record that marks the block done (:func:`part_done`)."""
     classes = bundle.class_ids[index]
-    classes[~valid] = NODATA_CLASS
+    classes[~valid] = NODATA
     final = Path(job.parts) / part_name(job.core)
     transform = rasterio.windows.transform(job.core, profile["transform"])
     written = [final]
     if probs is not None:
         scaled = np.rint(probs * 254).astype(np.uint8)
-        scaled[:, ~valid] = NODATA_CLASS
+        scaled[:, ~valid] = NODATA
         written.append(final.with_suffix(".prob.tif"))
         _write_part(written[-1], scaled, profile["crs"], transform)
     _write_part(final, classes[None], profile["crs"], transform)
@@ -437,7 +438,7 @@ def _write_part(path: Path, data: np.ndarray, crs: Any, transform: Any) -> None:
         height=data.shape[1],
         count=data.shape[0],
         dtype="uint8",
-        nodata=NODATA_CLASS,
+        nodata=NODATA,
         crs=crs,
         transform=transform,
     ) as dst:

@@ -12,195 +12,44 @@ import logging
 import os
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import rasterio
+import shapely
+from rasterio.enums import Resampling
 from rasterio.features import rasterize
+from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
-from rasterio.windows import transform as window_transform
 
+from geoseg.classes import NODATA, ClassInfo
 from geoseg.cluster import run_tasks, session
-from geoseg.data import (
-    LabelSpec,
-    area_mask,
-    check_codes,
-    check_labels,
-    raster_values,
-    read_codes,
-    vector_in_window,
-)
-from geoseg.errors import ConfigError, GridMismatchError, LabelError, check_range
+from geoseg.errors import ConfigError, GridMismatchError, LabelError, check_range, option
 from geoseg.io import (
-    NODATA_CLASS,
-    ClassInfo,
     check_class_map,
     check_input,
+    is_vector_path,
     read_profile,
     read_vector,
     resolve_path,
 )
+from geoseg.labels import (
+    LabelSpec,
+    check_codes,
+    check_labels,
+    map_codes,
+    raster_values,
+)
+from geoseg.report import QUICKLOOK_PX, QuickLook, check_report_path, write_report
+from geoseg.scoring import scores
+from geoseg.tasks.evaluate import block_class_ids, block_counts
 from geoseg.tiling import MIN_BLOCK, block_windows
 
 log = logging.getLogger("geoseg")
 
 
-@dataclass
-class BlockCounts:
-    """Confusion matrices of one block: ``(regions + 1, K, K)``, index 0 for the whole area;
-    and truth codes found that are not in the class list."""
-
-    confusion: np.ndarray
-    unknown: set[int]
-
-    def __add__(self, other: BlockCounts) -> BlockCounts:
-        return BlockCounts(self.confusion + other.confusion, self.unknown | other.unknown)
-
-
-def region_masks(
-    path: str | None, window: Window, profile: Any, positions: tuple[int, ...]
-) -> np.ndarray:
-    """``(n, h, w)`` bool: pixels of ``window`` inside each region, the regions being the
-    features of ``path`` at ``positions``. Regions may overlap; each is rasterized on its own."""
-    h, w = int(window.height), int(window.width)
-    masks = np.zeros((len(positions), h, w), dtype=bool)
-    if path is None:
-        return masks
-    slot = {p: i for i, p in enumerate(positions)}
-    gdf = vector_in_window(path, window, profile)
-    t = window_transform(window, profile.transform)
-    for geom, pos in zip(gdf.geometry, gdf.index):  # the index is the feature's position
-        if int(pos) in slot:
-            masks[slot[int(pos)]] |= rasterize(
-                [(geom, 1)], out_shape=(h, w), transform=t, fill=0, dtype="uint8"
-            ).astype(bool)
-    return masks
-
-
-def truth_codes(
-    spec: LabelSpec, window: Window, profile: Any, resample: bool = False
-) -> np.ndarray:
-    """Truth codes in ``window`` of the class map's grid (-1: none); with ``resample``, a truth
-    raster on another grid is warped onto it with nearest neighbour."""
-    if not resample or spec.is_vector:
-        return read_codes(spec, window, profile)
-    from rasterio.enums import Resampling
-    from rasterio.vrt import WarpedVRT
-
-    with (
-        rasterio.open(spec.path) as src,
-        WarpedVRT(
-            src,
-            crs=profile.crs or src.crs,
-            transform=profile.transform,
-            width=profile.width,
-            height=profile.height,
-            resampling=Resampling.nearest,
-        ) as vrt,
-    ):
-        return read_codes(spec, window, profile, src=vrt)
-
-
-def block_counts(
-    window: Window,
-    prediction: str,
-    truth: LabelSpec,
-    class_ids: tuple[int, ...],
-    regions: str | None,
-    positions: tuple[int, ...],
-    within: str | None,
-    resample: bool = False,
-) -> BlockCounts:
-    """Count one block (a Dask task); ``truth`` carries its ignored codes and class map."""
-    profile = read_profile(prediction)
-    with rasterio.open(prediction) as src:
-        pred = src.read(1, window=window).astype(np.int64)
-        nodata = src.nodata if src.nodata is not None else NODATA_CLASS
-    codes = truth_codes(truth, window, profile, resample)
-    k = len(class_ids)
-    lut = np.full(
-        max(max(class_ids), int(codes.max(initial=0)), int(pred.max(initial=0))) + 1,
-        -1,
-        dtype=np.int64,
-    )
-    lut[list(class_ids)] = np.arange(k)
-    labelled = (codes >= 0) & area_mask(within, window, profile)
-    t = lut[np.where(codes >= 0, codes, 0)]
-    p = lut[pred]
-    unknown = set(np.unique(codes[labelled & (t < 0)]).tolist())
-    valid = labelled & (pred != nodata) & (t >= 0) & (p >= 0)
-    pair = t * k + p
-    conf = np.zeros((len(positions) + 1, k, k), dtype=np.int64)
-    conf[0] = np.bincount(pair[valid], minlength=k * k).reshape(k, k)
-    for r, m in enumerate(region_masks(regions, window, profile, positions), start=1):
-        conf[r] = np.bincount(pair[valid & m], minlength=k * k).reshape(k, k)
-    return BlockCounts(conf, unknown)
-
-
-def scores(confusion: np.ndarray, classes: Sequence[ClassInfo]) -> dict[str, Any]:
-    """Metrics from one ``K x K`` confusion matrix (rows truth, columns prediction).
-
-    mIoU is the macro mean over classes present in truth or prediction; a class absent from
-    both has ``null`` scores and ``"present": false``.
-    """
-    cm = confusion.astype(np.float64)
-    tp = np.diag(cm)
-    truth = cm.sum(1)
-    pred = cm.sum(0)
-    total = cm.sum()
-    present = (truth + pred) > 0
-    with np.errstate(invalid="ignore", divide="ignore"):
-        iou = tp / (truth + pred - tp)
-        precision = tp / pred
-        recall = tp / truth
-        f1 = 2 * tp / (truth + pred)
-    per_class = []
-    for i, c in enumerate(classes):
-
-        def val(a: np.ndarray, i: int = i) -> float | None:
-            return None if not np.isfinite(a[i]) else round(float(a[i]), 6)
-
-        per_class.append(
-            {
-                "id": c.id,
-                "name": c.name,
-                "present": bool(present[i]),
-                "iou": val(iou) if present[i] else None,
-                "precision": val(precision),
-                "recall": val(recall),
-                "f1": val(f1) if present[i] else None,
-                "truth_pixels": int(truth[i]),
-                "predicted_pixels": int(pred[i]),
-            }
-        )
-    if total == 0:
-        return {
-            "pixels": 0,
-            "miou": None,
-            "fw_iou": None,
-            "overall_accuracy": None,
-            "kappa": None,
-            "per_class": per_class,
-            "confusion_matrix": confusion.tolist(),
-        }
-    oa = tp.sum() / total
-    pe = (truth * pred).sum() / total**2
-    kappa = (oa - pe) / (1 - pe) if pe < 1 else 1.0
-    iou_present = np.where(present, np.nan_to_num(iou), 0.0)
-    return {
-        "pixels": int(total),
-        "miou": round(float(iou_present[present].mean()), 6),
-        "fw_iou": round(float((truth / total * np.nan_to_num(iou)).sum()), 6),
-        "overall_accuracy": round(float(oa), 6),
-        "kappa": round(float(kappa), 6),
-        "per_class": per_class,
-        "confusion_matrix": confusion.tolist(),
-    }
-
-
 def evaluate(
-    prediction: str | os.PathLike[str],
+    class_map: str | os.PathLike[str],
     truth: str | os.PathLike[str],
     output: str | os.PathLike[str] | None = None,
     *,
@@ -209,18 +58,20 @@ def evaluate(
     regions: str | os.PathLike[str] | None = None,
     region_field: str | None = None,
     within: str | os.PathLike[str] | None = None,
-    class_map: dict[int, int] | None = None,
+    code_map: dict[int, int] | None = None,
     resample: str | None = None,
     block: int = 2048,
+    client: Any = None,
     workers: int | None = None,
     scheduler: str | None = None,
     overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Score the class map ``prediction`` against ``truth``; write the report to ``output``.
+    """Score the class map ``class_map`` (a raster of class ids) against ``truth``; write the
+    report to ``output``.
 
     Parameters
     ----------
-    prediction
+    class_map
         A class map, such as the output of ``geoseg predict``.
     truth
         A class raster on the class map's grid (another grid needs ``resample="nearest"``), or
@@ -235,11 +86,15 @@ def evaluate(
         Polygons scored one by one, each in full (they may overlap), named by that column.
     within
         Polygons: only pixels inside them count at all.
-    class_map
+    code_map
         Truth code -> class id of the class map, for truth in other codes; codes it does not
         name are taken as they are.
     resample
         ``"nearest"``: warp a truth raster on another grid onto the class map's.
+    client, workers, scheduler
+        Where to run (see :func:`geoseg.cluster.session`): a ``distributed.Client``, a local
+        cluster of ``workers`` processes or a running scheduler's address; by default the
+        current client, else a local cluster made for the call.
 
     Returns
     -------
@@ -254,8 +109,6 @@ def evaluate(
     ConfigError
         A region field that does not exist (the error lists the fields), a bad option.
     """
-    from geoseg.report import check_report_path, write_report
-
     check_range("--block", block, MIN_BLOCK)
     if resample not in (None, "nearest"):
         raise ConfigError(f"--resample must be 'nearest' (class codes), got {resample!r}")
@@ -263,15 +116,15 @@ def evaluate(
     truth = str(_resolved(truth))
     regions, within = _resolved(regions), _resolved(within)
     if output is not None:
-        inputs = [_resolved(prediction), truth, regions, within]
+        inputs = [_resolved(class_map), truth, regions, within]
         check_report_path(output, overwrite, inputs=inputs)
-    profile = read_profile(str(_resolved(prediction)), "class map")
+    profile = read_profile(str(_resolved(class_map)), "class map")
     classes = check_class_map(profile)
     if classes is None:
         warnings.warn(
             f"class map {profile.path!r} has no class metadata; scoring by class id", stacklevel=2
         )
-    pairs = tuple(sorted((int(k), int(v)) for k, v in (class_map or {}).items()))
+    pairs = tuple(sorted((int(k), int(v)) for k, v in (code_map or {}).items()))
     spec = LabelSpec(str(truth), truth_field, tuple(ignore), pairs)
     if resample and not spec.is_vector:
         _check_overlap(profile, read_profile(spec.path, "truth"), str(truth))
@@ -281,7 +134,9 @@ def evaluate(
             spec = check_labels(spec, profile, "truth", "class map")
         except GridMismatchError as exc:
             raise GridMismatchError(
-                f"{exc}; or pass --resample nearest to warp the truth onto the class map's grid"
+                f"{exc}; or pass {option('--resample', 'nearest')} to warp the truth onto the "
+                "class map's grid",
+                filename=exc.filename,
             ) from None
     region_path = regions
     region_names, positions = (
@@ -290,7 +145,7 @@ def evaluate(
     if within is not None:
         check_input(within, "area")
     blocks = block_windows(profile.height, profile.width, block)
-    with session(workers, scheduler) as client:
+    with session(workers, scheduler, client=client) as client:
         if classes is None:
             classes = _classes_from_data(client, blocks, profile.path)
         ids = tuple(c.id for c in classes)
@@ -324,7 +179,7 @@ def evaluate(
         "regions_file": region_path,
         "region_field": region_field or ("name" if region_path else None),
         "within": within,
-        "class_map": {str(k): v for k, v in (class_map or {}).items()},
+        "class_map": {str(k): v for k, v in (code_map or {}).items()},
         "ignore": list(ignore),
         "resample": resample,
         "classes": [c.__dict__ for c in classes],
@@ -340,7 +195,8 @@ def evaluate(
             "no pixel is both predicted and labelled: do the rasters overlap?", stacklevel=2
         )
     if output is not None:
-        write_report(report, output, overwrite=overwrite)
+        look = quick_look(report) if str(output).lower().endswith(".html") else None
+        write_report(report, output, overwrite=overwrite, look=look)
     return report
 
 
@@ -365,16 +221,9 @@ def _check_overlap(profile: Any, other: Any, what: str) -> None:
         )
 
 
-def _block_class_ids(window: Window, path: str) -> set[int]:
-    with rasterio.open(path) as src:
-        a = src.read(1, window=window)
-        nd = src.nodata if src.nodata is not None else NODATA_CLASS
-    return set(np.unique(a[a != nd]).tolist())
-
-
 def _classes_from_data(client: Any, blocks: list[Window], path: str) -> list[ClassInfo]:
     found: set[int] = set().union(
-        *run_tasks(client, _block_class_ids, blocks, "class ids", path, cpu_only=True)
+        *run_tasks(client, block_class_ids, blocks, "class ids", path, cpu_only=True)
     )
     return [ClassInfo(i, f"class {i}", "#808080") for i in sorted(found)]
 
@@ -404,3 +253,58 @@ def _check_regions(path: str, field: str | None, profile: Any) -> tuple[list[str
         warnings.warn(f"no region of {path!r} overlaps the class map", stacklevel=3)
     # the index holds each feature's position in the file, which the tasks refer to
     return [str(v) for v in inside[field]], tuple(int(i) for i in inside.index)
+
+
+def quick_look(report: dict[str, Any], max_px: int = QUICKLOOK_PX) -> QuickLook:
+    """Read what the HTML report pictures (:class:`geoseg.report.QuickLook`): the class map
+    and the truth of ``report`` on one small grid (nearest neighbour; the longer side
+    ``max_px``), truth codes ignored or mapped as they were scored, and the scored regions'
+    outlines on that grid."""
+    with rasterio.open(report["prediction"]) as src:
+        scale = max(src.height, src.width) / max_px
+        shape = (max(1, round(src.height / scale)), max(1, round(src.width / scale)))
+        pred = src.read(1, out_shape=shape, resampling=Resampling.nearest).astype(np.int64)
+        nodata = src.nodata if src.nodata is not None else NODATA
+        pred[pred == nodata] = -1
+        transform = src.transform * src.transform.scale(src.width / shape[1], src.height / shape[0])
+        crs, grid = src.crs, (src.crs, src.transform, src.width, src.height)
+    left, top = transform * (0, 0)
+    right, bottom = transform * (shape[1], shape[0])
+    truth_path = report["truth"]
+    if is_vector_path(truth_path):
+        gdf = read_vector(truth_path, "truth", crs, bounds=(left, bottom, right, top))
+        field = report.get("truth_field")
+        truth = rasterize(
+            ((g, int(v)) for g, v in zip(gdf.geometry, gdf[field]) if v is not None),
+            out_shape=shape,
+            transform=transform,
+            fill=-1,
+            dtype="int32",
+        ).astype(np.int64)
+    else:
+        with rasterio.open(truth_path) as tsrc:
+            vrt_crs, vrt_t, w, h = grid
+            with WarpedVRT(
+                tsrc,
+                crs=vrt_crs or tsrc.crs,
+                transform=vrt_t,
+                width=w,
+                height=h,
+                resampling=Resampling.nearest,
+            ) as vrt:
+                masked = vrt.read(1, out_shape=shape, resampling=Resampling.nearest, masked=True)
+        truth = np.where(np.ma.getmaskarray(masked), -1, masked.filled(0)).astype(np.int64)
+    ignored = np.isin(truth, list(report.get("ignore") or ()))  # truth codes, before mapping
+    mapping = {int(k): int(v) for k, v in (report.get("class_map") or {}).items()}
+    truth = map_codes(truth, mapping)
+    truth[ignored] = -1
+    regions: dict[int, Any] = {}
+    if report.get("regions_file"):
+        frame = shapely.box(left, bottom, right, top)
+        gdf = read_vector(report["regions_file"], "regions", crs, bounds=frame.bounds)
+        inv = ~transform
+        for r in report["regions"]:
+            geom = gdf.geometry.loc[r["feature"]].intersection(frame)
+            px = shapely.transform(geom, lambda xy: np.column_stack(inv * (xy[:, 0], xy[:, 1])))
+            regions[int(r["feature"])] = px.simplify(0.5)
+    return QuickLook(pred, truth, regions)
