@@ -14,19 +14,32 @@ the report as ``report.json``, ``.csv``, ``.html`` and ``.md``. The demo's workf
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
+import types
+import typing
 from collections import abc
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
+from geoseg.augment import PRESETS
+from geoseg.bundle import load_bundle
+from geoseg.classes import ClassInfo
 from geoseg.cluster import session
 from geoseg.errors import ConfigError, OutputExistsError, option
-from geoseg.io import check_input
+from geoseg.io import check_input, check_output, folders_for, is_url
+from geoseg.report import write_report
+from geoseg.scoring import scores
+from geoseg.stages.evaluate import evaluate, quick_look
+from geoseg.stages.predict import predict_scene, predict_scenes
+from geoseg.stages.train import train
+from geoseg.stages.vectorize import vectorize
 
 log = logging.getLogger("geoseg")
 
@@ -68,10 +81,6 @@ _PATH_KEYS = {
 
 
 def _stage_functions() -> dict[str, Any]:
-    from geoseg.stages.evaluate import evaluate
-    from geoseg.stages.predict import predict_scenes
-    from geoseg.stages.train import train
-    from geoseg.stages.vectorize import vectorize
 
     return {"train": train, "predict": predict_scenes, "vectorize": vectorize, "evaluate": evaluate}
 
@@ -79,8 +88,6 @@ def _stage_functions() -> dict[str, Any]:
 def stage_options(stage: str) -> dict[str, Any]:
     """The options a workflow's ``stage`` takes, with their types: the keyword-only arguments
     of the stage's function (``evaluate`` also takes ``truth``)."""
-    import inspect
-    import typing
 
     fn = _stage_functions()[stage]
     hints = typing.get_type_hints(fn)
@@ -96,8 +103,6 @@ def stage_options(stage: str) -> dict[str, Any]:
 
 def _fits(value: Any, hint: Any) -> bool:
     """Whether a YAML value can be passed where the function's type hint is ``hint``."""
-    import types
-    import typing
 
     origin = typing.get_origin(hint)
     if hint is Any:
@@ -129,8 +134,6 @@ def _fits(value: Any, hint: Any) -> bool:
 
 def _kind(hint: Any) -> str:
     """A type hint in words a YAML author knows."""
-    import types
-    import typing
 
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
@@ -155,8 +158,6 @@ def load_workflow(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a workflow file, check every stage's options against the stage's function (names
     and types), and resolve its paths against the file's own folder, checking that each
     exists: all before any stage runs."""
-    from geoseg.augment import PRESETS
-    from geoseg.io import is_url
 
     p = Path(check_input(path, "workflow")).resolve()
     try:
@@ -230,12 +231,6 @@ def run_workflow(
     the current directory), as named in :data:`OUTPUTS`. Everything the workflow names is
     checked before the first stage runs (:func:`load_workflow`), and no output may be one of
     its inputs or a file geoseg did not write."""
-    from geoseg.io import check_output, folders_for
-    from geoseg.report import write_report
-    from geoseg.stages.evaluate import evaluate, quick_look
-    from geoseg.stages.predict import predict_scene
-    from geoseg.stages.train import train
-    from geoseg.stages.vectorize import vectorize
 
     cfg = load_workflow(path)
     out_dir = Path(output or cfg.get("output") or "geoseg-output")
@@ -273,11 +268,6 @@ def run_workflow(
 def majority_baseline(report: dict[str, Any], bundle: Path) -> dict[str, Any]:
     """Scores of the trivial map that predicts the training labels' majority class everywhere,
     on the same pixels as ``report``'s overall scores."""
-    import numpy as np
-
-    from geoseg.bundle import load_bundle
-    from geoseg.classes import ClassInfo
-    from geoseg.scoring import scores
 
     counts = load_bundle(bundle).contract.training.get("class_pixels", {})
     classes = [ClassInfo(**c) for c in report["classes"]]

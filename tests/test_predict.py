@@ -84,10 +84,12 @@ def test_scene_larger_than_a_block_gets_mode_overviews(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("blend", ["trim", "gaussian", "cosine"])
 def test_a_stopped_run_resumes_and_recomputes_only_missing_blocks(
-    random_bundle, tmp_path, dask_client
+    random_bundle, tmp_path, dask_client, blend
 ):
-    """Kill a real `geoseg predict` (client and workers) mid-run, then run it again."""
+    """Kill a real `geoseg predict` (client and workers) mid-run, then run it again; with
+    weighted blending too, where blocks hand their neighbours the sums that fall on them."""
     import os
     import signal
     import subprocess
@@ -106,6 +108,8 @@ def test_a_stopped_run_resumes_and_recomputes_only_missing_blocks(
         str(out),
         "--block",
         "64",
+        "--blend",
+        blend,
         "--workers",
         "1",
         "-q",
@@ -120,12 +124,12 @@ def test_a_stopped_run_resumes_and_recomputes_only_missing_blocks(
     done_before = {p.name for p in parts.glob("block_*.done")}
     assert len(done_before) >= 8 and not out.exists()  # stopped part-way, nothing half-written
 
-    result = predict_scene(random_bundle, SCENE, out, block=64, client=dask_client)
+    result = predict_scene(random_bundle, SCENE, out, block=64, blend=blend, client=dask_client)
     assert result.resumed == len(done_before)
     assert 0 < result.resumed < result.blocks
     assert not parts.exists()  # cleaned up once complete
     fresh = tmp_path / "fresh.tif"
-    predict_scene(random_bundle, SCENE, fresh, block=64, client=dask_client)
+    predict_scene(random_bundle, SCENE, fresh, block=64, blend=blend, client=dask_client)
     with rasterio.open(out) as a, rasterio.open(fresh) as b:
         np.testing.assert_array_equal(a.read(1), b.read(1))
 

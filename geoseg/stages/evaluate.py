@@ -20,7 +20,9 @@ import shapely
 from rasterio.enums import Resampling
 from rasterio.features import rasterize
 from rasterio.vrt import WarpedVRT
+from rasterio.warp import transform_bounds
 from rasterio.windows import Window
+from shapely.geometry import box
 
 from geoseg.classes import NODATA, ClassInfo
 from geoseg.cluster import run_tasks, session
@@ -29,6 +31,7 @@ from geoseg.io import (
     check_class_map,
     check_input,
     is_vector_path,
+    raster_bounds,
     read_profile,
     read_vector,
     resolve_path,
@@ -206,10 +209,6 @@ def _resolved(path: str | os.PathLike[str] | None) -> str | None:
 
 def _check_overlap(profile: Any, other: Any, what: str) -> None:
     """Refuse a truth raster whose footprint misses the class map's."""
-    from rasterio.warp import transform_bounds
-    from shapely.geometry import box
-
-    from geoseg.io import raster_bounds
 
     bounds = raster_bounds(other)
     if other.crs and profile.crs and other.crs != profile.crs:
@@ -231,9 +230,6 @@ def _classes_from_data(client: Any, blocks: list[Window], path: str) -> list[Cla
 def _check_regions(path: str, field: str | None, profile: Any) -> tuple[list[str], tuple[int, ...]]:
     """Names and file positions of the regions that overlap the class map (tasks refer to
     regions by position in the file)."""
-    from shapely.geometry import box
-
-    from geoseg.io import raster_bounds
 
     gdf = read_vector(path, "regions", profile.crs, bounds=raster_bounds(profile))
     columns = [c for c in gdf.columns if c != "geometry"]
