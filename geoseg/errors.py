@@ -27,13 +27,20 @@ def command_line() -> Iterator[None]:
         _COMMAND_LINE.reset(token)
 
 
+# command-line options whose Python keyword is not the flag's name
+_KEYWORDS = {"--class-map": "code_map"}
+
+
 def option(flag: str, value: Any = True) -> str:
     """The option ``flag`` (as on the command line, ``--allow-no-crs``) set to ``value``, the
-    way the caller writes it: ``--allow-no-crs`` / ``--block 256`` on the command line,
-    ``allow_no_crs=True`` / ``block=256`` in Python. ``value=None``: the name alone."""
+    way the caller writes it: ``--allow-no-crs`` / ``--block 256`` / ``--ignore 1,2`` on the
+    command line, ``allow_no_crs=True`` / ``block=256`` / ``ignore=[1, 2]`` in Python.
+    ``value=None``: the name alone."""
     if _COMMAND_LINE.get():
+        if isinstance(value, (list, tuple)):
+            value = ",".join(map(str, value))
         return flag if value is True or value is None else f"{flag} {value}"
-    name = flag.lstrip("-").replace("-", "_")
+    name = _KEYWORDS.get(flag, flag.lstrip("-").replace("-", "_"))
     return name if value is None else f"{name}={value!r}"
 
 

@@ -25,7 +25,7 @@ from rasterio.windows import bounds as window_bounds
 from rasterio.windows import transform as window_transform
 
 from geoseg.classes import CODE_RANGE, ClassInfo
-from geoseg.errors import LabelError
+from geoseg.errors import LabelError, option
 from geoseg.io import (
     SceneProfile,
     check_same_grid,
@@ -176,7 +176,7 @@ def map_codes(codes: np.ndarray, mapping: dict[int, int]) -> np.ndarray:
 
 def _field_option(what: str) -> str:
     """The option that names the class field of vector ``what`` (labels or truth)."""
-    return "--label-field" if what == "labels" else "--truth-field"
+    return option("--label-field" if what == "labels" else "--truth-field", None)
 
 
 ID_LIKE = {"id", "fid", "gid", "ogc_fid", "objectid", "object_id", "uid", "index"}
@@ -276,7 +276,7 @@ def check_codes(spec: LabelSpec, values: np.ndarray, what: str = "labels") -> No
     large = [c for c in whole if c > 254]
     bad_ids = sorted({i for _, i in spec.class_map if not 0 <= i <= 254})
     if bad_ids:
-        raise LabelError(f"--class-map maps codes onto {bad_ids}; {CODE_RANGE}")
+        raise LabelError(f"{option('--class-map', None)} maps codes onto {bad_ids}; {CODE_RANGE}")
     if not (fractional or negative or large):
         return
     source = f"{what} {spec.path!r}" + (f", field {spec.field!r}," if spec.field else "")
@@ -296,9 +296,9 @@ def check_codes(spec: LabelSpec, values: np.ndarray, what: str = "labels") -> No
     codes = [*negative, *large]
     fix = "recode them (gdal_calc.py, or a column of whole numbers 0-254)"
     if codes:
-        fix += f", or leave them out with --ignore {','.join(map(str, codes[:8]))}"
+        fix += f", or leave them out with {option('--ignore', [int(c) for c in codes[:8]])}"
         if what == "truth":
-            fix += " or map them onto the class map's ids with --class-map CODE:ID"
+            fix += f" or map them onto the class map's ids with {option('--class-map', None)}"
     raise LabelError(f"{source} hold {found}; {CODE_RANGE}: {fix}")
 
 
@@ -344,7 +344,8 @@ def resolve_classes(
     if missing:
         raise LabelError(
             f"labels {spec.path!r} hold codes {missing} that are not in the class list "
-            f"({sorted(known)}); add them to --classes or pass --ignore {','.join(map(str, missing))}"
+            f"({sorted(known)}); add them to {option('--classes', None)} or pass "
+            f"{option('--ignore', missing)}"
         )
     if not classes:
         raise LabelError(f"labels {spec.path!r} hold no class codes inside the scene")

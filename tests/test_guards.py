@@ -26,6 +26,17 @@ from geoseg.io import read_profile
 from .conftest import EAST, LABELS, SCENE, WEST
 from .test_cli import assert_one_line_error, invoke
 
+SHARED: tuple[str, ...] = ()  # --scheduler ADDRESS of the suite's shared cluster (below)
+
+
+@pytest.fixture(autouse=True)
+def _on_the_shared_cluster(dask_client):
+    """The commands below run on the suite's shared cluster (``--scheduler``): they are about
+    what geoseg refuses and writes, not about starting a cluster; the Ctrl-C tests keep their
+    own local cluster."""
+    global SHARED
+    SHARED = ("--scheduler", dask_client.scheduler.address)
+
 
 def digest(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
@@ -40,7 +51,7 @@ def tree(folder: Path) -> dict[str, str]:
 def class_map(tmp_path_factory, random_bundle) -> Path:
     """A class map that geoseg wrote (from the random bundle)."""
     out = tmp_path_factory.mktemp("made") / "classes.tif"
-    r = invoke("predict", random_bundle, SCENE, "-o", out, "--workers", 1, "-q")
+    r = invoke("predict", random_bundle, SCENE, "-o", out, *SHARED, "-q")
     assert r.exit_code == 0, r.stderr
     return out
 
@@ -55,7 +66,7 @@ def test_overwrite_never_deletes_a_folder(tmp_path, random_bundle):
     (folder / "sub" / "other.tif").write_bytes(b"also mine")
     shutil.copy(random_bundle, folder / "model.bundle")
     before = tree(folder)
-    r = invoke("predict", random_bundle, SCENE, "-o", folder, "--overwrite", "--workers", 1)
+    r = invoke("predict", random_bundle, SCENE, "-o", folder, "--overwrite", *SHARED)
     assert_one_line_error(r, "is a folder", str(folder))
     assert tree(folder) == before
 
@@ -73,7 +84,7 @@ def test_overwrite_never_replaces_a_file_geoseg_did_not_write(tmp_path, random_b
         (tmp_path / "notes.md").write_text("# my notes\n")
         (tmp_path / "model.bundle").write_bytes(b"not a bundle")
         before = tree(tmp_path)
-        r = invoke(*args, "--overwrite", "--workers", 1)
+        r = invoke(*args, "--overwrite", *SHARED)
         assert_one_line_error(r, "is not a file geoseg wrote")
         assert tree(tmp_path) == before
 
@@ -106,7 +117,7 @@ def test_an_output_that_is_an_input_is_refused(tmp_path, random_bundle, class_ma
     ]
     before = tree(tmp_path) | {"class_map": digest(class_map)}
     for args in cases:
-        r = invoke(*args, *flag, "--workers", 1)
+        r = invoke(*args, *flag, *SHARED)
         if args[-1] == geojson and args[2] == LABELS:  # not an input here, but not geoseg's
             assert_one_line_error(r, "is not a file geoseg wrote")
             continue
@@ -125,7 +136,7 @@ def test_a_second_run_on_a_locked_output_is_refused(tmp_path, random_bundle):
     out = tmp_path / "c.tif"
     parts = tmp_path / ".c.tif.parts"
     with exclusive(parts / "lock", "test"):
-        r = invoke("predict", random_bundle, SCENE, "-o", out, "--overwrite", "--workers", 1)
+        r = invoke("predict", random_bundle, SCENE, "-o", out, "--overwrite", *SHARED)
         assert_one_line_error(r, "being written by another geoseg run", f"process {os.getpid()}")
     assert not out.exists()
     with (
@@ -174,14 +185,14 @@ def test_damaged_parts_are_computed_again(tmp_path, random_bundle, class_map, mo
 
     with monkeypatch.context() as m:  # a run stopped after its blocks, before assembling
         m.setattr(predict, "assemble_class_map", stop)
-        r = invoke("predict", random_bundle, SCENE, "-o", out, "--block", 256, "--workers", 1)
+        r = invoke("predict", random_bundle, SCENE, "-o", out, "--block", 256, *SHARED)
     assert r.exit_code == 130 and "blocks of" in r.stderr and "computes only the others" in r.stderr
     parts = sorted((tmp_path / ".c.tif.parts").glob("block_*.tif"))
     assert len(parts) == 4 and not out.exists()
     with open(parts[0], "r+b") as f:  # truncated
         f.truncate(parts[0].stat().st_size // 2)
     parts[1].write_bytes(bytes(parts[1].stat().st_size))  # zero-filled
-    r = invoke("predict", random_bundle, SCENE, "-o", out, "--block", 256, "--workers", 1)
+    r = invoke("predict", random_bundle, SCENE, "-o", out, "--block", 256, *SHARED)
     assert r.exit_code == 0, r.stderr
     assert "2 part file(s)" in r.stderr and "2 already done" in r.stderr
     with rasterio.open(out) as got, rasterio.open(class_map) as want:
@@ -199,7 +210,7 @@ def test_overwrite_starts_clean(tmp_path, random_bundle, monkeypatch):
 
     with monkeypatch.context() as m:
         m.setattr(predict, "assemble_class_map", stop)
-        invoke("predict", random_bundle, SCENE, "-o", out, "--block", 256, "--workers", 1)
+        invoke("predict", random_bundle, SCENE, "-o", out, "--block", 256, *SHARED)
     for part in (tmp_path / ".c.tif.parts").glob("block_*.tif"):
         part.write_bytes(b"\0" * 100)
     r = invoke("predict", random_bundle, SCENE, "-o", out, "--block", 256, "--overwrite")
@@ -324,7 +335,7 @@ def test_negative_truth_codes_name_the_class_map_option(tmp_path, class_map, nc_
     assert not (tmp_path / "r.json").exists()
     r = invoke(
         "evaluate", class_map, truth, "-o", tmp_path / "r.json",
-        "--class-map=-5:5,2:1,3:1,4:5,6:9,7:9", "--workers", 1,
+        "--class-map=-5:5,2:1,3:1,4:5,6:9,7:9", *SHARED,
     )  # fmt: skip
     assert r.exit_code == 0, r.stderr
     report = json.loads((tmp_path / "r.json").read_text())
@@ -382,7 +393,7 @@ def test_a_scene_on_another_scale_pixel_size_or_crs_is_said(tmp_path, nc_run, un
 
 def test_the_warning_is_one_line_and_the_map_is_written(tmp_path, nc_run, unlike):
     out = tmp_path / "c.tif"
-    r = invoke("predict", nc_run["bundle"], unlike["scaled"], "-o", out, "--workers", 1)
+    r = invoke("predict", nc_run["bundle"], unlike["scaled"], "-o", out, *SHARED)
     assert r.exit_code == 0, r.stderr
     warned = [ln for ln in r.stderr.splitlines() if ln.startswith("geoseg: warning:")]
     assert len(warned) == 1 and "another scale" in warned[0] and "--strict" in warned[0]
@@ -464,7 +475,7 @@ def test_outputs_that_cannot_be_written_are_found_first(tmp_path, random_bundle,
             ("vectorize", class_map, "-o", where / "p.gpkg"),
             ("evaluate", class_map, LABELS, "-o", where / "r.json"),
         ):
-            assert_one_line_error(invoke(*args, "--workers", 1), "cannot be written", needle)
+            assert_one_line_error(invoke(*args, *SHARED), "cannot be written", needle)
     assert not list(tmp_path.glob("**/m.bundle*"))
 
 
@@ -558,7 +569,7 @@ def test_a_failed_run_leaves_no_empty_folder(tmp_path, random_bundle, monkeypatc
 
     monkeypatch.setattr(geoseg.stages.predict, "run_tasks", fail)  # after the folders are made
     out = tmp_path / "new" / "deeper" / "c.tif"
-    r = invoke("predict", random_bundle, SCENE, "-o", out, "--workers", 1, "--block", 256, "-q")
+    r = invoke("predict", random_bundle, SCENE, "-o", out, *SHARED, "--block", 256, "-q")
     assert_one_line_error(r, "the cluster went away")
     assert list(tmp_path.iterdir()) == []
     # a damaged scene is found by the client's sample, before any folder is made
@@ -569,7 +580,7 @@ def test_a_failed_run_leaves_no_empty_folder(tmp_path, random_bundle, monkeypatc
         dst.write(np.tile(np.arange(256, dtype="uint8"), (6, 443, 2))[:, :, :489])
     with open(broken, "r+b") as f:
         f.truncate(broken.stat().st_size // 2)
-    r = invoke("predict", random_bundle, broken, "-o", out, "--workers", 1)
+    r = invoke("predict", random_bundle, broken, "-o", out, *SHARED)
     assert_one_line_error(r, "could not be read at rows", "truncated or damaged")
     assert sorted(tmp_path.iterdir()) == [broken]
 
@@ -646,7 +657,7 @@ def test_ctrl_c_in_predict_says_what_was_kept(tmp_path, random_bundle):
     lines = err.strip().splitlines()
     assert "Traceback" not in err and len(lines) <= 5, err
     assert lines[-1].startswith("geoseg: interrupted; ") and "the same command run again" in err
-    r = invoke(*args, "--workers", 1)
+    r = invoke(*args, *SHARED)
     assert r.exit_code == 0 and "already done, resuming" in r.stderr
 
 
@@ -663,7 +674,7 @@ def test_ctrl_c_in_train_names_the_checkpoint(tmp_path):
     assert not out.exists() and ckpt.exists()
     # resuming with other settings names each that differs, with both values
     args[args.index("50")] = "40"
-    r = invoke(*args, "--resume", ckpt, "--workers", 1, "-q")
+    r = invoke(*args, "--resume", ckpt, *SHARED, "-q")
     assert_one_line_error(r, "other settings: epochs 50 there, 40 now", "without --resume")
 
 
@@ -672,16 +683,14 @@ def test_ctrl_c_in_train_names_the_checkpoint(tmp_path):
 
 @pytest.mark.slow
 def test_an_overlap_below_the_receptive_field_warns(tmp_path, random_bundle):
-    r = invoke(
-        "predict", random_bundle, SCENE, "-o", tmp_path / "a.tif", "--overlap", 4, "--workers", 1
-    )
+    r = invoke("predict", random_bundle, SCENE, "-o", tmp_path / "a.tif", "--overlap", 4, *SHARED)
     assert r.exit_code == 0, r.stderr
     assert "overlap 4 px is less than the model's receptive field (20 px)" in r.stderr
     assert "--overlap 20" in r.stderr
     r = invoke("predict", random_bundle, SCENE, "-o", tmp_path / "b.tif", "--window", 16)
     assert r.exit_code == 0, r.stderr
     assert "overlap 8 px is less" in r.stderr and "use --window 40 or more" in r.stderr
-    r = invoke("predict", random_bundle, SCENE, "-o", tmp_path / "c.tif", "--workers", 1)
+    r = invoke("predict", random_bundle, SCENE, "-o", tmp_path / "c.tif", *SHARED)
     assert "geoseg: warning" not in r.stderr  # the default overlap covers the field
 
 
@@ -692,7 +701,7 @@ def test_the_plan_line_says_why_the_overlap_is_not_the_bundles(tmp_path, random_
     b.contract.overlap = 13  # the tiny U-Net pools once: its stride is 2
     odd = tmp_path / "odd.bundle"
     save_bundle(odd, b.model, b.contract)
-    r = invoke("predict", odd, SCENE, "-o", tmp_path / "c.tif", "--workers", 1)
+    r = invoke("predict", odd, SCENE, "-o", tmp_path / "c.tif", *SHARED)
     assert r.exit_code == 0, r.stderr
     assert (
         "overlap 14 (the bundle's 13, raised so the stride is a multiple of the model's stride 2)"
@@ -716,7 +725,7 @@ def test_training_a_full_size_model_sends_no_large_graph(tmp_path):
     epoch as data, not inside the graph of every rank: Dask says nothing about it."""
     r = invoke(
         "train", SCENE, LABELS, "-o", tmp_path / "m.bundle", "--within", WEST, "--epochs", 2,
-        "--samples-per-epoch", 8, "--batch-size", 4, "--workers", 2,
+        "--samples-per-epoch", 8, "--batch-size", 4, *SHARED,
     )  # fmt: skip
     assert r.exit_code == 0, r.stderr
     assert "large graph" not in r.stderr and "geoseg: warning" not in r.stderr

@@ -114,3 +114,16 @@ def test_read_window_sees_a_negative_nodata_value(make_raster):
         assert valid.sum() == 24 and not valid[:, :2].any() and (d[0, :, :2] == -9999).all()
         d, valid = read_window(src, Window(-2, 0, 6, 6))  # boundless as well
         assert valid.sum() == 12 and (d[0][valid] == 500).all()
+
+
+def test_hints_name_options_as_the_caller_sets_them():
+    from geoseg.errors import command_line, option
+
+    assert option("--overwrite") == "overwrite=True"
+    assert option("--ignore", [1, 2]) == "ignore=[1, 2]"
+    assert option("--class-map", None) == "code_map"  # the Python keyword, not the flag's name
+    with command_line():
+        assert option("--overwrite") == "--overwrite"
+        assert option("--ignore", [1, 2]) == "--ignore 1,2"
+        assert option("--class-map", None) == "--class-map"
+    assert option("--block", 256) == "block=256"  # outside the command line again

@@ -85,7 +85,7 @@ def test_truth_codes_missing_from_the_class_map_are_listed(nc_run, make_raster, 
     truth = truth.copy()
     truth[200:210, 200:210] = 42
     path = make_raster("t.tif", truth[None], **prof)
-    with pytest.raises(LabelError, match=r"codes \[42\].*--class-map.*--ignore 42"):
+    with pytest.raises(LabelError, match=r"codes \[42\].*code_map.*ignore=\[42\]"):
         evaluate(nc_run["classes"], path, client=dask_client)
     ok = evaluate(nc_run["classes"], path, ignore=[42], client=dask_client)
     assert ok["overall"]["pixels"] > 0
@@ -209,7 +209,7 @@ def test_iguazu_real_labels_as_raster_or_vector_with_a_class_map(
         client=dask_client,
     )
     assert mapped["overall"] == raster["overall"] and mapped["regions"] == raster["regions"]
-    with pytest.raises(LabelError, match=r"\[11, 12, 13, 14\].*--class-map"):
+    with pytest.raises(LabelError, match=r"\[11, 12, 13, 14\].*code_map"):
         evaluate(iguazu_classes, vector, truth_field="code", client=dask_client)
 
 

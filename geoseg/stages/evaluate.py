@@ -114,7 +114,9 @@ def evaluate(
     """
     check_range("--block", block, MIN_BLOCK)
     if resample not in (None, "nearest"):
-        raise ConfigError(f"--resample must be 'nearest' (class codes), got {resample!r}")
+        raise ConfigError(
+            f"{option('--resample', None)} must be 'nearest' (class codes), got {resample!r}"
+        )
     # every path is resolved here: workers may run in other folders, or on other machines
     truth = str(_resolved(truth))
     regions, within = _resolved(regions), _resolved(within)
@@ -172,8 +174,8 @@ def evaluate(
     if total.unknown:
         raise LabelError(
             f"truth {str(truth)!r} holds codes {sorted(total.unknown)} that the class map does not "
-            f"have ({list(ids)}); map them with --class-map CODE:ID,... or leave them out with "
-            f"--ignore {','.join(map(str, sorted(total.unknown)))}"
+            f"have ({list(ids)}); map them with {option('--class-map', None)} or leave them out "
+            f"with {option('--ignore', sorted(total.unknown))}"
         )
     report: dict[str, Any] = {
         "prediction": profile.path,
@@ -236,7 +238,8 @@ def _check_regions(path: str, field: str | None, profile: Any) -> tuple[list[str
     if field is None:
         if "name" not in gdf.columns:
             raise ConfigError(
-                f"regions {path!r}: say which column names the regions with --region-field; "
+                f"regions {path!r}: say which column names the regions with "
+                f"{option('--region-field', None)}; "
                 f"columns: {', '.join(columns)}"
             )
         field = "name"

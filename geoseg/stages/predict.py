@@ -240,7 +240,8 @@ def predict_scenes(
     win = window if window is not None else b.window
     if overlap is not None and not 0 <= overlap < win:
         raise ConfigError(
-            f"--overlap must be at least 0 and less than the window ({win} px), got {overlap}"
+            f"{option('--overlap', None)} must be at least 0 and less than the window ({win} px), "
+            f"got {overlap}"
         )
     ovl = overlap if overlap is not None else default_overlap(b, win)
     blend = resolve_blend(blend, b.contract.receptive_field, ovl)
@@ -572,7 +573,8 @@ def _polygon_outputs(
     if len(outs) > 1:
         if p.suffix.lower() in FORMATS or (p.exists() and not p.is_dir()):
             raise ConfigError(
-                f"{len(outs)} scenes need a folder for --polygons, not the file {str(p)!r}"
+                f"{len(outs)} scenes need a folder for {option('--polygons', None)}, not the file "
+                f"{str(p)!r}"
             )
         paths = [p / f"{o.stem}.gpkg" for o in outs]
     else:
@@ -620,7 +622,7 @@ def _check_scene(
     problems = compare_scene(b, profile)
     for line in problems:
         if strict:
-            raise BandMismatchError(f"{line} (--strict)")
+            raise BandMismatchError(f"{line} ({option('--strict')})", filename=profile.path)
         warnings.warn(f"{line}; pass {option('--strict')} to refuse such scenes", stacklevel=3)
 
 
@@ -631,9 +633,9 @@ def _warn_overlap(b: Bundle, window: int, overlap: int, given: bool) -> None:
     if rf is None or overlap >= rf:
         return
     fix = (
-        f"leave --overlap at its default or pass --overlap {rf + rf % 2}"
+        f"leave {option('--overlap', None)} at its default or pass {option('--overlap', rf + rf % 2)}"
         if given
-        else f"use --window {max(2 * (rf + rf % 2), window)} or more"
+        else f"use {option('--window', max(2 * (rf + rf % 2), window))} or more"
     )
     warnings.warn(
         f"overlap {overlap} px is less than the model's receptive field ({rf} px), so the map "

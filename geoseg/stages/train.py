@@ -123,8 +123,8 @@ def _split_fraction(
             got += labelled[i]
     if got >= total:
         raise LabelError(
-            f"--val-fraction {fraction} left no labelled block for training; lower it or use "
-            "--val-region"
+            f"{option('--val-fraction', fraction)} left no labelled block for training; lower it "
+            f"or use {option('--val-region', None)}"
         )
     return [p.to_validation() if i in chosen else p for i, p in enumerate(parts)], chosen
 
@@ -167,7 +167,7 @@ def _check_checkpoint(ckpt: dict[str, Any], path: str, meta: dict[str, Any]) -> 
         raise ConfigError(
             f"checkpoint {path!r} was written by a run with other settings: "
             + "; ".join(f"{k} {theirs.get(k)!r} there, {meta[k]!r} now" for k in differ)
-            + "; resume with the same settings, or start again without --resume"
+            + f"; resume with the same settings, or start again without {option('--resume', None)}"
         )
 
 
@@ -198,7 +198,7 @@ def _run_epoch(
 
     world = len(workers)
     resume = (
-        f"continue with --resume {checkpoint} (epoch {done} finished)"
+        f"continue with {option('--resume', str(checkpoint))} (epoch {done} finished)"
         if done
         else "no epoch had finished, so start again"
     )
@@ -310,15 +310,21 @@ class TrainConfig:
         check_range("--samples-per-epoch", self.samples_per_epoch, 1)
         check_range("--label-smoothing", self.label_smoothing, 0, 0.99)
         if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ConfigError(f"--lr must be a positive number such as 0.002, got {self.lr}")
+            raise ConfigError(
+                f"{option('--lr', None)} must be a positive number such as 0.002, got {self.lr}"
+            )
         if self.sampler not in SAMPLERS:
             raise ConfigError(
                 f"unknown sampler {self.sampler!r}; expected one of {', '.join(SAMPLERS)}"
             )
         if self.val_region is not None and self.val_fraction is not None:
-            raise ConfigError("give --val-region or --val-fraction, not both")
+            raise ConfigError(
+                f"give {option('--val-region', None)} or {option('--val-fraction', None)}, not both"
+            )
         if self.val_fraction is not None and not 0 < self.val_fraction < 1:
-            raise ConfigError(f"--val-fraction must lie between 0 and 1, got {self.val_fraction}")
+            raise ConfigError(
+                f"{option('--val-fraction', None)} must lie between 0 and 1, got {self.val_fraction}"
+            )
         make_loss(self.loss)  # the names, before any work
 
 

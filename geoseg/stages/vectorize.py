@@ -40,7 +40,7 @@ from rasterio.windows import Window
 
 from geoseg.classes import NODATA
 from geoseg.cluster import cpu_workers, session
-from geoseg.errors import ConfigError, NoCRSError, check_range
+from geoseg.errors import ConfigError, NoCRSError, check_range, option
 from geoseg.io import atomic_output, check_class_map, check_output, read_profile, resolve_path
 from geoseg.progress import Progress
 from geoseg.tasks.vectorize import BlockPolygons, areas, pixel_area_m2, polygonize_block
@@ -371,12 +371,15 @@ def vectorize(
             crs = CRS.from_user_input(crs).to_string()
         except CRSError:
             raise ConfigError(
-                f"--crs {crs!r} is not a CRS PROJ knows; give an EPSG code such as EPSG:32617, "
-                "a PROJ string or WKT"
+                f"{option('--crs', None)} {crs!r} is not a CRS PROJ knows; give an EPSG code such "
+                "as EPSG:32617, "
+                "a PROJ string or WKT",
+                found=crs,
             ) from None
     if min_area < 0 or simplify < 0:
         raise ConfigError(
-            f"--min-area and --simplify must not be negative, got {min_area} and {simplify}"
+            f"{option('--min-area', None)} and {option('--simplify', None)} must not be negative, "
+            f"got {min_area} and {simplify}"
         )
     if driver == "Parquet":
         try:
@@ -388,7 +391,8 @@ def vectorize(
             ) from None
     if driver == "GeoJSON" and crs:
         raise ConfigError(
-            f"GeoJSON is always WGS84 lon/lat (RFC 7946), so --crs {crs} cannot apply; write "
+            f"GeoJSON is always WGS84 lon/lat (RFC 7946), so {option('--crs', crs)} cannot apply; "
+            "write "
             ".gpkg, .parquet or .fgb for another CRS"
         )
     profile = read_profile(source, "class map")
