@@ -214,12 +214,17 @@ def _check_address(address: str) -> None:
 
 
 def workers_info(client: Any) -> dict[str, Any]:
-    """Every worker of the cluster, by address. Some releases of distributed list only five
-    in ``scheduler_info()`` unless asked for all (``n_workers=-1``)."""
+    """Every worker of the cluster, by address, asked of the scheduler now.
+
+    Not ``client.scheduler_info()``: it refreshes the client's cached identity and returns the
+    cache, which the client's own periodic refresh replaces with one that lists no worker (it
+    asks for ``n_workers=0``). A refresh landing between the two made a training run report a
+    worker "lost" that was running. Some releases list only five workers unless asked for all
+    (``n_workers=-1``)."""
     try:
-        info = client.scheduler_info(n_workers=-1)
+        info = client.sync(client.scheduler.identity, n_workers=-1)
     except TypeError:  # a release before the argument
-        info = client.scheduler_info()
+        info = client.sync(client.scheduler.identity)
     return dict(info["workers"])
 
 

@@ -89,7 +89,7 @@ def test_cpu_only_tasks_keep_off_gpu_workers(tmp_path, random_bundle, dask_clien
 
     from distributed import Client
 
-    from geoseg.cluster import cpu_workers, run_tasks
+    from geoseg.cluster import cpu_workers, run_tasks, workers_info
 
     def where(_item: int) -> str:  # defined here, so it travels by value to the workers
         from distributed import get_worker
@@ -118,7 +118,7 @@ def test_cpu_only_tasks_keep_off_gpu_workers(tmp_path, random_bundle, dask_clien
         try:
             with Client(address) as client:
                 client.wait_for_workers(2, timeout=60)
-                workers = client.scheduler_info()["workers"]
+                workers = workers_info(client)
                 cpu = [a for a, w in workers.items() if not w.get("resources")]
                 assert cpu_workers(client) == cpu and len(cpu) == 1
                 ran = run_tasks(client, where, list(range(12)), "where", cpu_only=True)
@@ -153,6 +153,8 @@ def test_predict_across_network_namespaces(tmp_path, random_bundle, dask_client)
 
     import pytest
     from distributed import Client
+
+    from geoseg.cluster import workers_info
 
     if os.geteuid() != 0 or shutil.which("ip") is None:
         pytest.skip("needs root and iproute2's ip for network namespaces")
@@ -221,7 +223,7 @@ def test_predict_across_network_namespaces(tmp_path, random_bundle, dask_client)
             )
         with Client(address, timeout="30s") as client:
             client.wait_for_workers(2, timeout=60)
-            hosts = {w.split("//")[1].split(":")[0] for w in client.scheduler_info()["workers"]}
+            hosts = {w.split("//")[1].split(":")[0] for w in workers_info(client)}
         assert hosts == {f"{net}.2", f"{net}.3"}
         remote, local = tmp_path / "remote.tif", tmp_path / "local.tif"
         predict_scene(random_bundle, SCENE, remote, block=128, scheduler=address)
@@ -372,3 +374,16 @@ def test_tasks_start_in_the_order_given_one_per_worker_thread(dask_client):
     for k in range(2, len(items)):
         free = sorted(ends[:k])[k - 2]
         assert free - 0.01 <= starts[k] < free + 0.1, (k, starts[k] - free)
+
+
+def test_workers_are_counted_from_the_scheduler_not_a_stale_cache(dask_client, monkeypatch):
+    """The client refreshes a cached identity on its own, with no workers in it (n_workers=0);
+    a refresh that lands just after ours used to make every worker look lost mid-training."""
+    from geoseg.cluster import workers_info
+
+    async def stale_refresh(n_workers: int = 0) -> None:  # the periodic refresh won the race
+        dask_client._scheduler_identity = {"workers": {}}
+
+    monkeypatch.setattr(dask_client, "_update_scheduler_info", stale_refresh)
+    assert dask_client.scheduler_info()["workers"] == {}  # what the old code read
+    assert len(workers_info(dask_client)) == 2
