@@ -168,16 +168,17 @@ def test_not_a_raster(tmp_path, random_bundle):
     assert not out.exists()
 
 
-def test_output_exists_needs_overwrite(tmp_path, random_bundle):
+def test_output_exists_needs_overwrite(tmp_path, random_bundle, dask_client):
+    on = ("--scheduler", dask_client.scheduler.address)  # the suite's shared cluster
     out = tmp_path / "c.tif"
-    r = invoke("predict", random_bundle, SCENE, "-o", out, "--workers", 1, "-q")
+    r = invoke("predict", random_bundle, SCENE, "-o", out, *on, "-q")
     assert r.exit_code == 0
     before = out.read_bytes()
     assert_one_line_error(
         invoke("predict", random_bundle, SCENE, "-o", out), "exists", "--overwrite"
     )
     assert out.read_bytes() == before
-    r = invoke("predict", random_bundle, SCENE, "-o", out, "--overwrite", "--workers", 1, "-q")
+    r = invoke("predict", random_bundle, SCENE, "-o", out, "--overwrite", *on, "-q")
     assert r.exit_code == 0 and rasterio.open(out).count == 1
     # a file geoseg did not write is never replaced, --overwrite or not
     theirs = tmp_path / "theirs.tif"
