@@ -78,10 +78,8 @@ def session(
     dask-cuda's ``LocalCUDACluster`` when it is installed (``pip install 'geoseg[cuda]'``), which
     gives each worker its own GPU; else a ``LocalCluster``, whose workers all use the first GPU.
     """
-
     address = scheduler_address(scheduler)
-    if client is None and workers is None and not address:
-        client = current_client()
+    client = chosen_client(client, workers, address)
     if client is not None:
         if workers is not None or scheduler:
             log.warning("workers= and scheduler= are ignored with a client")
@@ -129,6 +127,15 @@ def local_cluster(
                 for name in ("distributed", "tornado", "asyncio"):
                     logging.getLogger(name).setLevel(logging.CRITICAL)
                 raise
+
+
+def chosen_client(client: Any, workers: int | None, address: str | None) -> Any:
+    """The client a stage runs on without making one: ``client`` when given, else the
+    current one when neither ``workers`` nor a scheduler ``address`` asks for another; None
+    when a cluster must be connected to or started (:func:`session`)."""
+    if client is None and workers is None and not address:
+        return current_client()
+    return client
 
 
 def current_client() -> Any:

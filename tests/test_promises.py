@@ -13,11 +13,9 @@ import rasterio
 import shapely
 import torch
 import yaml
-from click.testing import CliRunner
 
 from geoseg import load_bundle
 from geoseg.classes import ClassInfo
-from geoseg.cli import cli
 from geoseg.io import write_class_metadata
 from geoseg.pipeline import run_workflow
 from geoseg.scoring import scores
@@ -27,12 +25,9 @@ from geoseg.stages.train import train
 from geoseg.stages.vectorize import vectorize
 
 from .conftest import LABELS, SCENE, WEST, assert_same_polygons, shared
+from .test_cli import invoke
 
 ROOT = SCENE.parents[2]
-
-
-def invoke(*args: object):
-    return CliRunner().invoke(cli, [str(a) for a in args], prog_name="geoseg")
 
 
 def test_vectorize_classes_keeps_only_those_polygons_unchanged(nc_run, tmp_path, dask_client):

@@ -34,9 +34,9 @@ from geoseg.blending import resolve_blend
 from geoseg.bundle import Bundle, compare_scene, load_bundle
 from geoseg.classes import NODATA
 from geoseg.cluster import (
+    chosen_client,
     connect,
     count_workers,
-    current_client,
     default_workers,
     run_tasks,
     scheduler_address,
@@ -342,8 +342,7 @@ def _run(
     win, ovl, blend, probabilities = opts.window, opts.overlap, opts.blend, opts.probabilities
     # one connection to a running cluster serves both counting its workers and the run
     address = scheduler_address(scheduler)
-    if client is None and workers is None and not address:
-        client = current_client()
+    client = chosen_client(client, workers, address)
     opened = connect(address) if client is None and address else contextlib.nullcontext(client)
     with opened as remote:
         opts = replace(opts, block=opts.block or default_block(profiles, workers, remote))
