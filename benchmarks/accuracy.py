@@ -114,9 +114,9 @@ def main() -> None:
     for name, pred in (("unet", unet_pred), ("random_forest", rf_pred)):
         sc = scores(confusion(truth, pred, k), class_list)
         result[name].update(
-            miou=sc["miou"],
-            accuracy=sc["overall_accuracy"],
-            iou={c["name"]: c["iou"] for c in sc["per_class"]},
+            miou=sc.miou,
+            accuracy=sc.overall_accuracy,
+            iou=sc.iou_by_name(),
         )
     print(f"train pixels {result['train_pixels']}, test pixels {result['test_pixels']}")
     print(f"{'class':>12} {'U-Net':>8} {'forest':>8}")

@@ -85,7 +85,7 @@ def main() -> None:
                     )
                     wall = time.perf_counter() - t
                 # the same pixels were counted: the limit is a fair one
-                assert report["overall"]["pixels"] == int(counts[:64].sum())
+                assert report.overall.pixels == int(counts[:64].sum())
                 row[f"geoseg_{workers}w_s"] = round(wall, 2)
                 row[f"geoseg_{workers}w_mpx_s"] = round(mpx / wall, 1)
                 row[f"geoseg_{workers}w_of_limit"] = round(limit_s / wall, 3)

@@ -488,11 +488,11 @@ def _summary(result: Any) -> None:
 
     report = result.report
     click.echo(score_table(report))
-    base = report.get("baseline_majority_class")
-    if base:
+    base = report.baseline_majority_class
+    if base is not None and report.overall.miou is not None and base.miou is not None:
         click.echo(
-            f"\nmIoU {report['overall']['miou']:.3f} on the scored area; majority-class baseline "
-            f"(class {base['class_id']} everywhere, same pixels) {base['miou']:.3f}\n"
+            f"\nmIoU {report.overall.miou:.3f} on the scored area; majority-class baseline "
+            f"(class {base.class_id} everywhere, same pixels) {base.miou:.3f}\n"
         )
     width = max(len(k) for k in result.outputs)
     for k, v in result.outputs.items():

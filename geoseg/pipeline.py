@@ -20,7 +20,7 @@ import os
 import types
 import typing
 from collections import abc
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -30,11 +30,10 @@ import yaml
 
 from geoseg.augment import PRESETS
 from geoseg.bundle import load_bundle
-from geoseg.classes import ClassInfo
 from geoseg.cluster import session
 from geoseg.errors import ConfigError, OutputExistsError, option
 from geoseg.io import check_input, check_output, folders_for, is_url
-from geoseg.report import write_report
+from geoseg.report import Baseline, EvaluationReport, write_report
 from geoseg.scoring import scores
 from geoseg.stages.evaluate import evaluate, quick_look
 from geoseg.stages.predict import predict_scene, predict_scenes
@@ -61,7 +60,7 @@ class WorkflowResult:
     """The files a workflow wrote and its evaluation report."""
 
     outputs: dict[str, Path]
-    report: dict[str, Any] | None
+    report: EvaluationReport | None
 
 
 def demo_workflow() -> Path:
@@ -247,7 +246,6 @@ def run_workflow(
     for f in files.values():
         check_output(f, overwrite, inputs=inputs)
     workers = workers or cfg.get("workers")
-    report = None
     gpu = any(cfg[k].get("device", "auto") != "cpu" for k in ("train", "predict"))
     with folders_for(files["bundle"]), session(workers, scheduler, client=client, gpu=gpu) as c:
         common = {"client": c, "overwrite": overwrite}
@@ -258,23 +256,22 @@ def run_workflow(
         ev = dict(cfg["evaluate"])
         truth = ev.pop("truth", cfg["labels"])
         report = evaluate(files["classes"], truth, files["report"], **ev, **common)
-    report["baseline_majority_class"] = majority_baseline(report, files["bundle"])
+    report = replace(report, baseline_majority_class=majority_baseline(report, files["bundle"]))
     look = quick_look(report)
     for key in ("report", "report_csv", "report_html", "report_md"):
         write_report(report, files[key], overwrite=True, look=look)
     return WorkflowResult(files, report)
 
 
-def majority_baseline(report: dict[str, Any], bundle: Path) -> dict[str, Any]:
+def majority_baseline(report: EvaluationReport, bundle: Path) -> Baseline:
     """Scores of the trivial map that predicts the training labels' majority class everywhere,
     on the same pixels as ``report``'s overall scores."""
 
     counts = load_bundle(bundle).contract.training.get("class_pixels", {})
-    classes = [ClassInfo(**c) for c in report["classes"]]
     majority = int(max(counts, key=lambda k: counts[k]))
-    cm = np.asarray(report["overall"]["confusion_matrix"])
-    idx = [c.id for c in classes].index(majority)
+    cm = np.asarray(report.overall.confusion_matrix)
+    idx = [c.id for c in report.classes].index(majority)
     base = np.zeros_like(cm)
     base[:, idx] = cm.sum(1)
-    s = scores(base, classes)
-    return {"class_id": majority, "miou": s["miou"], "overall_accuracy": s["overall_accuracy"]}
+    s = scores(base, report.classes)
+    return Baseline(majority, s.miou, s.overall_accuracy)

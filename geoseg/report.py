@@ -30,10 +30,75 @@ from typing import Any
 
 import numpy as np
 
+from geoseg.classes import ClassInfo
 from geoseg.errors import ConfigError
 from geoseg.io import atomic_output, check_output
+from geoseg.scoring import Scores
 
 REPORT_FORMATS = (".json", ".csv", ".md", ".html")
+
+MIOU_DEFINITION = "mean IoU over classes present in truth or prediction"
+
+
+@dataclass(frozen=True, kw_only=True)
+class RegionScores(Scores):
+    """A region's scores, with its name and its feature's position in the regions file."""
+
+    name: str
+    feature: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "feature": self.feature, **super().to_dict()}
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """The scores of a trivial map: one class everywhere, on the report's pixels."""
+
+    class_id: int
+    miou: float | None
+    overall_accuracy: float | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluationReport:
+    """What :func:`geoseg.stages.evaluate.evaluate` measured and on what; :meth:`to_dict` is
+    the JSON schema above (``code_map`` is written as ``class_map``, the CLI's name)."""
+
+    prediction: str
+    truth: str
+    truth_field: str | None = None
+    regions_file: str | None = None
+    region_field: str | None = None
+    within: str | None = None
+    code_map: dict[int, int] = field(default_factory=dict)
+    ignore: tuple[int, ...] = ()
+    resample: str | None = None
+    classes: tuple[ClassInfo, ...]
+    overall: Scores
+    regions: tuple[RegionScores, ...] = ()
+    baseline_majority_class: Baseline | None = None
+    miou_definition: str = MIOU_DEFINITION
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "prediction": self.prediction,
+            "truth": self.truth,
+            "truth_field": self.truth_field,
+            "regions_file": self.regions_file,
+            "region_field": self.region_field,
+            "within": self.within,
+            "class_map": {str(k): v for k, v in self.code_map.items()},
+            "ignore": list(self.ignore),
+            "resample": self.resample,
+            "classes": [vars(c) for c in self.classes],
+            "miou_definition": self.miou_definition,
+            "overall": self.overall.to_dict(),
+            "regions": [r.to_dict() for r in self.regions],
+        }
+        if self.baseline_majority_class is not None:
+            out["baseline_majority_class"] = vars(self.baseline_majority_class)
+        return out
 
 
 def check_report_path(
@@ -54,7 +119,7 @@ def check_report_path(
 
 
 def write_report(
-    report: dict[str, Any],
+    report: EvaluationReport,
     path: str | os.PathLike[str],
     *,
     overwrite: bool = False,
@@ -65,7 +130,11 @@ def write_report(
     ``look``'s pictures); under a temporary name, renamed when complete. Reads no file."""
     out = check_report_path(path, overwrite)
     ext = out.suffix.lower()
-    writers = {".json": lambda r: json.dumps(r, indent=1), ".csv": to_csv, ".md": markdown}
+    writers = {
+        ".json": lambda r: json.dumps(r.to_dict(), indent=1),
+        ".csv": to_csv,
+        ".md": markdown,
+    }
     text = writers[ext](report) if ext in writers else to_html(report, look)
     with atomic_output(out, overwrite) as tmp:
         tmp.write_text(text + "\n", encoding="utf-8")
@@ -90,18 +159,24 @@ CSV_COLUMNS = (
 )
 
 
-def to_csv(report: dict[str, Any]) -> str:
+def to_csv(report: EvaluationReport) -> str:
     """One row per region and class; the whole area is the region ``(all)``."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(CSV_COLUMNS)
-    for name, s in [("(all)", report["overall"])] + [(r["name"], r) for r in report["regions"]]:
-        for c in s["per_class"]:
+    for name, s in [("(all)", report.overall)] + [(r.name, r) for r in report.regions]:
+        for c in s.per_class:
             w.writerow(
-                [name, c["id"], c["name"], c["present"]]
-                + ["" if c[k] is None else c[k] for k in ("iou", "precision", "recall", "f1")]
-                + [c["truth_pixels"], c["predicted_pixels"], s["pixels"]]
-                + ["" if s[k] is None else s[k] for k in ("miou", "overall_accuracy", "kappa")]
+                [name, c.id, c.name, c.present]
+                + [
+                    "" if getattr(c, k) is None else getattr(c, k)
+                    for k in ("iou", "precision", "recall", "f1")
+                ]
+                + [c.truth_pixels, c.predicted_pixels, s.pixels]
+                + [
+                    "" if getattr(s, k) is None else getattr(s, k)
+                    for k in ("miou", "overall_accuracy", "kappa")
+                ]
             )
     return buf.getvalue().rstrip("\n")
 
@@ -110,52 +185,51 @@ def _fmt(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.3f}"
 
 
-def score_table(report: dict[str, Any], max_regions: int = 6) -> str:
+def score_table(report: EvaluationReport, max_regions: int = 6) -> str:
     """IoU per class for the whole area and the first ``max_regions`` regions, as plain text."""
-    overall = report["overall"]
-    regions = report["regions"]
-    cols = [("all", overall)] + [(r["name"], r) for r in regions[:max_regions]]
-    width = max(12, *(len(c["name"]) for c in report["classes"]))
+    overall = report.overall
+    regions = report.regions
+    cols = [("all", overall)] + [(r.name, r) for r in regions[:max_regions]]
+    width = max(12, *(len(c.name) for c in report.classes))
     head = f"{'class':<{width}}" + "".join(f"{n[:12]:>13}" for n, _ in cols)
     lines = [head, "-" * len(head)]
-    for i, c in enumerate(report["classes"]):
+    for i, c in enumerate(report.classes):
         lines.append(
-            f"{c['name']:<{width}}"
-            + "".join(f"{_fmt(s['per_class'][i]['iou']):>13}" for _, s in cols)
+            f"{c.name:<{width}}" + "".join(f"{_fmt(s.per_class[i].iou):>13}" for _, s in cols)
         )
     lines.append("-" * len(head))
     for key, label in (("miou", "mIoU"), ("overall_accuracy", "accuracy"), ("pixels", "pixels")):
-        vals = [s[key] if key == "pixels" else _fmt(s[key]) for _, s in cols]
+        vals = [s.pixels if key == "pixels" else _fmt(getattr(s, key)) for _, s in cols]
         lines.append(f"{label:<{width}}" + "".join(f"{v!s:>13}" for v in vals))
     if len(regions) > max_regions:
         lines.append(f"({len(regions) - max_regions} more regions in the report)")
     return "\n".join(lines)
 
 
-def markdown(report: dict[str, Any]) -> str:
-    names = [c["name"] for c in report["classes"]]
-    o = report["overall"]
+def markdown(report: EvaluationReport) -> str:
+    names = [c.name for c in report.classes]
+    o = report.overall
     out = [
         "# geoseg evaluation",
         "",
-        f"- class map: `{report['prediction']}`",
-        f"- truth: `{report['truth']}`",
-        f"- scored area: `{report['within'] or 'the whole class map'}`",
-        f"- pixels scored: {o['pixels']}; mIoU {_fmt(o['miou'])} ({report['miou_definition']}); "
-        f"overall accuracy {_fmt(o['overall_accuracy'])}; kappa {_fmt(o['kappa'])}; "
-        f"frequency-weighted IoU {_fmt(o['fw_iou'])}",
+        f"- class map: `{report.prediction}`",
+        f"- truth: `{report.truth}`",
+        f"- scored area: `{report.within or 'the whole class map'}`",
+        f"- pixels scored: {o.pixels}; mIoU {_fmt(o.miou)} ({report.miou_definition}); "
+        f"overall accuracy {_fmt(o.overall_accuracy)}; kappa {_fmt(o.kappa)}; "
+        f"frequency-weighted IoU {_fmt(o.fw_iou)}",
         "",
         "## Per class",
         "",
         "| class | IoU | precision | recall | F1 | truth px | predicted px |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for c in o["per_class"]:
+    for c in o.per_class:
         out.append(
-            f"| {c['id']} {c['name']} | {_fmt(c['iou'])} | {_fmt(c['precision'])} | "
-            f"{_fmt(c['recall'])} | {_fmt(c['f1'])} | {c['truth_pixels']} | {c['predicted_pixels']} |"
+            f"| {c.id} {c.name} | {_fmt(c.iou)} | {_fmt(c.precision)} | "
+            f"{_fmt(c.recall)} | {_fmt(c.f1)} | {c.truth_pixels} | {c.predicted_pixels} |"
         )
-    if report["regions"]:
+    if report.regions:
         out += [
             "",
             "## Per region",
@@ -163,10 +237,10 @@ def markdown(report: dict[str, Any]) -> str:
             "| region | pixels | mIoU | accuracy | " + " | ".join(names) + " |",
             "| --- | ---: | ---: | ---: |" + " ---: |" * len(names),
         ]
-        for r in report["regions"]:
-            ious = " | ".join(_fmt(c["iou"]) for c in r["per_class"])
+        for r in report.regions:
+            ious = " | ".join(_fmt(c.iou) for c in r.per_class)
             out.append(
-                f"| {r['name']} | {r['pixels']} | {_fmt(r['miou'])} | {_fmt(r['overall_accuracy'])} | {ious} |"
+                f"| {r.name} | {r.pixels} | {_fmt(r.miou)} | {_fmt(r.overall_accuracy)} | {ious} |"
             )
     out += [
         "",
@@ -175,7 +249,7 @@ def markdown(report: dict[str, Any]) -> str:
         "| truth \\ prediction | " + " | ".join(names) + " |",
         "| --- |" + " ---: |" * len(names),
     ]
-    for name, row in zip(names, o["confusion_matrix"]):
+    for name, row in zip(names, o.confusion_matrix):
         out.append(f"| {name} | " + " | ".join(str(v) for v in row) + " |")
     return "\n".join(out)
 
@@ -235,12 +309,12 @@ def _png(rgba: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode()
 
 
-def _colourise(codes: np.ndarray, report: dict[str, Any]) -> np.ndarray:
+def _colourise(codes: np.ndarray, report: EvaluationReport) -> np.ndarray:
     """Class ids (``-1`` for none) as RGBA with the classes' colours."""
     rgba = np.zeros((4, *codes.shape), dtype=np.uint8)
-    for c in report["classes"]:
-        hexcol = str(c.get("color") or "#808080").lstrip("#")
-        hit = codes == c["id"]
+    for c in report.classes:
+        hexcol = str(c.color or "#808080").lstrip("#")
+        hit = codes == c.id
         for band in range(3):
             rgba[band][hit] = int(hexcol[2 * band : 2 * band + 2], 16)
         rgba[3][hit] = 255
@@ -259,14 +333,14 @@ class QuickLook:
     regions: dict[int, Any] = field(default_factory=dict)
 
 
-def _region_svg(report: dict[str, Any], look: QuickLook, background: str) -> str:
+def _region_svg(report: EvaluationReport, look: QuickLook, background: str) -> str:
     """The regions over a faint class map, each filled by its mIoU."""
     import shapely
 
     h, w = look.prediction.shape
     paths = []
-    for r in report["regions"]:
-        px = look.regions.get(r["feature"])
+    for r in report.regions:
+        px = look.regions.get(r.feature)
         if px is None or px.is_empty:
             continue
         rings = []
@@ -278,9 +352,9 @@ def _region_svg(report: dict[str, Any], look: QuickLook, background: str) -> str
                 rings.append(f"M{pts}Z")
         if rings:
             paths.append(
-                f'<path d="{" ".join(rings)}" fill="{_miou_colour(r["miou"])}" fill-opacity="0.75" '
-                f'stroke="#333" stroke-width="1" fill-rule="evenodd"><title>{_esc(r["name"])}: '
-                f"mIoU {_num(r['miou'])}, {r['pixels']} px</title></path>"
+                f'<path d="{" ".join(rings)}" fill="{_miou_colour(r.miou)}" fill-opacity="0.75" '
+                f'stroke="#333" stroke-width="1" fill-rule="evenodd"><title>{_esc(r.name)}: '
+                f"mIoU {_num(r.miou)}, {r.pixels} px</title></path>"
             )
     return (
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" '
@@ -291,14 +365,14 @@ def _region_svg(report: dict[str, Any], look: QuickLook, background: str) -> str
     )
 
 
-def _class_table(s: dict[str, Any]) -> str:
+def _class_table(s: Scores) -> str:
     rows = "".join(
-        f"<tr><td>{c['id']}</td><td>{_esc(c['name'])}</td><td class=n>{_num(c['iou'])}</td>"
-        f"<td class=n>{_num(c['precision'])}</td><td class=n>{_num(c['recall'])}</td>"
-        f"<td class=n>{_num(c['f1'])}</td><td class=n>{c['truth_pixels']}</td>"
-        f"<td class=n>{c['predicted_pixels']}</td>"
-        f"<td>{'' if c['present'] else 'absent from truth and prediction'}</td></tr>"
-        for c in s["per_class"]
+        f"<tr><td>{c.id}</td><td>{_esc(c.name)}</td><td class=n>{_num(c.iou)}</td>"
+        f"<td class=n>{_num(c.precision)}</td><td class=n>{_num(c.recall)}</td>"
+        f"<td class=n>{_num(c.f1)}</td><td class=n>{c.truth_pixels}</td>"
+        f"<td class=n>{c.predicted_pixels}</td>"
+        f"<td>{'' if c.present else 'absent from truth and prediction'}</td></tr>"
+        for c in s.per_class
     )
     return (
         "<table><tr><th>id</th><th>class</th><th>IoU</th><th>precision</th><th>recall</th>"
@@ -306,9 +380,9 @@ def _class_table(s: dict[str, Any]) -> str:
     )
 
 
-def _heatmap(s: dict[str, Any], names: list[str]) -> str:
+def _heatmap(s: Scores, names: list[str]) -> str:
     """The confusion matrix, each cell shaded by its share of its truth row."""
-    cm = np.asarray(s["confusion_matrix"], dtype=np.float64)
+    cm = np.asarray(s.confusion_matrix, dtype=np.float64)
     share = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     head = "".join(f"<th>{_esc(n)}</th>" for n in names)
     body = ""
@@ -325,40 +399,40 @@ def _heatmap(s: dict[str, Any], names: list[str]) -> str:
     )
 
 
-def to_html(report: dict[str, Any], look: QuickLook | None = None) -> str:
+def to_html(report: EvaluationReport, look: QuickLook | None = None) -> str:
     """One self-contained page: summary, per-class table, confusion heatmap, per-region table,
     and with ``look`` the regions' map and quick looks of the class map and the truth (images
     inline, no scripts)."""
-    names = [c["name"] for c in report["classes"]]
-    o = report["overall"]
+    names = [c.name for c in report.classes]
+    o = report.overall
     pictures = (
         {k: _png(_colourise(getattr(look, k), report)) for k in ("prediction", "truth")}
         if look is not None
         else None
     )
     legend = "".join(
-        f'<span style="background:{_esc(c.get("color") or "#808080")}33">'
-        f'<b style="color:{_esc(c.get("color") or "#808080")}">&#9632;</b> {_esc(c["name"])}</span>'
-        for c in report["classes"]
+        f'<span style="background:{_esc(c.color or "#808080")}33">'
+        f'<b style="color:{_esc(c.color or "#808080")}">&#9632;</b> {_esc(c.name)}</span>'
+        for c in report.classes
     )
     parts = [
         "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>",
-        f"<title>geoseg evaluation: {_esc(Path(report['prediction']).name)}</title>",
+        f"<title>geoseg evaluation: {_esc(Path(report.prediction).name)}</title>",
         f"<style>{_CSS}</style></head><body>",
         "<h1>geoseg evaluation</h1>",
-        f"<p>Class map <code>{_esc(report['prediction'])}</code> against truth "
-        f"<code>{_esc(report['truth'])}</code>"
-        + (f", inside <code>{_esc(report['within'])}</code>" if report.get("within") else "")
+        f"<p>Class map <code>{_esc(report.prediction)}</code> against truth "
+        f"<code>{_esc(report.truth)}</code>"
+        + (f", inside <code>{_esc(report.within)}</code>" if report.within else "")
         + ".</p>",
-        f"<p><b>mIoU {_num(o['miou'])}</b> ({_esc(report['miou_definition'])}); overall accuracy "
-        f"{_num(o['overall_accuracy'])}; kappa {_num(o['kappa'])}; frequency-weighted IoU "
-        f"{_num(o['fw_iou'])}; {o['pixels']} pixels scored.</p>",
+        f"<p><b>mIoU {_num(o.miou)}</b> ({_esc(report.miou_definition)}); overall accuracy "
+        f"{_num(o.overall_accuracy)}; kappa {_num(o.kappa)}; frequency-weighted IoU "
+        f"{_num(o.fw_iou)}; {o.pixels} pixels scored.</p>",
     ]
-    base = report.get("baseline_majority_class")
+    base = report.baseline_majority_class
     if base:
         parts.append(
-            f"<p>Majority-class baseline (class {base['class_id']} everywhere, same pixels): "
-            f"mIoU {_num(base['miou'])}, accuracy {_num(base['overall_accuracy'])}.</p>"
+            f"<p>Majority-class baseline (class {base.class_id} everywhere, same pixels): "
+            f"mIoU {_num(base.miou)}, accuracy {_num(base.overall_accuracy)}.</p>"
         )
     parts += [
         "<h2>Per class</h2>",
@@ -366,18 +440,18 @@ def to_html(report: dict[str, Any], look: QuickLook | None = None) -> str:
         "<h2>Confusion matrix</h2>",
         _heatmap(o, names),
     ]
-    if report["regions"]:
+    if report.regions:
         head = "".join(f"<th>{_esc(n)}</th>" for n in names)
         rows = "".join(
-            f"<tr><td>{_esc(r['name'])}</td><td class=n>{r['pixels']}</td>"
-            f'<td class=n style="background:{_miou_colour(r["miou"])}">{_num(r["miou"])}</td>'
-            f"<td class=n>{_num(r['overall_accuracy'])}</td>"
-            + "".join(f"<td class=n>{_num(c['iou'])}</td>" for c in r["per_class"])
+            f"<tr><td>{_esc(r.name)}</td><td class=n>{r.pixels}</td>"
+            f'<td class=n style="background:{_miou_colour(r.miou)}">{_num(r.miou)}</td>'
+            f"<td class=n>{_num(r.overall_accuracy)}</td>"
+            + "".join(f"<td class=n>{_num(c.iou)}</td>" for c in r.per_class)
             + "</tr>"
-            for r in report["regions"]
+            for r in report.regions
         )
         parts += [
-            f"<h2>Per region ({_esc(report.get('region_field') or 'name')})</h2>",
+            f"<h2>Per region ({_esc(report.region_field or 'name')})</h2>",
             "<table><tr><th>region</th><th>pixels</th><th>mIoU</th><th>accuracy</th>"
             f"{head}</tr>{rows}</table><p>Columns after accuracy: IoU per class.</p>",
         ]

@@ -5,6 +5,7 @@ IoU, overall accuracy and kappa. Pure numpy: rows are truth, columns prediction.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -12,11 +13,51 @@ import numpy as np
 from geoseg.classes import ClassInfo
 
 
-def scores(confusion: np.ndarray, classes: Sequence[ClassInfo]) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ClassScores:
+    """One class's scores; ``None`` where a ratio has no pixels to stand on (a class absent from
+    truth and prediction has ``present=False`` and no IoU or F1)."""
+
+    id: int
+    name: str
+    present: bool
+    iou: float | None
+    precision: float | None
+    recall: float | None
+    f1: float | None
+    truth_pixels: int
+    predicted_pixels: int
+
+
+@dataclass(frozen=True)
+class Scores:
+    """The scores of one confusion matrix (rows truth, columns prediction, in class order);
+    the summary scores are ``None`` when no pixel was scored."""
+
+    pixels: int
+    miou: float | None
+    fw_iou: float | None
+    overall_accuracy: float | None
+    kappa: float | None
+    per_class: tuple[ClassScores, ...]
+    confusion_matrix: tuple[tuple[int, ...], ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (:mod:`geoseg.report`'s schema): lists for the tuples."""
+        out = asdict(self)
+        out["per_class"] = [asdict(c) for c in self.per_class]
+        out["confusion_matrix"] = [list(row) for row in self.confusion_matrix]
+        return out
+
+    def iou_by_name(self) -> dict[str, float | None]:
+        return {c.name: c.iou for c in self.per_class}
+
+
+def scores(confusion: np.ndarray, classes: Sequence[ClassInfo]) -> Scores:
     """Metrics from one ``K x K`` confusion matrix (rows truth, columns prediction).
 
     mIoU is the macro mean over classes present in truth or prediction; a class absent from
-    both has ``null`` scores and ``"present": false``.
+    both has no scores and ``present=False``.
     """
     cm = confusion.astype(np.float64)
     tp = np.diag(cm)
@@ -36,38 +77,31 @@ def scores(confusion: np.ndarray, classes: Sequence[ClassInfo]) -> dict[str, Any
             return None if not np.isfinite(a[i]) else round(float(a[i]), 6)
 
         per_class.append(
-            {
-                "id": c.id,
-                "name": c.name,
-                "present": bool(present[i]),
-                "iou": val(iou) if present[i] else None,
-                "precision": val(precision),
-                "recall": val(recall),
-                "f1": val(f1) if present[i] else None,
-                "truth_pixels": int(truth[i]),
-                "predicted_pixels": int(pred[i]),
-            }
+            ClassScores(
+                id=c.id,
+                name=c.name,
+                present=bool(present[i]),
+                iou=val(iou) if present[i] else None,
+                precision=val(precision),
+                recall=val(recall),
+                f1=val(f1) if present[i] else None,
+                truth_pixels=int(truth[i]),
+                predicted_pixels=int(pred[i]),
+            )
         )
+    matrix = tuple(tuple(int(v) for v in row) for row in confusion)
     if total == 0:
-        return {
-            "pixels": 0,
-            "miou": None,
-            "fw_iou": None,
-            "overall_accuracy": None,
-            "kappa": None,
-            "per_class": per_class,
-            "confusion_matrix": confusion.tolist(),
-        }
+        return Scores(0, None, None, None, None, tuple(per_class), matrix)
     oa = tp.sum() / total
     pe = (truth * pred).sum() / total**2
     kappa = (oa - pe) / (1 - pe) if pe < 1 else 1.0
     iou_present = np.where(present, np.nan_to_num(iou), 0.0)
-    return {
-        "pixels": int(total),
-        "miou": round(float(iou_present[present].mean()), 6),
-        "fw_iou": round(float((truth / total * np.nan_to_num(iou)).sum()), 6),
-        "overall_accuracy": round(float(oa), 6),
-        "kappa": round(float(kappa), 6),
-        "per_class": per_class,
-        "confusion_matrix": confusion.tolist(),
-    }
+    return Scores(
+        pixels=int(total),
+        miou=round(float(iou_present[present].mean()), 6),
+        fw_iou=round(float((truth / total * np.nan_to_num(iou)).sum()), 6),
+        overall_accuracy=round(float(oa), 6),
+        kappa=round(float(kappa), 6),
+        per_class=tuple(per_class),
+        confusion_matrix=matrix,
+    )

@@ -45,7 +45,7 @@ def test_every_stage_through_a_scheduler_equals_the_local_cluster(
     np.testing.assert_array_equal(_pixels(remote["classes"]), _pixels(local["classes"]))
     assert_same_polygons(remote["polygons"], local["polygons"])
     for key in ("overall", "regions", "classes"):
-        assert report[key] == expected[key]
+        assert getattr(report, key) == getattr(expected, key)
 
 
 @pytest.mark.slow
@@ -130,7 +130,7 @@ def test_cpu_only_tasks_keep_off_gpu_workers(tmp_path, random_bundle, dask_clien
             predict_scene(random_bundle, SCENE, classes, block=128, scheduler=address)
             remote = evaluate(classes, LABELS, ignore=OTHER, regions=REGIONS, scheduler=address)
             local = evaluate(classes, LABELS, ignore=OTHER, regions=REGIONS, client=dask_client)
-            assert remote["overall"] == local["overall"]
+            assert remote.overall == local.overall
         finally:
             gpu.terminate()
             gpu.wait(timeout=30)

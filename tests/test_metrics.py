@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import rasterio
@@ -36,21 +38,21 @@ def test_confusion_equals_sklearn_overall_and_per_region(nc_run, tmp_path, dask_
         client=dask_client,
     )
     pred, truth, transform, crs = _arrays(nc_run["classes"])
-    ids = [c["id"] for c in report["classes"]]
+    ids = [c.id for c in report.classes]
     east = _inside(EAST, pred.shape, transform, crs)[0]
     valid = (pred != 255) & (truth != 0) & east
     expected = confusion_matrix(truth[valid], pred[valid], labels=ids)
-    np.testing.assert_array_equal(report["overall"]["confusion_matrix"], expected)
+    np.testing.assert_array_equal(report.overall.confusion_matrix, expected)
     masks = _inside(REGIONS, pred.shape, transform, crs)
-    assert [r["name"] for r in report["regions"]] == [
+    assert [r.name for r in report.regions] == [
         "north-west",
         "north-east",
         "south-west",
         "south-east",
     ]
-    for region, m in zip(report["regions"], masks):
+    for region, m in zip(report.regions, masks):
         exp = confusion_matrix(truth[valid & m], pred[valid & m], labels=ids)
-        np.testing.assert_array_equal(region["confusion_matrix"], exp)
+        np.testing.assert_array_equal(region.confusion_matrix, exp)
     assert (tmp_path / "r.json").exists()
 
 
@@ -69,13 +71,13 @@ def test_scores_by_hand():
     cm = np.array([[3, 1, 0], [2, 4, 0], [0, 0, 0]])  # class c absent from truth and prediction
     s = scores(cm, classes)
     iou_a, iou_b = 3 / (4 + 5 - 3), 4 / (6 + 5 - 4)
-    assert s["per_class"][0]["iou"] == pytest.approx(iou_a, abs=1e-6)
-    assert s["per_class"][1]["iou"] == pytest.approx(iou_b, abs=1e-6)
-    assert s["per_class"][2]["present"] is False and s["per_class"][2]["iou"] is None
-    assert s["miou"] == pytest.approx((iou_a + iou_b) / 2, abs=1e-6)
-    assert s["overall_accuracy"] == pytest.approx(0.7)
+    assert s.per_class[0].iou == pytest.approx(iou_a, abs=1e-6)
+    assert s.per_class[1].iou == pytest.approx(iou_b, abs=1e-6)
+    assert s.per_class[2].present is False and s.per_class[2].iou is None
+    assert s.miou == pytest.approx((iou_a + iou_b) / 2, abs=1e-6)
+    assert s.overall_accuracy == pytest.approx(0.7)
     pe = (4 * 5 + 6 * 5) / 100
-    assert s["kappa"] == pytest.approx((0.7 - pe) / (1 - pe), abs=1e-6)
+    assert s.kappa == pytest.approx((0.7 - pe) / (1 - pe), abs=1e-6)
 
 
 def test_truth_codes_missing_from_the_class_map_are_listed(nc_run, make_raster, dask_client):
@@ -88,7 +90,7 @@ def test_truth_codes_missing_from_the_class_map_are_listed(nc_run, make_raster, 
     with pytest.raises(LabelError, match=r"codes \[42\].*code_map.*ignore=\[42\]"):
         evaluate(nc_run["classes"], path, client=dask_client)
     ok = evaluate(nc_run["classes"], path, ignore=[42], client=dask_client)
-    assert ok["overall"]["pixels"] > 0
+    assert ok.overall.pixels > 0
 
 
 def test_region_field_missing_lists_the_fields(nc_run, dask_client):
@@ -156,24 +158,24 @@ def test_iguazu_confusion_equals_sklearn_per_real_region(
         block=700,
         client=dask_client,
     )
-    ids = [c["id"] for c in report["classes"]]
-    assert [c["name"] for c in report["classes"]][:4] == ["water", "crop", "tree", "developed"]
+    ids = [c.id for c in report.classes]
+    assert [c.name for c in report.classes][:4] == ["water", "crop", "tree", "developed"]
     with rasterio.open(iguazu_truth) as src:
         truth = src.read(1)
     gdf = read_vector(shared(regions), "regions")
-    hits = [r["feature"] for r in report["regions"]]
+    hits = [r.feature for r in report.regions]
     masks = _region_masks(shared(regions), iguazu_classes, hits)
     overall, per_region = _expected(iguazu_classes, truth, masks, ids, ignore=[3])
-    np.testing.assert_array_equal(report["overall"]["confusion_matrix"], overall)
-    names = [r["name"] for r in report["regions"]]
+    np.testing.assert_array_equal(report.overall.confusion_matrix, overall)
+    names = [r.name for r in report.regions]
     assert names == [str(gdf[field].iloc[i]) for i in hits]
     if regions == COUNTRIES:
         assert set(names) == {"Paraguay", "Brazil", "Argentina"}
     else:
         assert names == ["21JYM", "21JYN"]
-    for r, exp in zip(report["regions"], per_region):
-        np.testing.assert_array_equal(r["confusion_matrix"], exp)
-        assert r["pixels"] == exp.sum()
+    for r, exp in zip(report.regions, per_region):
+        np.testing.assert_array_equal(r.confusion_matrix, exp)
+        assert r.pixels == exp.sum()
     assert np.asarray(overall)[:, 2].sum() > 0 and np.asarray(overall)[2].sum() == 0  # 3 ignored
 
 
@@ -189,10 +191,10 @@ def test_iguazu_real_labels_as_raster_or_vector_with_a_class_map(
     )
     with rasterio.open(shared(IGUAZU_LABELS)) as src:
         truth = src.read(1)
-    ids = [c["id"] for c in raster["classes"]]
+    ids = [c.id for c in raster.classes]
     overall, _ = _expected(iguazu_classes, truth, [], ids)
-    np.testing.assert_array_equal(raster["overall"]["confusion_matrix"], overall)
-    assert raster["overall"]["pixels"] == overall.sum() > 600  # the 4 polygons, 683 px
+    np.testing.assert_array_equal(raster.overall.confusion_matrix, overall)
+    assert raster.overall.pixels == overall.sum() > 600  # the 4 polygons, 683 px
     # the same polygons as vector truth in other codes, mapped back with class_map
     gdf = read_vector(shared(IGUAZU_POLYGONS), "truth")
     gdf["code"] = gdf["name"].map({"water": 11, "crop": 12, "tree": 13, "developed": 14})
@@ -208,7 +210,7 @@ def test_iguazu_real_labels_as_raster_or_vector_with_a_class_map(
         block=512,
         client=dask_client,
     )
-    assert mapped["overall"] == raster["overall"] and mapped["regions"] == raster["regions"]
+    assert mapped.overall == raster.overall and mapped.regions == raster.regions
     with pytest.raises(LabelError, match=r"\[11, 12, 13, 14\].*code_map"):
         evaluate(iguazu_classes, vector, truth_field="code", client=dask_client)
 
@@ -243,8 +245,8 @@ def test_truth_on_another_grid_needs_resample(iguazu_classes, iguazu_truth, tmp_
             dst_nodata=0,
             resampling=Resampling.nearest,
         )
-    overall, _ = _expected(iguazu_classes, warped, [], [c["id"] for c in report["classes"]])
-    np.testing.assert_array_equal(report["overall"]["confusion_matrix"], overall)
+    overall, _ = _expected(iguazu_classes, warped, [], [c.id for c in report.classes])
+    np.testing.assert_array_equal(report.overall.confusion_matrix, overall)
     far = tmp_path / "far.tif"
     prof.update(transform=rasterio.Affine(60.0, 0, t.c + 1e6, 0, -60.0, t.f))
     with rasterio.open(far, "w", **prof) as dst:
@@ -273,15 +275,20 @@ def test_reports_as_csv_and_html(iguazu_classes, iguazu_truth, tmp_path, dask_cl
         regions=shared(COUNTRIES),
         client=dask_client,
     )
+    saved = json.loads((tmp_path / "r.json").read_text())  # the schema of geoseg/report.py
+    assert saved["overall"]["miou"] == report.overall.miou and saved["class_map"] == {}
+    assert [r["name"] for r in saved["regions"]] == [r.name for r in report.regions]
+    assert saved["regions"][0]["per_class"][1]["iou"] == report.regions[0].per_class[1].iou
+    assert saved["classes"][0] == {"id": 1, "name": "water", "color": report.classes[0].color}
     write_report(report, tmp_path / "r.csv")
     rows = list(csv.DictReader((tmp_path / "r.csv").open()))
     assert len(rows) == 5 * (1 + 3)  # classes x (whole area + 3 countries)
     brazil = [r for r in rows if r["region"] == "Brazil"]
-    src = next(r for r in report["regions"] if r["name"] == "Brazil")
+    src = next(r for r in report.regions if r.name == "Brazil")
     assert [float(r["iou"]) for r in brazil if r["iou"]] == [
-        c["iou"] for c in src["per_class"] if c["iou"] is not None
+        c.iou for c in src.per_class if c.iou is not None
     ]
-    assert float(brazil[0]["region_miou"]) == src["miou"]
+    assert float(brazil[0]["region_miou"]) == src.miou
     absent = [r for r in rows if r["region"] == "(all)" and r["class_name"] == "bare"]
     assert absent[0]["present"] == "True" and absent[0]["truth_pixels"] == "0"
     # the page as evaluate writes it, which reads the pictures for write_report
@@ -308,8 +315,8 @@ def test_class_map_without_metadata_falls_back_to_ids(make_raster, tmp_path, das
     bare = make_raster("bare.tif", codes[None], **prof)
     with pytest.warns(UserWarning, match="no class metadata"):
         report = evaluate(bare, LABELS, client=dask_client)
-    assert [c["name"] for c in report["classes"]] == [f"class {i}" for i in range(1, 8)]
-    assert report["overall"]["miou"] == 1.0
+    assert [c.name for c in report.classes] == [f"class {i}" for i in range(1, 8)]
+    assert report.overall.miou == 1.0
 
 
 def test_html_report_renders_in_headless_chromium(

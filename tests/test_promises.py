@@ -164,7 +164,7 @@ def test_classes_and_class_map_as_yaml_files(tmp_path, dask_client, nc_run):
     assert reports[0]["class_map"] == {"2": 1, "3": 1, "4": 5}
     assert reports[0]["overall"] == reports[1]["overall"]
     direct = evaluate(nc_run["classes"], LABELS, code_map={2: 1, 3: 1, 4: 5}, client=dask_client)
-    assert reports[0]["overall"] == direct["overall"]
+    assert reports[0]["overall"] == direct.overall.to_dict()
 
 
 def test_perimeter_and_area_of_known_shapes(make_raster, tmp_path, dask_client):
@@ -188,12 +188,12 @@ def test_frequency_weighted_iou_worked_by_hand():
     c = [ClassInfo(1, "a", "#000000"), ClassInfo(2, "b", "#ffffff"), ClassInfo(3, "c", "#ff0000")]
     # rows truth, columns prediction: truth a=4, b=2, c=0 px; class c never appears
     s = scores(np.array([[3, 1, 0], [0, 2, 0], [0, 0, 0]]), c)
-    assert s["per_class"][0]["iou"] == pytest.approx(3 / 4)  # 3 / (4 + 3 - 3)
-    assert s["per_class"][1]["iou"] == pytest.approx(2 / 3)  # 2 / (2 + 3 - 2)
-    assert s["per_class"][2]["iou"] is None and not s["per_class"][2]["present"]
-    assert s["fw_iou"] == pytest.approx(4 / 6 * 3 / 4 + 2 / 6 * 2 / 3, abs=1e-6)
-    assert s["miou"] == pytest.approx((3 / 4 + 2 / 3) / 2, abs=1e-6)
-    assert s["overall_accuracy"] == pytest.approx(5 / 6, abs=1e-6)
+    assert s.per_class[0].iou == pytest.approx(3 / 4)  # 3 / (4 + 3 - 3)
+    assert s.per_class[1].iou == pytest.approx(2 / 3)  # 2 / (2 + 3 - 2)
+    assert s.per_class[2].iou is None and not s.per_class[2].present
+    assert s.fw_iou == pytest.approx(4 / 6 * 3 / 4 + 2 / 6 * 2 / 3, abs=1e-6)
+    assert s.miou == pytest.approx((3 / 4 + 2 / 3) / 2, abs=1e-6)
+    assert s.overall_accuracy == pytest.approx(5 / 6, abs=1e-6)
 
 
 @pytest.mark.slow
@@ -204,10 +204,10 @@ def test_the_iguazu_workflow_maps_and_scores_per_country(tmp_path, dask_client):
     with rasterio.open(result.outputs["classes"]) as src:
         assert src.shape == (1860, 2041) and src.crs is not None
     assert len(gpd.read_file(result.outputs["polygons"])) > 0
-    countries = {r["name"] for r in result.report["regions"]}
+    countries = {r.name for r in result.report.regions}
     assert {"Paraguay", "Brazil", "Argentina"} <= countries
-    assert result.report["overall"]["pixels"] == 683  # every labelled pixel is scored
-    assert result.report["overall"]["miou"] is not None
+    assert result.report.overall.pixels == 683  # every labelled pixel is scored
+    assert result.report.overall.miou is not None
 
 
 def test_write_class_metadata_is_what_vectorize_names(make_raster, tmp_path, dask_client):

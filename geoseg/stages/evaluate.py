@@ -43,7 +43,14 @@ from geoseg.labels import (
     map_codes,
     raster_values,
 )
-from geoseg.report import QUICKLOOK_PX, QuickLook, check_report_path, write_report
+from geoseg.report import (
+    QUICKLOOK_PX,
+    EvaluationReport,
+    QuickLook,
+    RegionScores,
+    check_report_path,
+    write_report,
+)
 from geoseg.scoring import scores
 from geoseg.tasks.evaluate import block_class_ids, block_counts
 from geoseg.tiling import MIN_BLOCK, block_windows
@@ -68,7 +75,7 @@ def evaluate(
     workers: int | None = None,
     scheduler: str | None = None,
     overwrite: bool = False,
-) -> dict[str, Any]:
+) -> EvaluationReport:
     """Score the class map ``class_map`` (a raster of class ids) against ``truth``; write the
     report to ``output``.
 
@@ -101,7 +108,8 @@ def evaluate(
 
     Returns
     -------
-    dict: the report (see :mod:`geoseg.report` for its keys).
+    EvaluationReport: the scores and what was scored (:meth:`~geoseg.report.EvaluationReport.to_dict`
+    gives the JSON schema of :mod:`geoseg.report`).
 
     Raises
     ------
@@ -177,25 +185,26 @@ def evaluate(
             f"have ({list(ids)}); map them with {option('--class-map', None)} or leave them out "
             f"with {option('--ignore', sorted(total.unknown))}"
         )
-    report: dict[str, Any] = {
-        "prediction": profile.path,
-        "truth": truth,
-        "truth_field": spec.field,
-        "regions_file": region_path,
-        "region_field": region_field or ("name" if region_path else None),
-        "within": within,
-        "class_map": {str(k): v for k, v in (code_map or {}).items()},
-        "ignore": list(ignore),
-        "resample": resample,
-        "classes": [c.__dict__ for c in classes],
-        "miou_definition": "mean IoU over classes present in truth or prediction",
-        "overall": scores(total.confusion[0], classes),
-        "regions": [
-            {"name": n, "feature": positions[i], **scores(total.confusion[i + 1], classes)}
+    report = EvaluationReport(
+        prediction=profile.path,
+        truth=truth,
+        truth_field=spec.field,
+        regions_file=region_path,
+        region_field=region_field or ("name" if region_path else None),
+        within=within,
+        code_map=dict(pairs),
+        ignore=tuple(ignore),
+        resample=resample,
+        classes=tuple(classes),
+        overall=scores(total.confusion[0], classes),
+        regions=tuple(
+            RegionScores(
+                **vars(scores(total.confusion[i + 1], classes)), name=n, feature=positions[i]
+            )
             for i, n in enumerate(region_names)
-        ],
-    }
-    if report["overall"]["pixels"] == 0:
+        ),
+    )
+    if report.overall.pixels == 0:
         warnings.warn(
             "no pixel is both predicted and labelled: do the rasters overlap?", stacklevel=2
         )
@@ -254,12 +263,12 @@ def _check_regions(path: str, field: str | None, profile: Any) -> tuple[list[str
     return [str(v) for v in inside[field]], tuple(int(i) for i in inside.index)
 
 
-def quick_look(report: dict[str, Any], max_px: int = QUICKLOOK_PX) -> QuickLook:
+def quick_look(report: EvaluationReport, max_px: int = QUICKLOOK_PX) -> QuickLook:
     """Read what the HTML report pictures (:class:`geoseg.report.QuickLook`): the class map
     and the truth of ``report`` on one small grid (nearest neighbour; the longer side
     ``max_px``), truth codes ignored or mapped as they were scored, and the scored regions'
     outlines on that grid."""
-    with rasterio.open(report["prediction"]) as src:
+    with rasterio.open(report.prediction) as src:
         scale = max(src.height, src.width) / max_px
         shape = (max(1, round(src.height / scale)), max(1, round(src.width / scale)))
         pred = src.read(1, out_shape=shape, resampling=Resampling.nearest).astype(np.int64)
@@ -269,10 +278,10 @@ def quick_look(report: dict[str, Any], max_px: int = QUICKLOOK_PX) -> QuickLook:
         crs, grid = src.crs, (src.crs, src.transform, src.width, src.height)
     left, top = transform * (0, 0)
     right, bottom = transform * (shape[1], shape[0])
-    truth_path = report["truth"]
+    truth_path = report.truth
     if is_vector_path(truth_path):
         gdf = read_vector(truth_path, "truth", crs, bounds=(left, bottom, right, top))
-        field = report.get("truth_field")
+        field = report.truth_field
         truth = rasterize(
             ((g, int(v)) for g, v in zip(gdf.geometry, gdf[field]) if v is not None),
             out_shape=shape,
@@ -293,17 +302,16 @@ def quick_look(report: dict[str, Any], max_px: int = QUICKLOOK_PX) -> QuickLook:
             ) as vrt:
                 masked = vrt.read(1, out_shape=shape, resampling=Resampling.nearest, masked=True)
         truth = np.where(np.ma.getmaskarray(masked), -1, masked.filled(0)).astype(np.int64)
-    ignored = np.isin(truth, list(report.get("ignore") or ()))  # truth codes, before mapping
-    mapping = {int(k): int(v) for k, v in (report.get("class_map") or {}).items()}
-    truth = map_codes(truth, mapping)
+    ignored = np.isin(truth, list(report.ignore))  # truth codes, before mapping
+    truth = map_codes(truth, report.code_map)
     truth[ignored] = -1
     regions: dict[int, Any] = {}
-    if report.get("regions_file"):
+    if report.regions_file:
         frame = shapely.box(left, bottom, right, top)
-        gdf = read_vector(report["regions_file"], "regions", crs, bounds=frame.bounds)
+        gdf = read_vector(report.regions_file, "regions", crs, bounds=frame.bounds)
         inv = ~transform
-        for r in report["regions"]:
-            geom = gdf.geometry.loc[r["feature"]].intersection(frame)
+        for r in report.regions:
+            geom = gdf.geometry.loc[r.feature].intersection(frame)
             px = shapely.transform(geom, lambda xy: np.column_stack(inv * (xy[:, 0], xy[:, 1])))
-            regions[int(r["feature"])] = px.simplify(0.5)
+            regions[r.feature] = px.simplify(0.5)
     return QuickLook(pred, truth, regions)

@@ -680,12 +680,12 @@ def train(
                             sc = scores(first.confusion, class_list)
                             row.update(
                                 val_loss=round(first.val_loss or 0.0, 6),
-                                val_miou=sc["miou"],
-                                val_accuracy=sc["overall_accuracy"],
-                                val_iou={c["name"]: c["iou"] for c in sc["per_class"]},
+                                val_miou=sc.miou,
+                                val_accuracy=sc.overall_accuracy,
+                                val_iou=sc.iou_by_name(),
                             )
-                            note += f" val loss {first.val_loss:.4f} mIoU {sc['miou']:.3f}"
-                            better = best is None or (sc["miou"] or 0.0) > best["miou"]
+                            note += f" val loss {first.val_loss:.4f} mIoU {sc.miou or 0.0:.3f}"
+                            better = best is None or (sc.miou or 0.0) > best["miou"]
                         else:
                             better = True  # no validation: the last epoch is the one kept
                         if better:
