@@ -306,8 +306,8 @@ def train(
         )
     half = len(inputs) // 2
     result = run(
-        list(inputs[:half]),
-        list(inputs[half:]),
+        list(zip(inputs[:half], inputs[half:])),
+        None,
         output,
         arch_args=_kv(arch_args),
         bands=_ints(bands),
@@ -397,8 +397,8 @@ def predict(
     from geoseg.stages.predict import predict_scenes
 
     _setup_logging(verbose, quiet)
-    options = {"min_area": min_area, "simplify": simplify}
-    for r in predict_scenes(bundle, list(scenes), output, vectorize_options=options, **kw):
+    runs = predict_scenes(bundle, list(scenes), output, min_area=min_area, simplify=simplify, **kw)
+    for r in runs:
         also = [str(p) for p in (r.probabilities, r.polygons) if p]
         click.echo(f"wrote {r.path}" + "".join(f" and {p}" for p in also))
 

@@ -1,7 +1,8 @@
 """Connecting to Dask: the embedded ``LocalCluster`` or an existing scheduler.
 
-``--workers N`` starts a ``LocalCluster`` of N worker processes (one thread each); ``--scheduler
-ADDRESS`` (or ``DASK_SCHEDULER_ADDRESS``) connects to a running cluster. Dask workers start with
+``workers=N`` (``--workers N``) starts a ``LocalCluster`` of N worker processes (one thread
+each); ``scheduler=ADDRESS`` (``--scheduler``, or ``DASK_SCHEDULER_ADDRESS``) connects to a
+running cluster; ``client=`` uses a ``distributed.Client`` as it is. Dask workers start with
 ``OMP_NUM_THREADS=1``, so torch in a worker would use one thread; :func:`prepare` gives each
 worker's tasks its share of the machine's cores instead (:func:`geoseg.tasks.torch_threads`).
 """
@@ -23,7 +24,7 @@ from distributed.comm import parse_address
 from distributed.comm.registry import backends
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from geoseg.errors import ClusterError
+from geoseg.errors import AsCaller, ClusterError, again, option
 from geoseg.io import describe_window
 from geoseg.progress import Progress
 from geoseg.tasks import TORCH_THREADS
@@ -73,7 +74,7 @@ def session(
     current client (``distributed.get_client()``, such as one the caller made) is used, and
     without one a local cluster is started for the block and closed after.
 
-    ``gpu``: the work may use GPUs (``--device auto`` or ``cuda``). On a machine with GPUs the
+    ``gpu``: the work may use GPUs (device ``auto`` or ``cuda``). On a machine with GPUs the
     local cluster then has one worker per GPU by default, each declaring the ``GPU`` resource:
     dask-cuda's ``LocalCUDACluster`` when it is installed (``pip install 'geoseg[cuda]'``), which
     gives each worker its own GPU; else a ``LocalCluster``, whose workers all use the first GPU.
@@ -88,7 +89,9 @@ def session(
         return
     if address:
         if workers is not None:
-            log.warning("--workers is ignored with --scheduler %s", address)
+            log.warning(
+                "%s is ignored with %s", option("--workers", None), option("--scheduler", address)
+            )
         with connect(address) as client, client.as_current():
             yield prepare(client)
         return
@@ -107,7 +110,7 @@ def local_cluster(
     gpus = _cuda_devices() if gpu else 0
     n = workers or gpus or default_workers()
     if n < 1:
-        raise ClusterError(f"--workers must be at least 1, got {n}")
+        raise ClusterError(f"{option('--workers', None)} must be at least 1, got {n}")
     use_geoseg_defaults()
     config = {
         "logging.distributed": "error",
@@ -166,7 +169,7 @@ def _local_cluster(n: int, gpus: int) -> Any:
     if gpus > 1:
         log.warning(
             "%d local workers on %d GPUs share the first GPU; for one worker per GPU install "
-            "dask-cuda (pip install 'geoseg[cuda]') and leave --workers at its default",
+            f"dask-cuda (pip install 'geoseg[cuda]') and leave {option('--workers', None)} at its default",
             n,
             gpus,
         )
@@ -203,7 +206,7 @@ def _local_instead(address: str) -> str:
     from."""
     if os.environ.get("DASK_SCHEDULER_ADDRESS") == address:
         return "unset DASK_SCHEDULER_ADDRESS (it names this address) to use a local cluster"
-    return "drop --scheduler to use a local cluster"
+    return f"drop {option('--scheduler', None)} to use a local cluster"
 
 
 def _check_address(address: str) -> None:
@@ -259,8 +262,9 @@ def task_resources(client: Any, device: str) -> dict[str, int] | None:
     workers = workers_info(client).values()
     if not any(w.get("resources", {}).get(GPU, 0) >= 1 for w in workers):
         raise ClusterError(
-            "--device cuda: no Dask worker declares a GPU; start workers on GPU machines with "
-            "'dask worker ADDRESS --resources GPU=1', or use --device auto"
+            f"{option('--device', 'cuda')}: no Dask worker declares a GPU; start workers on GPU "
+            f"machines with 'dask worker ADDRESS --resources GPU=1', or use "
+            f"{option('--device', 'auto')}"
         )
     return {GPU: 1}
 
@@ -325,6 +329,7 @@ def run_tasks(
     index: dict[Any, int] = {}
     todo = iter(range(len(items)))
     running = as_completed(loop=client.loop)  # the client given, not the default one
+    task = AsCaller(fn)  # messages raised on a worker name options as the caller does
 
     def feed(slots: int) -> None:
         while len(index) < slots:
@@ -332,7 +337,7 @@ def run_tasks(
             if i is None:
                 return
             fut = client.submit(
-                fn, items[i], *args, pure=False, resources=resources, workers=where, **kwargs
+                task, items[i], *args, pure=False, resources=resources, workers=where, **kwargs
             )
             index[fut.key] = i
             running.add(fut)
@@ -342,7 +347,7 @@ def run_tasks(
         feed(slots)
     else:
         futures = client.map(
-            fn,
+            task,
             items,
             *[[a] * len(items) for a in args],
             pure=False,
@@ -386,11 +391,12 @@ def task_result(future: Any, label: str, item: Any) -> Any:
         pass  # raised outside the handler: Dask's long message need not travel with ours
 
     deaths = dask.config.get("distributed.scheduler.allowed-failures") + 1
-    again = "; the same command run again keeps the finished blocks" if label == "predict" else ""
+    rerun = f"; {again()} run again keeps the finished blocks" if label == "predict" else ""
     raise ClusterError(
         f"{label}: the workers running {_describe(item)} died {deaths} "
         f"time{'s' if deaths != 1 else ''}, so Dask gave up on it; if they ran out of memory, "
-        f"use a smaller --block or give the workers more (--memory-limit){again}"
+        f"use a smaller {option('--block', None)} or give the workers more memory "
+        f"('dask worker --memory-limit'){rerun}"
     )
 
 

@@ -31,6 +31,33 @@ def command_line() -> Iterator[None]:
 _KEYWORDS = {"--class-map": "code_map"}
 
 
+def again() -> str:
+    """How the caller runs the same work again: "the same command" or "the same call"."""
+    return "the same command" if _COMMAND_LINE.get() else "the same call"
+
+
+class AsCaller:
+    """``fn`` as a Dask task that names options the way its caller does: the command-line
+    setting is read when the task is made and set again where it runs, so a message raised on
+    a worker says ``--lr`` to the ``geoseg`` command and ``lr=`` to a Python caller. Dask names
+    the task after ``fn``."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+        self.command_line = _COMMAND_LINE.get()
+        self.__name__ = getattr(fn, "__name__", "task")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        token = _COMMAND_LINE.set(self.command_line)
+        try:
+            return self.fn(*args, **kwargs)
+        finally:
+            _COMMAND_LINE.reset(token)
+
+    def __dask_tokenize__(self) -> tuple[str, str, bool]:
+        return (getattr(self.fn, "__module__", ""), self.__name__, self.command_line)
+
+
 def option(flag: str, value: Any = True) -> str:
     """The option ``flag`` (as on the command line, ``--allow-no-crs``) set to ``value``, the
     way the caller writes it: ``--allow-no-crs`` / ``--block 256`` / ``--ignore 1,2`` on the

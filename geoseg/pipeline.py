@@ -69,7 +69,15 @@ def demo_workflow() -> Path:
 
 
 # the options a workflow may not set in a stage: the pipeline sets them itself
-_SET_BY_PIPELINE = {"workers", "scheduler", "client", "overwrite", "polygons", "vectorize_options"}
+_SET_BY_PIPELINE = {
+    "workers",
+    "scheduler",
+    "client",
+    "overwrite",
+    "polygons",
+    "min_area",
+    "simplify",
+}
 # options that name files, resolved against the workflow file's folder
 _PATH_KEYS = {
     "train": ("classes", "within", "val_region", "augment", "resume"),

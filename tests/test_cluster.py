@@ -299,7 +299,8 @@ def test_a_task_that_keeps_killing_its_worker_is_one_clear_error():
     message = str(err.value)
     assert "\n" not in message
     assert "block at rows 1024-1152, columns 512-768 died 2 times" in message
-    assert "--block" in message
+    assert "use a smaller block or give the workers more memory" in message  # a Python caller
+    assert "the same call run again keeps the finished blocks" in message
 
 
 def test_a_gpu_machine_gets_one_local_worker_per_gpu(monkeypatch, caplog):

@@ -729,3 +729,17 @@ def test_training_a_full_size_model_sends_no_large_graph(tmp_path):
     )  # fmt: skip
     assert r.exit_code == 0, r.stderr
     assert "large graph" not in r.stderr and "geoseg: warning" not in r.stderr
+
+
+def test_messages_raised_on_a_worker_name_options_as_the_caller_does(dask_client):
+    from geoseg.errors import AsCaller, ConfigError, command_line
+    from geoseg.tasks.predict import resolve_precision
+
+    python = dask_client.submit(AsCaller(resolve_precision), "fp16", "cpu", pure=False)
+    with command_line():  # as under the geoseg command
+        cli = dask_client.submit(AsCaller(resolve_precision), "fp16", "cpu", pure=False)
+    with pytest.raises(ConfigError, match=r"^precision='fp16' needs a GPU"):
+        python.result()
+    with pytest.raises(ConfigError, match=r"^--precision fp16 needs a GPU"):
+        cli.result()
+    assert cli.key.startswith("resolve_precision-")  # the task keeps its name in Dask

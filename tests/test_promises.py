@@ -16,6 +16,7 @@ import yaml
 
 from geoseg import load_bundle
 from geoseg.classes import ClassInfo
+from geoseg.errors import ConfigError
 from geoseg.io import write_class_metadata
 from geoseg.pipeline import run_workflow
 from geoseg.scoring import scores
@@ -91,13 +92,26 @@ def test_polygons_with_several_scenes_go_to_a_folder(random_bundle, tmp_path, da
     other = tmp_path / "other.tif"
     shutil.copy(SCENE, other)
     maps, polys = tmp_path / "maps", tmp_path / "polys"
+    with pytest.raises(ConfigError, match="must not be negative"):  # before any block runs
+        predict_scenes(
+            random_bundle, [SCENE, other], maps, polygons=polys, min_area=-1, client=dask_client
+        )
+    assert not maps.exists()
     predict_scenes(
-        random_bundle, [SCENE, other], maps, block=256, polygons=polys, client=dask_client
-    )
+        random_bundle, [SCENE, other], maps, block=256, polygons=polys, simplify=60,
+        client=dask_client,
+    )  # fmt: skip
     for name in (SCENE.stem, other.stem):
         expected = tmp_path / f"{name}_expected.gpkg"
-        vectorize(maps / f"{name}.tif", expected, client=dask_client)
+        vectorize(maps / f"{name}.tif", expected, simplify=60, client=dask_client)
         assert_same_polygons(polys / f"{name}.gpkg", expected)
+    plain = tmp_path / "plain.gpkg"
+    vectorize(maps / f"{SCENE.stem}.tif", plain, client=dask_client)
+    vertices = [
+        shapely.get_num_coordinates(gpd.read_file(f).geometry).sum()
+        for f in (plain, polys / f"{SCENE.stem}.gpkg")
+    ]
+    assert vertices[0] != vertices[1]  # simplify reached the polygons
 
 
 def test_dask_scheduler_address_sends_the_work_to_that_cluster(

@@ -153,8 +153,10 @@ def test_bad_training_inputs_get_clear_errors(tmp_path, make_raster, dask_client
     out = tmp_path / "m.bundle"
     with pytest.raises(BandMismatchError, match=r"bands 1-6; the model reads bands \[1, 7\]"):
         train(SCENE, LABELS, out, bands=[1, 7], client=dask_client)
-    with pytest.raises(ConfigError, match="one label file per scene"):
-        train([SCENE, SCENE], [LABELS], out, client=dask_client)
+    with pytest.raises(ConfigError, match=r"list of \(scene, labels\) pairs, with labels=None"):
+        train([SCENE, SCENE], [LABELS], out, client=dask_client)  # parallel lists: refused
+    with pytest.raises(ConfigError, match="needs its labels"):
+        train(SCENE, None, out, client=dask_client)
     with pytest.raises(ConfigError, match="give val_region or val_fraction, not both"):
         train(SCENE, LABELS, out, val_region=EAST, val_fraction=0.2, client=dask_client)
     other = make_raster("shifted.tif", np.ones((50, 60), "uint8"), nodata=0)

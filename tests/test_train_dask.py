@@ -279,4 +279,5 @@ def test_a_non_finite_loss_names_the_batch_and_its_windows(tmp_path):
             workers=1,  # one rank: the message names rank 0
         )
     assert "windows: nc_landsat7_2000.tif rows" in str(e.value)
+    assert "lower lr or check" in str(e.value)  # raised on a worker, named for a Python caller
     assert not (tmp_path / "m.bundle").exists()

@@ -46,10 +46,12 @@ from geoseg.cluster import (
     workers_info,
 )
 from geoseg.errors import (
+    AsCaller,
     BandMismatchError,
     ConfigError,
     Interrupted,
     NoCRSError,
+    again,
     check_range,
     option,
 )
@@ -68,7 +70,7 @@ from geoseg.io import (
     write_class_metadata,
 )
 from geoseg.progress import Progress
-from geoseg.stages.vectorize import FORMATS, output_format, vectorize
+from geoseg.stages.vectorize import FORMATS, check_polygon_settings, output_format, vectorize
 from geoseg.tasks.predict import (
     Accumulated,
     BlockJob,
@@ -162,7 +164,8 @@ def predict_scenes(
     allow_no_crs: bool = False,
     strict: bool = False,
     polygons: str | os.PathLike[str] | None = None,
-    vectorize_options: dict[str, Any] | None = None,
+    min_area: float = 0.0,
+    simplify: float = 0.0,
     client: Any = None,
     workers: int | None = None,
     scheduler: str | None = None,
@@ -205,10 +208,10 @@ def predict_scenes(
     strict
         Refuse a scene whose values, pixel size or CRS differ from the training scene's
         (:func:`geoseg.bundle.compare_scene`); without it each difference is a warning.
-    polygons, vectorize_options
+    polygons, min_area, simplify
         Also turn each class map into polygons on the same cluster
-        (:func:`geoseg.stages.vectorize.vectorize` with ``vectorize_options``, e.g. ``min_area``): with
-        one scene, the polygon file to write; with several, a folder that receives
+        (:func:`geoseg.stages.vectorize.vectorize`, with its ``min_area`` and ``simplify``):
+        with one scene, the polygon file to write; with several, a folder that receives
         ``<scene name>.gpkg`` for each.
     client, workers, scheduler
         Where to run: a ``distributed.Client``; else a local cluster of ``workers`` processes,
@@ -254,6 +257,7 @@ def predict_scenes(
         if probabilities:
             check_output(probabilities_path(out), overwrite, inputs=inputs, what="probabilities")
     polygon_outs = _polygon_outputs(outs, polygons, overwrite, inputs)
+    check_polygon_settings(min_area, simplify)
     # each scene's header is read once, here: for a GDAL URL every read is a request
     profiles = [read_profile(s) for s in scene_paths]
     for profile in profiles:
@@ -269,7 +273,7 @@ def predict_scenes(
             )  # fmt: skip
             return _run(
                 b, bundle, plans, profiles, outs, polygon_outs, locks, opts,
-                vectorize_options=vectorize_options, client=client, workers=workers,
+                polygon_settings=(min_area, simplify), client=client, workers=workers,
                 scheduler=scheduler, overwrite=overwrite,
             )  # fmt: skip
         except KeyboardInterrupt:
@@ -318,7 +322,7 @@ def _progress_note(plans: list[_Plan]) -> str:
     if not any(n for _, n in done):
         return "no block was finished"
     counts = ", ".join(f"{n} of {len(p.cores)} blocks of {p.out}" for p, n in done)
-    return f"{counts} are done; the same command run again computes only the others"
+    return f"{counts} are done; {again()} run again computes only the others"
 
 
 def _run(
@@ -331,7 +335,7 @@ def _run(
     locks: contextlib.ExitStack,
     opts: PredictOptions,
     *,
-    vectorize_options: dict[str, Any] | None,
+    polygon_settings: tuple[float, float],
     client: Any,
     workers: int | None,
     scheduler: str | None,
@@ -426,9 +430,10 @@ def _run(
                     vectorize(
                         p.out,
                         poly_path,
+                        min_area=polygon_settings[0],
+                        simplify=polygon_settings[1],
                         client=client,
                         overwrite=overwrite,
-                        **(vectorize_options or {}),
                     )
                 done.append(
                     PredictResult(
@@ -480,7 +485,7 @@ def _run_shared_windows(
             for k in sources[key]:
                 if k not in futures:
                     futures[k] = client.submit(
-                        accumulate_block,
+                        AsCaller(accumulate_block),
                         BlockJob(by_key[k], p.profile.path, p.grid, str(p.parts)),
                         bundle_path,
                         [x for x in p.todo if _touches(reach[k], x)],

@@ -33,6 +33,7 @@ from geoseg.bundle import BandInfo, Contract, save_bundle
 from geoseg.classes import ClassInfo
 from geoseg.cluster import run_tasks, scheduler_address, session, task_resources, workers_info
 from geoseg.errors import (
+    AsCaller,
     BandMismatchError,
     ConfigError,
     GeosegError,
@@ -93,10 +94,30 @@ def _class_weights(counts: dict[int, int], classes: Sequence[ClassInfo]) -> tupl
     return tuple(float(v) for v in w)
 
 
-def _as_list(items: Any) -> list[str]:
-    if isinstance(items, (str, os.PathLike)):
-        return [str(items)]
-    return [str(i) for i in items]
+def _scene_pairs(scenes: Any, labels: Any) -> list[tuple[str, str]]:
+    """``(scene, labels)`` pairs from one scene and its labels, or from a list of pairs."""
+    if isinstance(scenes, (str, os.PathLike)):
+        if not isinstance(labels, (str, os.PathLike)):
+            raise ConfigError(
+                f"scene {str(scenes)!r} needs its labels: a class raster or a vector file, "
+                f"got {labels!r}"
+            )
+        return [(str(scenes), str(labels))]
+    pairs = list(scenes)
+    if labels is not None or not pairs or not all(_is_pair(p) for p in pairs):
+        raise ConfigError(
+            "several scenes are given as a list of (scene, labels) pairs, with labels=None: "
+            f"got scenes={scenes!r}, labels={labels!r}"
+        )
+    return [(str(s), str(lb)) for s, lb in pairs]
+
+
+def _is_pair(item: Any) -> bool:
+    return (
+        isinstance(item, (tuple, list))
+        and len(item) == 2
+        and all(isinstance(x, (str, os.PathLike)) for x in item)
+    )
 
 
 def split_cell(window: int) -> int:
@@ -225,7 +246,7 @@ def _run_epoch(
         warnings.filterwarnings("ignore", message="Sending large graph")
         futures = [
             client.submit(
-                train_epoch,
+                AsCaller(train_epoch),
                 state,
                 cfg,
                 epoch,
@@ -470,8 +491,10 @@ def plan_training(
 
 
 def train(
-    scenes: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
-    labels: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    scenes: str
+    | os.PathLike[str]
+    | Sequence[tuple[str | os.PathLike[str], str | os.PathLike[str]]],
+    labels: str | os.PathLike[str] | None,
     output: str | os.PathLike[str],
     *,
     label_field: str | None = _D.label_field,
@@ -508,8 +531,9 @@ def train(
     Parameters
     ----------
     scenes, labels
-        Training scenes (paths or GDAL URLs) and, for each, its labels: a class raster on the
-        scene's grid, or a vector file whose ``label_field`` holds codes.
+        One training scene (a path or GDAL URL) and its labels: a class raster on the scene's
+        grid, or a vector file whose ``label_field`` holds codes. For several scenes, ``scenes``
+        is a list of ``(scene, labels)`` pairs and ``labels`` is ``None``.
     output
         The bundle to write. Beside it: ``NAME.checkpoint`` (after every epoch) and
         ``NAME.log.jsonl`` (a line per epoch).
@@ -559,13 +583,9 @@ def train(
     given = locals()
     config = TrainConfig(**{f.name: given[f.name] for f in fields(TrainConfig)})  # checks them
     # every path is resolved here: workers may run in other folders, or on other machines
-    scene_list = [resolve_path(s) for s in _as_list(scenes)]
-    label_list = [resolve_path(lb) for lb in _as_list(labels)]
-    if not scene_list or len(scene_list) != len(label_list):
-        raise ConfigError(
-            f"got {len(scene_list)} scenes and {len(label_list)} label files; give one label "
-            "file per scene: SCENE... LABELS..."
-        )
+    pairs = _scene_pairs(scenes, labels)
+    scene_list = [resolve_path(s) for s, _ in pairs]
+    label_list = [resolve_path(lb) for _, lb in pairs]
     if device != "cuda" or (client is None and not scheduler_address(scheduler)):
         resolve_device(device)  # a local cluster: no GPU for --device cuda fails here
     area = resolve_path(within) if within is not None else None

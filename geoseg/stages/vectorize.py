@@ -315,6 +315,15 @@ def _frame(
     return gdf.to_crs(out_crs) if out_crs is not None and len(gdf) else gdf
 
 
+def check_polygon_settings(min_area: float, simplify: float) -> None:
+    """Refuse a negative ``min_area`` or ``simplify``."""
+    if min_area < 0 or simplify < 0:
+        raise ConfigError(
+            f"{option('--min-area', None)} and {option('--simplify', None)} must not be negative, "
+            f"got {min_area} and {simplify}"
+        )
+
+
 def vectorize(
     class_map: str | os.PathLike[str],
     output: str | os.PathLike[str],
@@ -376,11 +385,7 @@ def vectorize(
                 "a PROJ string or WKT",
                 found=crs,
             ) from None
-    if min_area < 0 or simplify < 0:
-        raise ConfigError(
-            f"{option('--min-area', None)} and {option('--simplify', None)} must not be negative, "
-            f"got {min_area} and {simplify}"
-        )
+    check_polygon_settings(min_area, simplify)
     if driver == "Parquet":
         try:
             import pyarrow  # noqa: F401

@@ -27,7 +27,7 @@ from rasterio.windows import intersection as window_intersection
 from geoseg.blending import window_weights
 from geoseg.bundle import Bundle, load_bundle
 from geoseg.classes import NODATA
-from geoseg.errors import ConfigError
+from geoseg.errors import ConfigError, option
 from geoseg.io import read_scene_window, standardize
 from geoseg.tasks import torch_threads
 from geoseg.tiling import WindowGrid, spans
@@ -44,7 +44,8 @@ def resolve_device(device: str) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
-            "--device cuda was asked for but this worker has no CUDA GPU; use auto or cpu"
+            f"{option('--device', 'cuda')} was asked for but this worker has no CUDA GPU; "
+            "use auto or cpu"
         )
     return device
 
@@ -58,7 +59,9 @@ def resolve_precision(precision: str, device: str) -> str:
         )
     if precision != "auto":
         if precision == "fp16" and device == "cpu":
-            raise ConfigError("--precision fp16 needs a GPU; use bf16 or fp32 on a CPU")
+            raise ConfigError(
+                f"{option('--precision', 'fp16')} needs a GPU; use bf16 or fp32 on a CPU"
+            )
         return precision
     if device == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"

@@ -15,7 +15,7 @@ from rasterio.windows import Window
 
 from geoseg.augment import build_augmenter
 from geoseg.classes import NODATA
-from geoseg.errors import LabelError
+from geoseg.errors import LabelError, option
 from geoseg.io import (
     SceneProfile,
     raster_bounds,
@@ -268,8 +268,8 @@ class TrainingSampler:
             raise LabelError(f"unknown sampler {mode!r}; expected one of {', '.join(SAMPLERS)}")
         if len(table.anchors) == 0:
             raise LabelError(
-                "no labelled training pixel to draw windows from; check the labels, --within "
-                "and the validation split"
+                "no labelled training pixel to draw windows from; check the labels, "
+                f"{option('--within', None)} and the validation split"
             )
         self.specs, self.table, self.mode = list(specs), table, mode
         seed = [seed] if isinstance(seed, int) else list(seed)
@@ -342,5 +342,5 @@ class TrainingSampler:
         raise LabelError(
             f"no window of {self.specs[0].window} px with a labelled, valid pixel, inside the "
             f"training area and clear of validation pixels, found in {max_tries} tries; use a "
-            "smaller --window, a larger area or a smaller validation share"
+            f"smaller {option('--window', None)}, a larger area or a smaller validation share"
         )

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from geoseg.classes import NODATA
-from geoseg.errors import TrainingError
+from geoseg.errors import TrainingError, option
 from geoseg.io import (
     describe_window,
 )
@@ -171,7 +171,7 @@ def train_epoch(
                             if bad_here
                             else " on another rank"
                         )
-                        + "; lower --lr or check the scenes for extreme values"
+                        + f"; lower {option('--lr', None)} or check the scenes for extreme values"
                     )
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
