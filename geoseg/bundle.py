@@ -23,7 +23,7 @@ from torch import nn
 
 from geoseg.classes import ClassInfo
 from geoseg.errors import BandMismatchError, BundleError
-from geoseg.io import SceneProfile, atomic_output, check_input, crs_equivalent, read_scene_window
+from geoseg.io import SceneProfile, atomic_output, check_input, crs_equivalent, read_scene
 from geoseg.models import create_model
 
 FORMAT = "geoseg.bundle/1"
@@ -98,10 +98,34 @@ class Bundle:
         """Model output index -> the users' class code."""
         return np.array([c.id for c in self.classes], dtype=np.uint8)
 
+    @property
+    def band_names(self) -> list[str]:
+        return [b.name for b in self.bands]
+
+    def indexes_in(self, profile: SceneProfile) -> list[int]:
+        """The 1-based bands of ``profile`` this model reads, in its order: the bundle's band
+        indexes, or for a scene whose bands are found by name (a STAC item) the bands of those
+        names."""
+        if not profile.by_name:
+            return [b.index for b in self.bands]
+        names = list(profile.descriptions)
+        return [names.index(b.name) + 1 for b in self.bands]
+
     def check_scene(self, profile: SceneProfile) -> None:
         """Raise :class:`BandMismatchError` unless ``profile`` has every band this model reads
         (the bundle's band indexes: a model trained on bands 2,3,4 reads those of a 6-band
-        scene)."""
+        scene; by name for a STAC item)."""
+        if profile.by_name:
+            missing = [b.name for b in self.bands if b.name not in profile.descriptions]
+            if missing:
+                raise BandMismatchError(
+                    f"scene {profile.name!r} has no band(s) {', '.join(missing)} that the bundle "
+                    f"reads; it has {', '.join(str(d) for d in profile.descriptions)}",
+                    filename=profile.path,
+                    expected=self.band_names,
+                    found=list(profile.descriptions),
+                )
+            return
         indexes = [b.index for b in self.bands]
         if max(indexes) > profile.count:
             expected = ",".join(b.name for b in self.bands)
@@ -111,7 +135,7 @@ class Bundle:
                 else f"bands {','.join(map(str, indexes))}"
             )
             raise BandMismatchError(
-                f"scene {profile.path!r} has {profile.count} bands, the bundle expects {which} "
+                f"scene {profile.name!r} has {profile.count} bands, the bundle expects {which} "
                 f"({expected}); use a scene with these bands or a bundle trained on this scene's "
                 "bands",
                 filename=profile.path,
@@ -181,12 +205,12 @@ def _sample_stats(
     n = max(1, int(np.sqrt(samples)))
     rows = np.linspace(0, max(0, profile.height - side), n).astype(int)
     cols = np.linspace(0, max(0, profile.width - side), n).astype(int)
-    indexes = [b.index for b in bundle.bands]
+    indexes = bundle.indexes_in(profile)
     values = []
     for r in sorted(set(rows)):
         for col in sorted(set(cols)):
             win = Window(col, r, min(side, profile.width), min(side, profile.height))
-            data, valid, _ = read_scene_window(profile.path, win, indexes, bundle.contract.nodata)
+            data, valid = read_scene(profile, win, indexes, bundle.contract.nodata)
             values.append(data[:, valid].astype(np.float64))
     d = np.concatenate(values, axis=1)
     if d.shape[1] == 0:

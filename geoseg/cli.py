@@ -104,6 +104,15 @@ def polygon_options(f: Callable[..., Any]) -> Callable[..., Any]:
     )(f)
 
 
+def _floats(value: str | None, flag: str) -> list[float]:
+    try:
+        return [float(v) for v in value.split(",") if v.strip()] if value else []
+    except ValueError:
+        raise click.BadParameter(
+            f"expected numbers joined by commas, got {value!r}", param_hint=flag
+        ) from None
+
+
 def _ints(value: str | None) -> list[int] | None:
     if value is None or value == "":
         return None
@@ -323,6 +332,13 @@ def train(
 Example:
   geoseg predict model.bundle scene.tif -o classes.tif --block 2048 --workers 4
   geoseg predict model.bundle a.tif b.tif /vsis3/bucket/c.tif -o maps/ --probabilities
+  geoseg predict model.bundle B2.tif,B3.tif,B4.tif -o classes.tif
+  geoseg predict model.bundle items.json -o region.tif --mosaic --within region.gpkg
+  geoseg predict model.bundle item.json -o c.tif --asset-map blue=B02 --mask SCL --mask-values 3,8,9
+
+\b
+SCENES: raster files or GDAL URLs; band files joined with commas (one scene); STAC Items
+(.json); ItemCollections (a scene per item); text files listing one scene per line.
 """
 )
 @click.argument("bundle")
@@ -381,6 +397,33 @@ Example:
     help="Also write the class map's polygons here (.geojson, .gpkg, .parquet, .fgb); with "
     "several scenes, a folder of <scene>.gpkg.",
 )
+@click.option("--mosaic", is_flag=True, help="One class map of all SCENES (-o is one .tif).")
+@click.option(
+    "--composite",
+    default="mean",
+    show_default=True,
+    type=click.Choice(["mean", "max-confidence", "first", "last"]),
+    help="Where scenes of a mosaic overlap: their mean probabilities, the most confident "
+    "scene, the first or the last with valid data.",
+)
+@click.option("--within", help="Map only this area (a vector file); elsewhere nodata.")
+@click.option("--bounds", help="Map only W,S,E,N (in the output CRS); elsewhere nodata.")
+@click.option("--crs", help="A mosaic's CRS. Default: the first scene's.")
+@click.option(
+    "--resolution", help="A mosaic's pixel size (30 or 30,30). Default: the finest scene's."
+)
+@click.option(
+    "--resampling",
+    default="bilinear",
+    show_default=True,
+    type=click.Choice(["nearest", "bilinear", "cubic", "cubic_spline", "lanczos", "average"]),
+    help="For bands on another grid (masks: always nearest).",
+)
+@click.option(
+    "--mask", help="A band number (STAC: an asset) whose --mask-values are not predicted."
+)
+@click.option("--mask-values", help="Values of --mask to leave out, e.g. 3,8,9,10.")
+@click.option("--asset-map", help="STAC: the asset of each band the bundle reads (red=B04,...).")
 @polygon_options
 @computes
 def predict(
@@ -389,15 +432,25 @@ def predict(
     output: str,
     min_area: float,
     simplify: float,
+    mask_values: str | None,
     verbose: int,
     quiet: bool,
     **kw: Any,
 ) -> None:
-    """Predict the class maps of SCENES with the model BUNDLE, all in one Dask graph."""
+    """Predict the class maps of SCENES with the model BUNDLE, all in one Dask graph, or with
+    --mosaic one class map of them all."""
     from geoseg.stages.predict import predict_scenes
 
     _setup_logging(verbose, quiet)
-    runs = predict_scenes(bundle, list(scenes), output, min_area=min_area, simplify=simplify, **kw)
+    runs = predict_scenes(
+        bundle,
+        list(scenes),
+        output,
+        min_area=min_area,
+        simplify=simplify,
+        mask_values=_floats(mask_values, "--mask-values"),
+        **kw,
+    )
     for r in runs:
         also = [str(p) for p in (r.probabilities, r.polygons) if p]
         click.echo(f"wrote {r.path}" + "".join(f" and {p}" for p in also))

@@ -47,8 +47,60 @@ _GDAL_URL_PREFIXES = ("/vsi", "http://", "https://", "s3://", "gs://")
 
 
 @dataclass(frozen=True)
+class Grid:
+    """A pixel grid: CRS, affine transform and size. Bands are read onto one (resampled and
+    reprojected where they lie on another)."""
+
+    crs: CRS | None
+    transform: Affine
+    width: int
+    height: int
+
+    @property
+    def res(self) -> tuple[float, float]:
+        return (abs(self.transform.a), abs(self.transform.e))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.height, self.width)
+
+    def offset_of(self, other: Grid) -> tuple[int, int] | None:
+        """``(row, col)`` of this grid's top-left pixel on ``other`` when both share pixels
+        (same CRS, pixel size and alignment, no rotation), else None."""
+        a, b = self.transform, other.transform
+        if (self.crs is None) != (other.crs is None) or (self.crs and self.crs != other.crs):
+            return None
+        if a.b or a.d or b.b or b.d or not np.allclose([a.a, a.e], [b.a, b.e], rtol=1e-9):
+            return None
+        col = (a.c - b.c) / b.a
+        row = (a.f - b.f) / b.e
+        if abs(col - round(col)) > 1e-6 or abs(row - round(row)) > 1e-6:
+            return None
+        return round(row), round(col)
+
+
+@dataclass(frozen=True)
+class BandSource:
+    """One band of a scene that is not a single file: band ``band`` (1-based) of ``path``, on
+    its own grid; ``name`` is how a bundle finds it (an asset key, a band name)."""
+
+    path: str
+    band: int
+    name: str
+    grid: Grid
+    nodata: float | None
+    dtype: str
+
+
+@dataclass(frozen=True)
 class SceneProfile:
-    """What geoseg needs to know about a scene before reading pixels."""
+    """What geoseg needs to know about a scene before reading pixels.
+
+    A scene is a raster file (``sources`` empty: its bands are the file's), or bands gathered
+    from several files (``sources``: band files, the assets of a STAC item), read onto the
+    scene's grid, the finest band's, block by block. ``by_name``: a bundle finds its bands by
+    name (``descriptions``) rather than by index (STAC items). ``mask``: a band whose
+    ``mask_values`` mark pixels that must not be predicted (clouds)."""
 
     path: str
     crs: CRS | None
@@ -59,6 +111,12 @@ class SceneProfile:
     dtype: str
     nodata: float | None
     descriptions: tuple[str | None, ...]
+    sources: tuple[BandSource, ...] = ()
+    by_name: bool = False
+    id: str = ""
+    mask: BandSource | None = None
+    mask_values: tuple[float, ...] = ()
+    datetime: str | None = None  # a STAC item's
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -67,6 +125,23 @@ class SceneProfile:
     @property
     def res(self) -> tuple[float, float]:
         return (abs(self.transform.a), abs(self.transform.e))
+
+    @property
+    def grid(self) -> Grid:
+        return Grid(self.crs, self.transform, self.width, self.height)
+
+    @property
+    def name(self) -> str:
+        """The scene's id, else its file name without the suffix: what its outputs are named."""
+        return self.id or Path(self.path).stem
+
+    @property
+    def files(self) -> list[str]:
+        """Every file the scene reads."""
+        paths = [s.path for s in self.sources] or [self.path]
+        if self.mask is not None:
+            paths.append(self.mask.path)
+        return list(dict.fromkeys(paths))
 
 
 def raster_bounds(profile: SceneProfile) -> BoundingBox:
@@ -178,27 +253,132 @@ def describe_window(window: Window) -> str:
     return f"rows {r}-{r + int(window.height)}, columns {c}-{c + int(window.width)}"
 
 
-def read_scene_window(
-    path: str, window: Window, bands: Sequence[int], nodata: float | None = None
-) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """:func:`read_window` of the scene at ``path`` with its profile; a read error (a
-    truncated or damaged file) becomes one :class:`NotARasterError` naming the window. The
-    scene's own nodata wins over ``nodata``."""
+RESAMPLINGS = ("nearest", "bilinear", "cubic", "cubic_spline", "lanczos", "average")
+"""How bands are resampled onto another grid (``--resampling``); masks are always nearest."""
+
+
+def read_scene(
+    scene: SceneProfile,
+    window: Window,
+    bands: Sequence[int],
+    nodata: float | None = None,
+    *,
+    onto: Grid | None = None,
+    resampling: str = "bilinear",
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`read_window` of ``bands`` of ``scene``, where ``window`` lies on the grid
+    ``onto`` (default: the scene's own). A band on that grid is read as it is; a band on
+    another grid (another pixel size, alignment or CRS) is warped onto it for this window only
+    (rasterio's ``WarpedVRT``, ``resampling``), so no band is ever read whole. Pixels no band
+    covers, and those the scene's mask marks, are invalid. A read error (a truncated or damaged
+    file) becomes one :class:`NotARasterError` naming the file and window. A file's own nodata
+    wins over ``nodata``."""
+    target = onto or scene.grid
+    parts = (
+        [(s.path, [s.band], resampling) for s in (scene.sources[i - 1] for i in bands)]
+        if scene.sources
+        else [(scene.path, list(bands), resampling)]
+    )
+    if scene.mask is not None:
+        parts.append((scene.mask.path, [scene.mask.band], "nearest"))
     failure = None
-    try:
-        with rasterio.open(path) as src:
-            data, valid = read_window(
-                src, window, bands, None if src.nodata is not None else nodata
-            )
-            profile = dict(src.profile)
-    except RasterioError as exc:
-        failure = str(exc)
+    read = []
+    for path, indexes, how in parts:
+        try:
+            read.append(_read_onto(path, indexes, window, target, nodata, how))
+        except RasterioError as exc:
+            failure = f"{path!r} could not be read at {describe_window(window)} ({exc})"
+            break
     if failure is not None:  # raised outside the handler: GDAL's error must not travel with it
         raise NotARasterError(
-            f"scene {path!r} could not be read at {describe_window(window)} ({failure}); the "
-            "file may be truncated or damaged"
+            f"scene {scene.name!r}: {failure}; the file may be truncated or damaged"
         )
-    return data, valid, profile
+    if scene.mask is not None:
+        values, mask_valid = read.pop()
+        masked = np.isin(values[0], np.asarray(scene.mask_values, dtype=values.dtype))
+        read = [(d, v & mask_valid & ~masked) for d, v in read]
+    data = read[0][0] if len(read) == 1 else np.concatenate([d for d, _ in read])
+    valid = read[0][1]
+    for _, v in read[1:]:
+        valid = valid & v
+    return data, valid
+
+
+WARP_TILE = 256
+"""Bands on another grid are warped in tiles of this many pixels of the target grid."""
+
+
+def _tiles(window: Window, height: int, width: int) -> Iterator[tuple[Window, Window]]:
+    """The whole tiles (:data:`WARP_TILE` px, clipped to a ``height`` x ``width`` grid) that
+    ``window`` touches, each with the part of it inside ``window``."""
+    t = WARP_TILE
+    r0, c0 = int(window.row_off), int(window.col_off)
+    r1, c1 = r0 + int(window.height), c0 + int(window.width)
+    for r in range(r0 // t * t, r1, t):
+        for c in range(c0 // t * t, c1, t):
+            tile = Window(c, r, min(c + t, width) - c, min(r + t, height) - r)
+            a, b = max(r, r0), max(c, c0)
+            yield tile, Window(b, a, min(c + t, c1) - b, min(r + t, r1) - a)
+
+
+def _within(area: Window, outer: Window) -> tuple[slice, slice]:
+    r, c = int(area.row_off - outer.row_off), int(area.col_off - outer.col_off)
+    return slice(r, r + int(area.height)), slice(c, c + int(area.width))
+
+
+def _read_onto(
+    path: str,
+    bands: list[int],
+    window: Window,
+    target: Grid,
+    nodata: float | None,
+    resampling: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    from rasterio.enums import Resampling
+    from rasterio.vrt import WarpedVRT
+
+    with rasterio.open(path) as src:
+        own = Grid(src.crs, src.transform, src.width, src.height)
+        fill = None if src.nodata is not None else nodata
+        offset = target.offset_of(own)
+        if offset is not None:
+            return read_window(
+                src, Window(window.col_off + offset[1], window.row_off + offset[0],
+                            window.width, window.height), bands, fill,
+            )  # fmt: skip
+        nd = src.nodata if src.nodata is not None else nodata
+        h, w = int(window.height), int(window.width)
+        data = np.zeros((len(bands), h, w), dtype=src.dtypes[bands[0] - 1])
+        valid = np.zeros((h, w), dtype=bool)
+        r0, c0 = max(0, int(window.row_off)), max(0, int(window.col_off))
+        r1 = min(target.height, int(window.row_off) + h)
+        c1 = min(target.width, int(window.col_off) + w)
+        if r1 > r0 and c1 > c0:
+            kw: dict[str, Any] = {
+                "crs": target.crs,
+                "transform": target.transform,
+                "width": target.width,
+                "height": target.height,
+                "resampling": Resampling[resampling],
+            }
+            kw.update({"src_nodata": nd, "nodata": nd} if nd is not None else {"add_alpha": True})
+            with WarpedVRT(src, **kw) as vrt:
+                # warped in fixed tiles of the target grid: GDAL's transformer is interpolated
+                # over each piece it warps, so a pixel read by two blocks (or at two block
+                # sizes) must come from the same piece to get the same value
+                for tile, part in _tiles(Window(c0, r0, c1 - c0, r1 - r0), *target.shape):
+                    got = vrt.read(bands, window=tile)
+                    if nd is not None:
+                        ok = np.all(got != np.asarray(nd).astype(got.dtype), axis=0)
+                    else:
+                        ok = vrt.read_masks(bands[0], window=tile) > 0
+                    src_rows, src_cols = _within(part, tile)
+                    rows, cols = _within(part, window)
+                    data[:, rows, cols] = got[:, src_rows, src_cols]
+                    valid[rows, cols] = ok[src_rows, src_cols]
+        if data.dtype.kind == "f":
+            valid &= np.all(np.isfinite(data), axis=0)
+        return data.astype("float32", copy=False), valid
 
 
 def standardize(
@@ -423,6 +603,7 @@ def written_by_geoseg(path: str | os.PathLike[str]) -> bool:
             return (
                 REPORT_MARK in head
                 or "miou_definition" in head
+                or '"geoseg:product"' in head
                 or head.startswith("region,class_id,")
             )
         if is_vector_path(p):

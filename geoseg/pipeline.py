@@ -1,6 +1,8 @@
 """Whole pipelines from a YAML workflow: train, predict, vectorize, evaluate, on one cluster.
 
-A workflow file names a ``scene`` and ``labels`` and has one section per stage (``train``,
+A workflow file names a ``scene`` and ``labels`` (to train on), optionally ``map`` (a list of
+scenes that the predict stage maps as one mosaic; default: the training scene), and has one
+section per stage (``train``,
 ``predict``, ``vectorize``, ``evaluate``) whose keys are that stage's options: the keyword
 arguments of :func:`geoseg.stages.train.train`, :func:`geoseg.stages.predict.predict_scenes`,
 :func:`geoseg.stages.vectorize.vectorize` and :func:`geoseg.stages.evaluate.evaluate` (``evaluate`` also takes
@@ -46,13 +48,14 @@ STAGES = ("train", "predict", "vectorize", "evaluate")
 OUTPUTS = {
     "bundle": "model.bundle",
     "classes": "classes.tif",
+    "item": "classes.json",  # the class map's STAC Item, written by predict
     "polygons": "polygons.geojson",
     "report": "report.json",
     "report_csv": "report.csv",
     "report_html": "report.html",
     "report_md": "report.md",
 }
-_KNOWN = {"name", "description", "output", "workers", "scene", "labels", *STAGES}
+_KNOWN = {"name", "description", "output", "workers", "scene", "labels", "map", *STAGES}
 
 
 @dataclass
@@ -81,7 +84,7 @@ _SET_BY_PIPELINE = {
 # options that name files, resolved against the workflow file's folder
 _PATH_KEYS = {
     "train": ("classes", "within", "val_region", "augment", "resume"),
-    "predict": (),
+    "predict": ("within",),
     "vectorize": (),
     "evaluate": ("truth", "regions", "within"),
 }
@@ -193,6 +196,20 @@ def load_workflow(path: str | os.PathLike[str]) -> dict[str, Any]:
 
     cfg["scene"] = resolve(cfg["scene"], "scene")
     cfg["labels"] = resolve(cfg["labels"], "labels")
+    if "map" in cfg:  # the scenes of the map: one mosaic of them all
+        scenes = cfg["map"]
+        if (
+            not isinstance(scenes, list)
+            or not scenes
+            or not all(isinstance(x, str) for x in scenes)
+        ):
+            raise ConfigError(
+                f"workflow {str(path)!r}: 'map' must be a list of scenes (paths, band files "
+                "joined by commas, STAC items) to predict as one mosaic"
+            )
+        cfg["map"] = [
+            ",".join(resolve(part.strip(), "map scene") for part in x.split(",")) for x in scenes
+        ]
     for stage in STAGES:
         section = cfg.get(stage) or {}
         if not isinstance(section, dict):
@@ -218,7 +235,7 @@ def load_workflow(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def _inputs(cfg: dict[str, Any]) -> list[str]:
     """Every file the workflow reads."""
-    found = [cfg["scene"], cfg["labels"]]
+    found = [cfg["scene"], cfg["labels"], *(p for x in cfg.get("map", []) for p in x.split(","))]
     for stage in STAGES:
         found += [cfg[stage][k] for k in _PATH_KEYS[stage] if isinstance(cfg[stage].get(k), str)]
     return found
@@ -259,7 +276,13 @@ def run_workflow(
         common = {"client": c, "overwrite": overwrite}
         tr = dict(cfg["train"])
         train(cfg["scene"], cfg["labels"], files["bundle"], **tr, **common)
-        predict_scene(files["bundle"], cfg["scene"], files["classes"], **cfg["predict"], **common)
+        if "map" in cfg:
+            pr = {"mosaic": True, **cfg["predict"]}
+            predict_scenes(files["bundle"], cfg["map"], files["classes"], **pr, **common)
+        else:
+            predict_scene(
+                files["bundle"], cfg["scene"], files["classes"], **cfg["predict"], **common
+            )
         vectorize(files["classes"], files["polygons"], **cfg["vectorize"], **common)
         ev = dict(cfg["evaluate"])
         truth = ev.pop("truth", cfg["labels"])

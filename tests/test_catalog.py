@@ -1,0 +1,364 @@
+"""Scenes from catalogs: band files at mixed resolutions and CRSs, STAC Items, mosaics of
+overlapping scenes, maps of an area, and the provenance beside every class map.
+
+The band files are cut from the shipped NC scene: bands on its grid, bands at twice its pixel
+size, a band in another CRS; the STAC Items are written over them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from rasterio.enums import Resampling
+from rasterio.vrt import WarpedVRT
+from rasterio.warp import calculate_default_transform, reproject
+from rasterio.windows import Window
+
+from geoseg.catalog import expand_scenes, open_scene
+from geoseg.errors import BandMismatchError, ConfigError, NotARasterError
+from geoseg.io import read_scene
+from tests.conftest import SCENE
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*:UserWarning")
+
+
+def _write(path: Path, data: np.ndarray, crs, transform) -> Path:
+    with rasterio.open(
+        path, "w", driver="GTiff", width=data.shape[1], height=data.shape[0], count=1,
+        dtype=data.dtype, crs=crs, transform=transform, nodata=0, tiled=True,
+    ) as dst:  # fmt: skip
+        dst.write(data, 1)
+    return path
+
+
+@pytest.fixture(scope="module")
+def bands(tmp_path_factory) -> dict[str, Path]:
+    """The NC scene's six bands as files: b1-b3 on its grid, b4-b5 at twice its pixel size
+    (averaged), b6 in UTM 17N; and b1-b6 all on its grid."""
+    d = tmp_path_factory.mktemp("bands")
+    out: dict[str, Path] = {}
+    with rasterio.open(SCENE) as src:
+        for i in range(1, 7):
+            data = src.read(i)
+            out[f"same{i}"] = _write(d / f"same_b{i}.tif", data, src.crs, src.transform)
+            if i <= 3:
+                out[f"b{i}"] = out[f"same{i}"]
+            elif i <= 5:
+                t = src.transform * src.transform.scale(2, 2)
+                h, w = -(-src.height // 2), -(-src.width // 2)
+                coarse = np.zeros((h, w), np.uint8)
+                reproject(data, coarse, src_transform=src.transform, src_crs=src.crs,
+                          dst_transform=t, dst_crs=src.crs, resampling=Resampling.average,
+                          src_nodata=0, dst_nodata=0)  # fmt: skip
+                out[f"b{i}"] = _write(d / f"coarse_b{i}.tif", coarse, src.crs, t)
+            else:
+                t, w, h = calculate_default_transform(
+                    src.crs, "EPSG:32617", src.width, src.height, *src.bounds
+                )
+                other = np.zeros((h, w), np.uint8)
+                reproject(data, other, src_transform=src.transform, src_crs=src.crs,
+                          dst_transform=t, dst_crs="EPSG:32617", resampling=Resampling.bilinear,
+                          src_nodata=0, dst_nodata=0)  # fmt: skip
+                out[f"b{i}"] = _write(d / f"utm17_b{i}.tif", other, "EPSG:32617", t)
+    return out
+
+
+def _item(path: Path, assets: dict[str, dict], item_id: str = "nc-2000") -> Path:
+    doc = {
+        "type": "Feature",
+        "stac_version": "1.0.0",
+        "id": item_id,
+        "geometry": None,
+        "properties": {"datetime": "2000-05-24T00:00:00Z"},
+        "links": [],
+        "assets": assets,
+    }
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def _read(path: Path) -> np.ndarray:
+    with rasterio.open(path) as src:
+        return src.read(1)
+
+
+def test_bands_on_other_grids_read_per_block_equal_warpedvrt(bands):
+    """A band at twice the pixel size and one in another CRS, read window by window onto the
+    scene's grid, give what rasterio's WarpedVRT of the band gives on that grid: the same
+    values for the 2x band; for the reprojected band, those of the WarpedVRT read in geoseg's
+    fixed 256 px tiles, so that every window sees a pixel with the same value (a windowed
+    WarpedVRT read alone moves values by GDAL's approximate transformer, a few DN at some
+    pixels, window by window)."""
+    from geoseg.io import WARP_TILE
+
+    scene = open_scene(tuple(str(bands[f"b{i}"]) for i in range(1, 7)))
+    assert (scene.width, scene.height, scene.crs.to_epsg()) == (489, 443, 32119)
+    with rasterio.open(SCENE) as src:
+        stacked = src.read()
+    for band in (4, 6):
+        with rasterio.open(bands[f"b{band}"]) as src, WarpedVRT(
+            src, crs=scene.crs, transform=scene.transform, width=scene.width,
+            height=scene.height, resampling=Resampling.bilinear, src_nodata=0, nodata=0,
+        ) as vrt:  # fmt: skip
+            whole = vrt.read(1)
+            tiled = np.zeros_like(whole)
+            for r in range(0, scene.height, WARP_TILE):
+                for c in range(0, scene.width, WARP_TILE):
+                    w = Window(
+                        c, r, min(WARP_TILE, scene.width - c), min(WARP_TILE, scene.height - r)
+                    )
+                    tiled[r : r + w.height, c : c + w.width] = vrt.read(1, window=w)
+        if band == 4:
+            assert np.array_equal(tiled, whole)
+        else:
+            both = (tiled > 0) & (whole > 0)
+            # sub-pixel shifts of the approximate transformer: most pixels within 2 DN
+            assert np.mean(np.abs(tiled[both].astype(int) - whole[both]) <= 2) > 0.98
+        for win in (Window(0, 0, 128, 128), Window(300, 200, 189, 243), Window(-20, 400, 90, 80)):
+            data, valid = read_scene(scene, win, [band])
+            r0, c0 = max(0, win.row_off), max(0, win.col_off)
+            expect = tiled[r0 : win.row_off + win.height, c0 : win.col_off + win.width]
+            dr, dc = r0 - win.row_off, c0 - win.col_off
+            got = data[0, dr : dr + expect.shape[0], dc : dc + expect.shape[1]]
+            assert np.array_equal(got, expect.astype(np.float32)), (band, win)
+            assert np.array_equal(
+                valid[dr : dr + expect.shape[0], dc : dc + expect.shape[1]], expect > 0
+            )
+            # outside the scene nothing is valid
+            assert not valid[:dr].any() and not valid[:, :dc].any()
+            assert not valid[dr + expect.shape[0] :].any()
+    # a band on the scene's grid is read as it is
+    data, _ = read_scene(scene, Window(10, 20, 64, 64), [1, 2, 3])
+    assert np.array_equal(data, stacked[:3, 20:84, 10:74].astype(np.float32))
+
+
+def test_band_files_predict_as_the_stacked_scene(bands, random_bundle, tmp_path, dask_client):
+    from geoseg.stages.predict import predict_scene
+
+    files = ",".join(str(bands[f"same{i}"]) for i in range(1, 7))
+    a = predict_scene(random_bundle, files, tmp_path / "a.tif", block=256, client=dask_client)
+    b = predict_scene(random_bundle, SCENE, tmp_path / "b.tif", block=256, client=dask_client)
+    assert np.array_equal(_read(a.path), _read(b.path))
+    mixed = ",".join(str(bands[f"b{i}"]) for i in range(1, 7))
+    c = predict_scene(random_bundle, mixed, tmp_path / "c.tif", block=256, client=dask_client)
+    with rasterio.open(c.path) as m, rasterio.open(SCENE) as s:
+        assert (m.crs, m.transform, m.shape) == (s.crs, s.transform, s.shape)
+        mine = m.read(1)
+    # resampled bands move some pixels' classes, not most
+    assert 0.5 < np.mean(mine == _read(b.path)) < 1.0
+
+
+def test_stac_item_assets_are_matched_by_key_band_name_and_common_name(bands, tmp_path):
+
+    import os
+
+    # by asset key; a relative href resolves against the item's folder
+    by_key = {f"b{i}": {"href": str(bands[f"b{i}"]), "type": "image/tiff"} for i in range(1, 7)}
+    by_key["b1"] = {"href": os.path.relpath(bands["b1"], tmp_path), "type": "image/tiff"}
+    item = _item(tmp_path / "item.json", by_key)
+    [ref] = expand_scenes([str(item)])
+    names = [f"b{i}" for i in range(1, 7)]
+    scene = open_scene(ref, bands=names)
+    assert [s.path for s in scene.sources] == [str(bands[n]) for n in names]
+    assert scene.id == "nc-2000" and scene.datetime == "2000-05-24T00:00:00Z"
+    # by eo:bands name, then common name, under other keys
+    named = {
+        f"B0{i}": {"href": str(bands[f"b{i}"]), "eo:bands": [{"name": f"b{i}"}]}
+        for i in range(1, 4)
+    }
+    named |= {
+        f"X{i}": {"href": str(bands[f"b{i}"]), "eo:bands": [{"name": "?", "common_name": f"b{i}"}]}
+        for i in range(4, 7)
+    }
+    scene = open_scene(expand_scenes([str(_item(tmp_path / "named.json", named))])[0], bands=names)
+    assert [s.path for s in scene.sources] == [str(bands[n]) for n in names]
+    # an asset map overrides; a missing band names what the item has and the fix
+    other = {f"band{i}": {"href": str(bands[f"b{i}"])} for i in range(1, 7)}
+    ref = expand_scenes([str(_item(tmp_path / "other.json", other))])[0]
+    with pytest.raises(
+        BandMismatchError, match=r"no asset for band\(s\) b1, b2.*band1.*asset_map='b1=ASSET"
+    ):
+        open_scene(ref, bands=names)
+    amap = {f"b{i}": f"band{i}" for i in range(1, 7)}
+    scene = open_scene(ref, bands=names, asset_map=amap)
+    assert [s.path for s in scene.sources] == [str(bands[n]) for n in names]
+
+
+def test_stac_scenes_predict_like_their_band_files(bands, random_bundle, tmp_path, dask_client):
+    from geoseg.stages.predict import predict_scene, predict_scenes
+
+    assets = {f"b{i}": {"href": str(bands[f"b{i}"]), "type": "image/tiff"} for i in range(1, 7)}
+    item = _item(tmp_path / "item.json", assets)
+    a = predict_scene(random_bundle, item, tmp_path / "a.tif", block=256, client=dask_client)
+    mixed = ",".join(str(bands[f"b{i}"]) for i in range(1, 7))
+    b = predict_scene(random_bundle, mixed, tmp_path / "b.tif", block=256, client=dask_client)
+    assert np.array_equal(_read(a.path), _read(b.path))
+    # an ItemCollection is a scene per item; a text file lists scenes
+    coll = tmp_path / "items.json"
+    docs = [json.loads(item.read_text()) | {"id": n} for n in ("one", "two")]
+    coll.write_text(json.dumps({"type": "FeatureCollection", "features": docs}))
+    listed = tmp_path / "scenes.txt"
+    listed.write_text(f"# scenes\n{mixed}\n\n{SCENE}\n")
+    runs = predict_scenes(
+        random_bundle, [coll, listed], tmp_path / "maps", block=256, client=dask_client
+    )
+    names = [r.path.name for r in runs]
+    assert names == ["one.tif", "two.tif", "same_b1.tif", "nc_landsat7_2000.tif"]
+    assert np.array_equal(_read(runs[0].path), _read(a.path))
+
+
+def test_bad_catalog_inputs_get_one_clear_line(bands, random_bundle, tmp_path, dask_client):
+    from geoseg.stages.predict import predict_scene
+
+    def predict(scene, out="x.tif", **kw):
+        return predict_scene(
+            random_bundle, scene, tmp_path / out, block=256, client=dask_client, **kw
+        )
+
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps({"type": "FeatureCollection", "features": []}))
+    with pytest.raises(ConfigError, match="holds no items"):
+        predict(empty)
+    plain = tmp_path / "plain.geojson"
+    plain.write_text(
+        json.dumps(
+            {
+                "type": "FeatureCollection",
+                "features": [{"type": "Feature", "properties": {}, "geometry": None}],
+            }
+        )
+    )
+    with pytest.raises(ConfigError, match="not a STAC Item"):
+        predict(plain)
+    assets = {f"b{i}": {"href": str(bands[f"b{i}"])} for i in range(1, 7)}
+    broken = dict(assets, b3={"href": str(tmp_path / "gone.tif")})
+    with pytest.raises(NotARasterError, match=r"asset 'b3' of STAC item 'nc-2000'"):
+        predict(_item(tmp_path / "broken.json", broken))
+    item = _item(tmp_path / "item.json", assets)
+    with pytest.raises(ConfigError, match=r"no mask asset 'SCL'.*b1, b2"):
+        predict(item, mask="SCL", mask_values=[8])
+    with pytest.raises(ConfigError, match="resolution 0: expected a pixel size greater than 0"):
+        predict(item, mosaic=True, resolution=0)
+    with pytest.raises(ConfigError, match=r"needs a \.tif file name"):
+        predict(item, out="", mosaic=True)
+    with pytest.raises(ConfigError, match="no scene touches the area"):
+        predict(item, bounds=(0, 0, 10, 10))
+    assert not any(tmp_path.glob("*.tif"))
+
+
+def _crops(tmp_path: Path) -> tuple[Path, Path]:
+    """Two overlapping crops of the NC scene: columns 0-299 and 190-488."""
+    out = []
+    with rasterio.open(SCENE) as src:
+        for name, c0, c1 in (("west", 0, 300), ("east", 190, src.width)):
+            win = Window(c0, 0, c1 - c0, src.height)
+            prof = src.profile | {"width": c1 - c0, "transform": src.window_transform(win)}
+            path = tmp_path / f"{name}.tif"
+            with rasterio.open(path, "w", **prof) as dst:
+                dst.write(src.read(window=win))
+            out.append(path)
+    return out[0], out[1]
+
+
+def test_a_mosaic_of_two_crops_is_the_whole_scene_away_from_their_edges(
+    random_bundle, tmp_path, dask_client
+):
+    import pystac
+    from pystac.extensions.projection import ProjectionExtension
+
+    from geoseg.stages.predict import predict_scene, predict_scenes
+
+    west, east = _crops(tmp_path)
+    whole = _read(
+        predict_scene(
+            random_bundle, SCENE, tmp_path / "whole.tif", block=256, client=dask_client
+        ).path
+    )
+    [m] = predict_scenes(
+        random_bundle, [west, east], tmp_path / "m.tif", mosaic=True, block=256, client=dask_client
+    )
+    with rasterio.open(m.path) as src, rasterio.open(SCENE) as s:
+        assert (src.crs, src.transform, src.shape) == (s.crs, s.transform, s.shape)
+        mosaic = src.read(1)
+        tags = src.tags()
+    rf = 24
+    away = np.ones(whole.shape, bool)
+    away[:, 300 - rf : 300 + rf] = away[:, 190 - rf : 190 + rf] = False
+    assert np.array_equal(mosaic[away], whole[away])
+    alone = {}
+    for name, path in (("west", west), ("east", east)):
+        alone[name] = _read(
+            predict_scene(
+                random_bundle, path, tmp_path / f"{name}_c.tif", block=256, client=dask_client
+            ).path
+        )
+    overlap = (slice(None), slice(190, 300))
+    agree = np.mean(mosaic[overlap] == whole[overlap])
+    assert agree >= np.mean(alone["west"][:, 190:300] == whole[overlap])
+    assert agree >= np.mean(alone["east"][:, :110] == whole[overlap])
+    # the same map for any block size and every composite rule keeps the single-scene parts
+    [m2] = predict_scenes(
+        random_bundle, [west, east], tmp_path / "m2.tif", mosaic=True, block=512, client=dask_client
+    )
+    assert np.array_equal(_read(m2.path), mosaic)
+    [last] = predict_scenes(
+        random_bundle,
+        [west, east],
+        tmp_path / "last.tif",
+        mosaic=True,
+        composite="last",
+        block=256,
+        client=dask_client,
+    )
+    assert np.array_equal(_read(last.path)[:, 190:], alone["east"])
+    # provenance: tags and a STAC item beside the map
+    assert tags["GEOSEG_COMPOSITE"] == "mean" and tags["GEOSEG_BLEND"] == "trim"
+    assert json.loads(tags["GEOSEG_SCENES"]) == [str(west), str(east)]
+    item = pystac.Item.from_file(str(tmp_path / "m.json"))
+    assert ProjectionExtension.ext(item).epsg == 32119
+    assert ProjectionExtension.ext(item).shape == [443, 489]
+    assert [lk.target for lk in item.links if lk.rel == "derived_from"] == [
+        west.as_uri(),
+        east.as_uri(),
+    ]
+    assert [c["value"] for c in item.assets["classes"].extra_fields["classification:classes"]] == [
+        1,
+        5,
+        9,
+    ]
+    assert item.to_dict()["properties"]["geoseg:settings"]["composite"] == "mean"
+
+
+def test_within_maps_only_the_area(random_bundle, tmp_path, dask_client):
+    import geopandas as gpd
+    import shapely
+
+    from geoseg.stages.predict import predict_scene
+
+    with rasterio.open(SCENE) as s:
+        b = s.bounds
+        crs = s.crs
+    area = shapely.box(b.left, b.bottom, b.left + (b.right - b.left) * 0.3, b.top)
+    gpd.GeoDataFrame(geometry=[area], crs=crs).to_file(tmp_path / "area.gpkg")
+    whole = _read(
+        predict_scene(
+            random_bundle, SCENE, tmp_path / "whole.tif", block=128, client=dask_client
+        ).path
+    )
+    r = predict_scene(
+        random_bundle,
+        SCENE,
+        tmp_path / "w.tif",
+        block=128,
+        within=tmp_path / "area.gpkg",
+        client=dask_client,
+    )
+    part = _read(r.path)
+    cols = int(489 * 0.3)
+    assert r.blocks < 16  # blocks east of the area do not run
+    assert (part[:, cols + 1 :] == 255).all()
+    # away from the area's edge (the model's receptive field), the map is the whole scene's
+    assert np.array_equal(part[:, : cols - 24], whole[:, : cols - 24])
