@@ -254,17 +254,10 @@ def _with_mask(profile: SceneProfile, source: BandSource, values: Sequence[float
     return replace(profile, mask=source, mask_values=tuple(float(v) for v in values))
 
 
-def _band_sources(path: str, name_of: Any = None) -> list[BandSource]:
+def _band_sources(path: str) -> list[BandSource]:
     p = read_profile(path)
     return [
-        BandSource(
-            path,
-            i,
-            (name_of(i) if name_of else None) or p.descriptions[i - 1] or Path(path).stem,
-            p.grid,
-            p.nodata,
-            p.dtype,
-        )
+        BandSource(path, i, p.descriptions[i - 1] or Path(path).stem, p.grid, p.nodata, p.dtype)
         for i in range(1, p.count + 1)
     ]
 
