@@ -12,15 +12,14 @@ from functools import lru_cache
 
 import numpy as np
 
-from geoseg.errors import ConfigError
+from geoseg.errors import ConfigError, check_choice
 
 BLEND_MODES = ("trim", "gaussian", "cosine", "none")
 _FLOOR = 1e-3
 
 
 def check_blend(mode: str) -> str:
-    if mode not in (*BLEND_MODES, "auto"):
-        raise ConfigError(f"unknown blend {mode!r}; expected one of auto, {', '.join(BLEND_MODES)}")
+    check_choice("blend", mode, ("auto", *BLEND_MODES))
     return mode
 
 

@@ -16,7 +16,7 @@ import os
 import urllib.parse
 import urllib.request
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -244,8 +244,6 @@ def open_scene(
 
 
 def _with_mask(profile: SceneProfile, source: BandSource, values: Sequence[float]) -> SceneProfile:
-    from dataclasses import replace
-
     if not values:
         raise ConfigError(
             f"{option('--mask', None)} needs {option('--mask-values', None)}: the values of the "

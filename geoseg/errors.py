@@ -10,7 +10,7 @@ the command line, ``overwrite=True`` in Python (:func:`option`).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
 from typing import Any
 
@@ -149,6 +149,17 @@ class ClusterError(GeosegError, RuntimeError):
 
 class Interrupted(KeyboardInterrupt):
     """The user stopped a run (Ctrl-C); the message says what was kept and how to go on."""
+
+
+def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+    """Raise :class:`ConfigError` unless ``value`` is one of ``choices``; ``name`` is what the
+    setting is (``blend``, ``composite``)."""
+    if value not in choices:
+        raise ConfigError(
+            f"unknown {name} {value!r}; expected one of {', '.join(choices)}",
+            expected=list(choices),
+            found=value,
+        )
 
 
 def check_range(

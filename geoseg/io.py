@@ -268,8 +268,9 @@ def read_scene(
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`read_window` of ``bands`` of ``scene``, where ``window`` lies on the grid
     ``onto`` (default: the scene's own). A band on that grid is read as it is; a band on
-    another grid (another pixel size, alignment or CRS) is warped onto it for this window only
-    (rasterio's ``WarpedVRT``, ``resampling``), so no band is ever read whole. Pixels no band
+    another grid (another pixel size, alignment or CRS) is warped onto it in the fixed tiles of
+    that grid that the window touches (rasterio's ``WarpedVRT``, ``resampling``), so no band
+    is ever read whole and every window sees a pixel with the same value. Pixels no band
     covers, and those the scene's mask marks, are invalid. A read error (a truncated or damaged
     file) becomes one :class:`NotARasterError` naming the file and window. A file's own nodata
     wins over ``nodata``."""

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from geoseg.classes import ClassInfo
-from geoseg.io import Grid, is_url
+from geoseg.io import Grid, atomic_output, is_url
 
 STAC_VERSION = "1.0.0"
 PROJ_SCHEMA = "https://stac-extensions.github.io/projection/v1.1.0/schema.json"
@@ -135,7 +135,5 @@ def stac_item(
 
 def write_item(path: Path, item: dict[str, Any], overwrite: bool) -> None:
     """Write the Item under a temporary name, then rename it onto ``path``."""
-    from geoseg.io import atomic_output
-
     with atomic_output(path, overwrite) as tmp:
         Path(tmp).write_text(json.dumps(item, indent=1), encoding="utf-8")

@@ -6,14 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from geoseg.errors import ConfigError
+from geoseg.errors import check_choice
 
 NORMS = ("batch", "group", "none")
-
-
-def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"unknown {name} {value!r}; expected one of {', '.join(choices)}")
 
 
 def norm_layer(kind: str, channels: int) -> nn.Module:

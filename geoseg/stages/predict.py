@@ -54,6 +54,7 @@ from geoseg.errors import (
     Interrupted,
     NoCRSError,
     again,
+    check_choice,
     check_range,
     option,
 )
@@ -320,8 +321,8 @@ def predict_scenes(
             f"{option('--overlap', None)} must be at least 0 and less than the window ({win} px), "
             f"got {overlap}"
         )
-    _check_choice("--composite", composite, COMPOSITES)
-    _check_choice("--resampling", resampling, RESAMPLINGS)
+    check_choice("composite", composite, COMPOSITES)
+    check_choice("resampling", resampling, RESAMPLINGS)
     region = _Region.check(mosaic, within, bounds, crs, resolution)
     ovl = overlap if overlap is not None else default_overlap(b, win)
     blend = resolve_blend(blend, b.contract.receptive_field, ovl)
@@ -375,13 +376,6 @@ def predict_scenes(
                     remove_parts(p.parts)
 
 
-def _check_choice(flag: str, value: str, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ConfigError(
-            f"{option(flag, None)} {value!r} is not one of {', '.join(choices)}; pick one of them"
-        )
-
-
 @dataclass(frozen=True)
 class _Layout:
     """Where one class map lies: its scenes, its grid, and the area (WKB, in the grid's CRS)
@@ -422,10 +416,13 @@ class _Region:
 
     def layouts(self, profiles: list[SceneProfile]) -> list[_Layout]:
         if not self.mosaic:
+            areas: dict[Any, bytes | None] = {}  # the area read once per CRS, not per scene
             out = []
             for p in profiles:
-                geom = self._area(p.crs) if (self.within or self.bounds) else None
-                out.append(_Layout([p], p.grid, None if geom is None else geom.wkb, False))
+                if p.crs not in areas:
+                    geom = self._area(p.crs) if (self.within or self.bounds) else None
+                    areas[p.crs] = None if geom is None else geom.wkb
+                out.append(_Layout([p], p.grid, areas[p.crs], False))
             return out
         import shapely
 

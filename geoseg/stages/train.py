@@ -41,6 +41,7 @@ from geoseg.errors import (
     LabelError,
     OutputExistsError,
     TrainingError,
+    check_choice,
     check_range,
     option,
 )
@@ -334,10 +335,7 @@ class TrainConfig:
             raise ConfigError(
                 f"{option('--lr', None)} must be a positive number such as 0.002, got {self.lr}"
             )
-        if self.sampler not in SAMPLERS:
-            raise ConfigError(
-                f"unknown sampler {self.sampler!r}; expected one of {', '.join(SAMPLERS)}"
-            )
+        check_choice("sampler", self.sampler, SAMPLERS)
         if self.val_region is not None and self.val_fraction is not None:
             raise ConfigError(
                 f"give {option('--val-region', None)} or {option('--val-fraction', None)}, not both"

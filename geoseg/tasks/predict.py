@@ -27,7 +27,7 @@ from rasterio.windows import intersection as window_intersection
 from geoseg.blending import window_weights
 from geoseg.bundle import Bundle, load_bundle
 from geoseg.classes import NODATA
-from geoseg.errors import ConfigError, option
+from geoseg.errors import ConfigError, check_choice, option
 from geoseg.io import Grid, SceneProfile, read_scene, standardize
 from geoseg.tasks import torch_threads
 from geoseg.tiling import WindowGrid, spans
@@ -42,8 +42,7 @@ _BUNDLES: dict[tuple[str, float, str], Bundle] = {}
 
 
 def resolve_device(device: str) -> str:
-    if device not in DEVICES:
-        raise ConfigError(f"unknown device {device!r}; expected one of {', '.join(DEVICES)}")
+    check_choice("device", device, DEVICES)
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
@@ -57,10 +56,7 @@ def resolve_device(device: str) -> str:
 def resolve_precision(precision: str, device: str) -> str:
     """``auto``: bf16 on a GPU that has it (else fp16), bf16 on a CPU with native bf16
     instructions, fp32 otherwise."""
-    if precision not in PRECISIONS:
-        raise ConfigError(
-            f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}"
-        )
+    check_choice("precision", precision, PRECISIONS)
     if precision != "auto":
         if precision == "fp16" and device == "cpu":
             raise ConfigError(
@@ -236,11 +232,16 @@ def _area_mask(job: BlockJob, window: Window) -> np.ndarray | None:
 
 
 def _read_block(
-    job: BlockJob, area: Window, bundle: Bundle, scene: SceneProfile | None = None
+    job: BlockJob,
+    area: Window,
+    bundle: Bundle,
+    scene: SceneProfile | None = None,
+    inside: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The bundle's bands of ``area`` (on the job's target grid) of one scene (the job's
     only one by default), with validity: the scene's own nodata, else the fill value the
-    bundle was trained with; outside the job's area nothing is valid."""
+    bundle was trained with; outside the job's area (``inside``, when the caller has it for
+    ``area`` already) nothing is valid."""
     scene = scene or job.scenes[0]
     data, valid = read_scene(
         scene,
@@ -250,7 +251,8 @@ def _read_block(
         onto=job.target,
         resampling=job.resampling,
     )
-    inside = _area_mask(job, area)
+    if inside is None:
+        inside = _area_mask(job, area)
     if inside is not None:
         valid &= inside
     return data, valid
@@ -341,8 +343,9 @@ def predict_block(
     probs_core: np.ndarray | None = None
     best: np.ndarray | None = None  # max-confidence: the winning scene's confidence
     count: np.ndarray | None = None  # mean: the scenes that voted
+    inside = _area_mask(job, halo)  # once for the block, not once per scene
     for scene in job.scenes:
-        data, valid = _read_block(job, halo, bundle, scene)
+        data, valid = _read_block(job, halo, bundle, scene, inside)
         if not valid[rows, cols].any() and several:
             continue  # no pixel of the core: this scene has no vote here
         x = normalize(data, valid, bundle)
