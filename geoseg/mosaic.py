@@ -64,7 +64,7 @@ def parse_resolution(value: float | Sequence[float] | str | None) -> tuple[float
         parts = parts * 2
     if len(parts) != 2 or not all(p > 0 and math.isfinite(p) for p in parts):
         raise ConfigError(
-            f"{option('--resolution', None)} {value!r}: expected a pixel size greater than 0 in "
+            f"{option('--resolution', None)} {value}: expected a pixel size greater than 0 in "
             "the output CRS's units (30, or 30,30 for x,y)"
         )
     return parts[0], parts[1]

@@ -18,7 +18,7 @@ from rasterio.warp import calculate_default_transform, reproject
 from rasterio.windows import Window
 
 from geoseg.catalog import expand_scenes, open_scene
-from geoseg.errors import BandMismatchError, ConfigError, NotARasterError
+from geoseg.errors import BandMismatchError
 from geoseg.io import read_scene
 from tests.conftest import SCENE
 
@@ -210,43 +210,79 @@ def test_stac_scenes_predict_like_their_band_files(bands, random_bundle, tmp_pat
     assert np.array_equal(_read(runs[0].path), _read(a.path))
 
 
-def test_bad_catalog_inputs_get_one_clear_line(bands, random_bundle, tmp_path, dask_client):
-    from geoseg.stages.predict import predict_scene
-
-    def predict(scene, out="x.tif", **kw):
-        return predict_scene(
-            random_bundle, scene, tmp_path / out, block=256, client=dask_client, **kw
-        )
-
-    empty = tmp_path / "empty.json"
-    empty.write_text(json.dumps({"type": "FeatureCollection", "features": []}))
-    with pytest.raises(ConfigError, match="holds no items"):
-        predict(empty)
-    plain = tmp_path / "plain.geojson"
-    plain.write_text(
-        json.dumps(
-            {
-                "type": "FeatureCollection",
-                "features": [{"type": "Feature", "properties": {}, "geometry": None}],
-            }
-        )
-    )
-    with pytest.raises(ConfigError, match="not a STAC Item"):
-        predict(plain)
+def _bad_inputs(bands: dict[str, Path], d: Path) -> dict[str, tuple[list, list[str]]]:
+    """Each bad input the issue lists: (the command's arguments after the bundle, what its one
+    line must say)."""
+    d.mkdir()
     assets = {f"b{i}": {"href": str(bands[f"b{i}"])} for i in range(1, 7)}
-    broken = dict(assets, b3={"href": str(tmp_path / "gone.tif")})
-    with pytest.raises(NotARasterError, match=r"asset 'b3' of STAC item 'nc-2000'"):
-        predict(_item(tmp_path / "broken.json", broken))
-    item = _item(tmp_path / "item.json", assets)
-    with pytest.raises(ConfigError, match=r"no mask asset 'SCL'.*b1, b2"):
-        predict(item, mask="SCL", mask_values=[8])
-    with pytest.raises(ConfigError, match="resolution 0: expected a pixel size greater than 0"):
-        predict(item, mosaic=True, resolution=0)
-    with pytest.raises(ConfigError, match=r"needs a \.tif file name"):
-        predict(item, out="", mosaic=True)
-    with pytest.raises(ConfigError, match="no scene touches the area"):
-        predict(item, bounds=(0, 0, 10, 10))
-    assert not any(tmp_path.glob("*.tif"))
+    item = _item(d / "item.json", assets)
+    (d / "empty.json").write_text(json.dumps({"type": "FeatureCollection", "features": []}))
+    plain = {"type": "FeatureCollection", "features": [{"type": "Feature", "geometry": None}]}
+    (d / "plain.geojson").write_text(json.dumps(plain))
+    (d / "config.json").write_text(json.dumps({"window": 64}))
+    no_b6 = _item(d / "no_b6.json", {k: v for k, v in assets.items() if k != "b6"})
+    broken = _item(d / "broken.json", dict(assets, b3={"href": str(d / "gone.tif")}))
+    three = ",".join(str(bands[f"same{i}"]) for i in range(1, 4))
+    no_crs = d / "no_crs.tif"
+    with rasterio.open(SCENE) as src:
+        prof = src.profile
+        del prof["crs"]
+        with rasterio.open(no_crs, "w", **prof) as dst:
+            dst.write(src.read())
+    return {
+        "empty collection": ([d / "empty.json"], ["holds no items"]),
+        "not STAC": ([d / "plain.geojson"], ["feature 0 is not a STAC Item"]),
+        "JSON, not STAC": ([d / "config.json"], ["not a STAC Item or ItemCollection"]),
+        "asset missing": ([no_b6], ["no asset for band(s) b6", "--asset-map b6=ASSET", "b1, b2"]),
+        "asset map wrong": ([item, "--asset-map", "b1=B01"], ["maps b1=B01", "no such asset"]),
+        "asset unreadable": ([broken], ["asset 'b3' of STAC item 'nc-2000'", "gone.tif"]),
+        "a scene lacks bands": ([SCENE, three, "--mosaic"], ["has 3 bands, the bundle expects 6"]),
+        "nothing in bounds": ([item, "--bounds", "0,0,10,10"], ["no scene touches the area"]),
+        "mosaic into a folder": ([item, SCENE, "--mosaic", "-o", d], ["needs a .tif file name"]),
+        "no CRS in a mosaic": (
+            [no_crs, SCENE, "--mosaic", "--allow-no-crs"],
+            ["cannot be placed in a mosaic"],
+        ),
+        "resolution zero": ([item, "--mosaic", "--resolution", "0"], ["--resolution 0: expected"]),
+        "resolution negative": ([item, "--mosaic", "--resolution", "-30"], ["greater than 0"]),
+        "mask asset missing": (
+            [item, "--mask", "SCL", "--mask-values", "8"],
+            ["no mask asset 'SCL'", "b1, b2"],
+        ),
+        "mask without values": ([item, "--mask", "b1"], ["needs --mask-values"]),
+        "one band file": ([f"{bands['b1']},"], ["two or more files"]),
+        "crs without mosaic": ([item, "--crs", "EPSG:4326"], ["add --mosaic"]),
+        "within and bounds": (
+            [item, "--within", d / "item.json", "--bounds", "0,0,1,1"],
+            ["not both"],
+        ),
+    }
+
+
+BAD = [
+    "empty collection", "not STAC", "JSON, not STAC", "asset missing", "asset map wrong",
+    "asset unreadable", "a scene lacks bands", "nothing in bounds", "mosaic into a folder",
+    "no CRS in a mosaic", "resolution zero", "resolution negative", "mask asset missing",
+    "mask without values", "one band file", "crs without mosaic", "within and bounds",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_catalog_inputs_get_one_clear_line(case, bands, random_bundle, tmp_path, dask_client):
+    """Each gets one line on stderr, exit 1, and leaves no file behind."""
+    from tests.test_cli import assert_one_line_error, invoke
+
+    args, needles = _bad_inputs(bands, tmp_path / "in")[case]
+    out = tmp_path / "out"
+    if "-o" not in args:
+        args = [*args, "-o", out / "map.tif"]
+    r = invoke("predict", random_bundle, *args, "--scheduler", dask_client.scheduler.address)
+    assert_one_line_error(r, *needles)
+    assert not out.exists()
+    assert sorted(p.name for p in (tmp_path / "in").iterdir()) == sorted(
+        ["item.json", "empty.json", "plain.geojson", "config.json", "no_b6.json", "broken.json",
+         "no_crs.tif"]
+    )  # fmt: skip
 
 
 def _crops(tmp_path: Path) -> tuple[Path, Path]:
