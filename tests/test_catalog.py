@@ -398,3 +398,76 @@ def test_within_maps_only_the_area(random_bundle, tmp_path, dask_client):
     assert (part[:, cols + 1 :] == 255).all()
     # away from the area's edge (the model's receptive field), the map is the whole scene's
     assert np.array_equal(part[:, : cols - 24], whole[:, : cols - 24])
+
+
+def test_mosaic_probabilities_are_the_mean_of_the_scenes(random_bundle, tmp_path, dask_client):
+    """--probabilities on a mosaic writes the composited probabilities: the mean of the two
+    crops' where both have data, each crop's own elsewhere (within the 1/254 rounding)."""
+    from geoseg.stages.predict import predict_scene, predict_scenes
+
+    west, east = _crops(tmp_path)
+    [m] = predict_scenes(
+        random_bundle, [west, east], tmp_path / "m.tif", mosaic=True, probabilities=True,
+        block=256, client=dask_client,
+    )  # fmt: skip
+    with rasterio.open(m.probabilities) as src:
+        mosaic = src.read().astype(int)
+        assert src.tags()["GEOSEG_COMPOSITE"] == "mean"
+    alone = {}
+    for name, path in (("west", west), ("east", east)):
+        r = predict_scene(
+            random_bundle, path, tmp_path / f"{name}.c.tif", probabilities=True, block=256,
+            client=dask_client,
+        )  # fmt: skip
+        with rasterio.open(r.probabilities) as src:
+            alone[name] = src.read().astype(int)
+    assert np.array_equal(mosaic[:, :, :190], alone["west"][:, :, :190])
+    assert np.array_equal(mosaic[:, :, 300:], alone["east"][:, :, 110:])
+    w, e = alone["west"][:, :, 190:300], alone["east"][:, :, :110]
+    both = (w[0] != 255) & (e[0] != 255)
+    assert both.mean() > 0.7  # the scene has nodata of its own
+    # each input rounded to 1/254 (half a step each), and the mosaic runs each scene on its own
+    # window grid, which for the east crop is shifted by 190 px: a step or two at some pixels
+    diff = np.abs(mosaic[:, :, 190:300][:, both] - (w[:, both] + e[:, both]) / 2)
+    assert diff.max() <= 2 and diff.mean() < 0.5
+    # the class map is the argmax of those probabilities
+    classes = _read(m.path)
+    valid = classes != 255
+    assert np.mean(np.array([1, 5, 9])[mosaic.argmax(0)][valid] == classes[valid]) > 0.99
+
+
+def test_a_stopped_mosaic_resumes_with_only_its_unfinished_blocks(
+    random_bundle, tmp_path, dask_client
+):
+    """Kill a real `geoseg predict --mosaic` (client and workers) mid-run; the same call run
+    again computes only the blocks that were not done, and gives the map a fresh run gives."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from geoseg.stages.predict import predict_scenes
+
+    west, east = _crops(tmp_path)
+    out, parts = tmp_path / "m.tif", tmp_path / ".m.tif.parts"
+    geoseg = str(Path(sys.executable).parent / "geoseg")
+    cmd = [geoseg, "predict", str(random_bundle), str(west), str(east), "-o", str(out),
+           "--mosaic", "--block", "64", "--workers", "1", "-q"]  # fmt: skip
+    proc = subprocess.Popen(cmd, start_new_session=True, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(list(parts.glob("block_*.done"))) < 8:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = len(list(parts.glob("block_*.done")))
+    assert done_before >= 8 and not out.exists() and not out.with_suffix(".json").exists()
+    [r] = predict_scenes(
+        random_bundle, [west, east], out, mosaic=True, block=64, client=dask_client
+    )
+    assert r.resumed == done_before and 0 < r.resumed < r.blocks
+    assert not parts.exists()
+    [fresh] = predict_scenes(
+        random_bundle, [west, east], tmp_path / "f.tif", mosaic=True, block=64, client=dask_client
+    )
+    assert np.array_equal(_read(out), _read(fresh.path))
