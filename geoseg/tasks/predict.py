@@ -161,13 +161,19 @@ def predict_windows(
     wsum = None if trim else np.zeros(shape, dtype=np.float32)
     size = int(windows[0].height) if windows else 0
     fixed = None if trim or not windows else window_weights(size, blend)
-    # (window, its top-left in x) for the windows holding any valid pixel
-    todo = [
-        (w, (r, c))
-        for w in windows
-        for r, c in [(int(w.row_off) - origin[0], int(w.col_off) - origin[1])]
-        if valid[r : r + size, c : c + size].any()
-    ]
+    # (window, its top-left in x) for the windows holding any valid pixel where their output
+    # is used: with trim blending only on the plateau (a window whose plateau is all nodata,
+    # say a scene's edge seen only by a window's margin in a mosaic, would write nothing)
+    todo = []
+    for w in windows:
+        r, c = int(w.row_off) - origin[0], int(w.col_off) - origin[1]
+        if trim:
+            (pr0, pr1), (pc0, pc1) = spans(grid.plateau(w))  # type: ignore[union-attr]
+            used = valid[pr0 - origin[0] : pr1 - origin[0], pc0 - origin[1] : pc1 - origin[1]]
+        else:
+            used = valid[r : r + size, c : c + size]
+        if used.any():
+            todo.append((w, (r, c)))
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     with torch.inference_mode():
         for batch in _batches(todo, batch_size):
