@@ -170,22 +170,24 @@ class _Plan:
     probabilities: bool
     opts: PredictOptions
     area: bytes | None = None
+    footprints: list[Window] | None = None  # a mosaic's scenes, on its grid
 
     @property
     def name(self) -> str:
         return self.scenes[0].path if len(self.scenes) == 1 else f"mosaic {self.out}"
 
     def job(self, core: Window) -> BlockJob:
-        key = (int(core.row_off), int(core.col_off))
+        hits = self.touching[(int(core.row_off), int(core.col_off))]
         return BlockJob(
             core,
-            tuple(self.scenes[i] for i in self.touching[key]),
+            tuple(self.scenes[i] for i in hits),
             self.grid,
             str(self.parts),
             self.target,
             self.opts.composite,
             self.opts.resampling,
             self.area,
+            () if self.footprints is None else tuple(self.footprints[i] for i in hits),
         )
 
 
@@ -907,7 +909,7 @@ def _plan(
         )
     return _Plan(
         list(layout.scenes), target, out, grid, cores, touching, parts, todo, probabilities,
-        opts, layout.area,
+        opts, layout.area, feet,
     )  # fmt: skip
 
 

@@ -223,6 +223,7 @@ class BlockJob:
     composite: str = "mean"
     resampling: str = "bilinear"
     area: bytes | None = None
+    footprints: tuple[Window, ...] = ()  # of the scenes, on the target grid (a mosaic's)
 
 
 def _area_mask(job: BlockJob, window: Window) -> np.ndarray | None:
@@ -338,71 +339,103 @@ def predict_block(
     t0 = time.perf_counter()
     dev, prec, bundle = _setup(device, precision, bundle_path)
     core, grid = job.core, job.grid
-    halo = grid.halo_window(core)
-    rows, cols = _slices(core, halo)
-    windows = grid.windows_for(core)
-    origin = (int(halo.row_off), int(halo.col_off))
-    several = len(job.scenes) > 1
-    run = skipped = 0
-    valid_core = np.zeros((int(core.height), int(core.width)), dtype=bool)
-    index_core = np.full(valid_core.shape, -1, dtype=np.int16)
-    probs_core: np.ndarray | None = None
-    best: np.ndarray | None = None  # max-confidence: the winning scene's confidence
-    count: np.ndarray | None = None  # mean: the scenes that voted
-    inside = _area_mask(job, halo)  # once for the block, not once per scene
-    for scene in job.scenes:
-        data, valid = _read_block(job, halo, bundle, scene, inside)
-        if not valid[rows, cols].any() and several:
-            continue  # no pixel of the core: this scene has no vote here
-        x = normalize(data, valid, bundle)
-        pred = predict_windows(
-            bundle,
-            x,
-            valid,
-            origin,
-            windows,
-            batch_size=batch_size or default_batch_size(dev, grid.window),
-            blend=blend,
-            device=dev,
-            precision=prec,
-            grid=grid,
-            probabilities=probabilities or several,
+    settings = {
+        "batch_size": batch_size or default_batch_size(dev, grid.window),
+        "blend": blend,
+        "device": dev,
+        "precision": prec,
+        "grid": grid,
+    }
+    if len(job.scenes) > 1:
+        valid, index, probs, run, skipped = _composite(job, bundle, probabilities, settings)
+    else:
+        halo = grid.halo_window(core)
+        rows, cols = _slices(core, halo)
+        windows = grid.windows_for(core)
+        pred, read_valid, _ = _predicted(
+            job, bundle, job.scenes[0], halo, windows, probabilities, settings
         )
+        index = pred.index[rows, cols]
+        valid = read_valid[rows, cols] & (index >= 0)
+        probs = None if pred.probabilities is None else pred.probabilities[:, rows, cols]
+        run, skipped = pred.windows_run, len(windows) - pred.windows_run
+    path = _write_block(job, bundle, valid, index, probs)
+    return BlockResult(core, path, run, skipped, time.perf_counter() - t0, prec)
+
+
+def _predicted(
+    job: BlockJob,
+    bundle: Bundle,
+    scene: SceneProfile,
+    area: Window,
+    windows: list[Window],
+    probabilities: bool,
+    settings: dict[str, Any],
+    inside: np.ndarray | None = None,
+) -> tuple[WindowsPrediction, np.ndarray, np.ndarray]:
+    """One scene read over ``area`` (on the job's target grid) and predicted in ``windows``:
+    the prediction, the validity, and the scene's data read."""
+    data, valid = _read_block(job, area, bundle, scene, inside)
+    x = normalize(data, valid, bundle)
+    origin = (int(area.row_off), int(area.col_off))
+    pred = predict_windows(
+        bundle, x, valid, origin, windows, probabilities=probabilities, **settings
+    )
+    return pred, valid, data
+
+
+def _composite(
+    job: BlockJob, bundle: Bundle, probabilities: bool, settings: dict[str, Any]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int, int]:
+    """The block's core from every scene that touches it: each scene is read and predicted
+    only over its own footprint (the windows that touch it), and its class probabilities are
+    composited (``job.composite``) where it has valid data. Returns the core's validity,
+    class index and (with ``probabilities``) probabilities, and the windows run and skipped."""
+    core, grid = job.core, job.grid
+    shape = (int(core.height), int(core.width))
+    valid_core = np.zeros(shape, dtype=bool)
+    probs_core = np.zeros((len(bundle.classes), *shape), np.float32)
+    count = np.zeros(shape, np.float32)  # mean: the scenes that voted
+    best = np.full(shape, -1.0, np.float32)  # max-confidence: the winner's confidence
+    halo = grid.halo_window(core)
+    inside = _area_mask(job, halo)  # once for the block, not once per scene
+    run = skipped = 0
+    for scene, foot in zip(job.scenes, job.footprints or [halo] * len(job.scenes)):
+        windows = [w for w in grid.windows_for(core) if windows_intersect(w, foot)]
+        if not windows or not windows_intersect(core, foot):
+            continue
+        area = grid.extent(windows)
+        part = window_intersection(core, area)
+        sub = None
+        if inside is not None:
+            r, c = _slices(area, halo)
+            sub = inside[r, c]
+        pred, valid, _ = _predicted(job, bundle, scene, area, windows, True, settings, sub)
         run += pred.windows_run
         skipped += len(windows) - pred.windows_run
-        ok = valid[rows, cols] & (pred.index[rows, cols] >= 0)
-        p = None if pred.probabilities is None else pred.probabilities[:, rows, cols]
-        if not several:
-            valid_core, index_core, probs_core = ok, pred.index[rows, cols], p
-            break
-        assert p is not None
-        if probs_core is None:
-            probs_core = np.zeros_like(p)
+        a_rows, a_cols = _slices(part, area)
+        ok = valid[a_rows, a_cols] & (pred.index[a_rows, a_cols] >= 0)
+        assert pred.probabilities is not None
+        p = pred.probabilities[:, a_rows, a_cols]
+        # views of the core's arrays over this scene's part: writes go through
+        c_rows, c_cols = _slices(part, core)
+        probs, filled = probs_core[:, c_rows, c_cols], valid_core[c_rows, c_cols]
         if job.composite == "mean":
-            count = np.zeros(ok.shape, np.float32) if count is None else count
-            probs_core[:, ok] += p[:, ok]
-            count[ok] += 1
+            probs[:, ok] += p[:, ok]
+            count[c_rows, c_cols][ok] += 1
         else:
             if job.composite == "max-confidence":
-                conf = p.max(axis=0)
-                best = np.full(ok.shape, -1.0, np.float32) if best is None else best
-                take = ok & (conf > best)
-                best[take] = conf[take]
+                conf, top = p.max(axis=0), best[c_rows, c_cols]
+                take = ok & (conf > top)
+                top[take] = conf[take]
             else:
-                take = ok & ~valid_core if job.composite == "first" else ok
-            probs_core[:, take] = p[:, take]
-        valid_core |= ok
-    if several and probs_core is not None:
-        if count is not None:
-            np.divide(probs_core, count, out=probs_core, where=count > 0)
-        index_core = np.argmax(probs_core, axis=0).astype(np.int16)
-    if not probabilities:
-        probs_core = None
-    elif probs_core is None:
-        probs_core = np.zeros((len(bundle.classes), *valid_core.shape), np.float32)
-    index_core[~valid_core] = 0
-    path = _write_block(job, bundle, valid_core, index_core, probs_core)
-    return BlockResult(core, path, run, skipped, time.perf_counter() - t0, prec)
+                take = ok & ~filled if job.composite == "first" else ok
+            probs[:, take] = p[:, take]
+        filled |= ok
+    np.divide(probs_core, count, out=probs_core, where=count > 0)
+    index = np.argmax(probs_core, axis=0).astype(np.int16)
+    index[~valid_core] = 0
+    return valid_core, index, probs_core if probabilities else None, run, skipped
 
 
 @dataclass
