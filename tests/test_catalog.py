@@ -471,3 +471,30 @@ def test_a_stopped_mosaic_resumes_with_only_its_unfinished_blocks(
         random_bundle, [west, east], tmp_path / "f.tif", mosaic=True, block=64, client=dask_client
     )
     assert np.array_equal(_read(out), _read(fresh.path))
+
+
+def test_the_command_line_predicts_a_mosaic_of_band_files_and_a_stac_item(
+    bands, random_bundle, tmp_path, dask_client
+):
+    """`geoseg predict BUNDLE ITEM B1.tif,...,B6.tif --mosaic -o m.tif` writes one map, its
+    probabilities and its STAC item, and says so in one line."""
+    from tests.test_cli import invoke
+
+    assets = {f"b{i}": {"href": str(bands[f"b{i}"])} for i in range(1, 7)}
+    item = _item(tmp_path / "item.json", assets)
+    files = ",".join(str(bands[f"same{i}"]) for i in range(1, 7))
+    out = tmp_path / "m.tif"
+    r = invoke(
+        "predict", random_bundle, item, files, "--mosaic", "--composite", "max-confidence",
+        "-o", out, "--probabilities", "--block", 256, "--scheduler", dask_client.scheduler.address,
+        "-q",
+    )  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    assert r.stdout.strip() == f"wrote {out} and {tmp_path / 'm_probabilities.tif'}"
+    with rasterio.open(out) as src, rasterio.open(SCENE) as s:
+        assert (src.crs, src.transform, src.shape) == (s.crs, s.transform, s.shape)
+        assert src.tags()["GEOSEG_COMPOSITE"] == "max-confidence"
+        assert json.loads(src.tags()["GEOSEG_SCENES"]) == ["nc-2000", files]
+    item_out = json.loads((tmp_path / "m.json").read_text())
+    assert "probabilities" in item_out["assets"]
+    assert item_out["properties"]["datetime"] == "2000-05-24T00:00:00Z"
