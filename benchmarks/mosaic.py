@@ -29,7 +29,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import rasterio
 from _results import PeakMemory, finish, under_worker_malloc
 from predict import make_bundle, make_scene
