@@ -225,6 +225,11 @@ Example:
 )
 @click.option("--bands", help="Scene bands to use, 1-based, in order (e.g. 1,2,3,4). Default: all.")
 @click.option(
+    "--band-names",
+    help="Names the bundle records for those bands (blue,green,red), by which STAC assets are "
+    "found. Default: the band descriptions, a STAC item's asset keys, else 'band N'.",
+)
+@click.option(
     "--classes", "classes", help="YAML class list (id, name, color). Default: from the labels."
 )
 @click.option("--label-field", help="Column of vector labels that holds the class codes.")
@@ -294,6 +299,7 @@ def train(
     output: str,
     arch_args: tuple[str, ...],
     bands: str | None,
+    band_names: str | None,
     ignore: str | None,
     no_balance: bool,
     verbose: int,
@@ -301,7 +307,8 @@ def train(
     **kw: Any,
 ) -> None:
     """Train a model on each SCENE with its LABELS (a class raster on the scene's grid, or a
-    vector file), given in the same order: scenes first, then as many label files.
+    vector file), given in the same order: scenes first, then as many label files. A SCENE may
+    be band files joined by commas or a STAC item, as for predict.
 
     Writes the bundle (the best epoch by validation mIoU, or the last), a checkpoint after every
     epoch (NAME.checkpoint) and a log line per epoch (NAME.log.jsonl)."""
@@ -320,6 +327,7 @@ def train(
         output,
         arch_args=_kv(arch_args),
         bands=_ints(bands),
+        band_names=[n.strip() for n in band_names.split(",")] if band_names else None,
         ignore=_ints(ignore) or (),
         balance=not no_balance,
         **kw,

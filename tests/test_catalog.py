@@ -498,3 +498,42 @@ def test_the_command_line_predicts_a_mosaic_of_band_files_and_a_stac_item(
     item_out = json.loads((tmp_path / "m.json").read_text())
     assert "probabilities" in item_out["assets"]
     assert item_out["properties"]["datetime"] == "2000-05-24T00:00:00Z"
+
+
+def test_training_on_a_stac_item_names_the_bands_by_asset(bands, tmp_path, dask_client):
+    """A model trained on a STAC item (and on band files at mixed resolutions) records the
+    item's asset keys as band names; another item whose assets carry those names as eo:bands
+    names is then predicted; --band-names sets them, one per band."""
+    from geoseg.bundle import load_bundle
+    from geoseg.errors import ConfigError
+    from geoseg.stages.predict import predict_scene
+    from geoseg.stages.train import train
+    from tests.conftest import LABELS
+
+    small = {"arch_args": {"depth": 2, "base_width": 4}, "epochs": 1, "samples_per_epoch": 32}
+    assets = {f"b{i}": {"href": str(bands[f"same{i}"]), "type": "image/tiff"} for i in range(1, 7)}
+    item = _item(tmp_path / "item.json", assets)
+    r = train(item, LABELS, tmp_path / "m.bundle", bands=[2, 3, 4], client=dask_client, **small)
+    assert [(b.index, b.name) for b in load_bundle(r.path).bands] == [
+        (2, "b2"),
+        (3, "b3"),
+        (4, "b4"),
+    ]
+    other = {
+        f"SR_B{i}": {"href": str(bands[f"b{i}"]), "eo:bands": [{"name": f"b{i}"}]}
+        for i in range(1, 7)
+    }
+    p = predict_scene(
+        r.path, _item(tmp_path / "other.json", other), tmp_path / "c.tif", client=dask_client
+    )
+    assert p.valid_pixels > 0.7 * 443 * 489
+    mixed = ",".join(str(bands[f"b{i}"]) for i in range(1, 7))
+    r2 = train(
+        mixed, LABELS, tmp_path / "n.bundle", bands=[4, 5, 6], band_names=["nir", "swir1", "swir2"],
+        client=dask_client, **small,
+    )  # fmt: skip
+    assert [b.name for b in load_bundle(r2.path).bands] == ["nir", "swir1", "swir2"]
+    with pytest.raises(ConfigError, match="band_names names 2 bands, the model reads 3"):
+        train(mixed, LABELS, tmp_path / "x.bundle", bands=[4, 5, 6], band_names=["a", "b"],
+              client=dask_client, **small)  # fmt: skip
+    assert not (tmp_path / "x.bundle").exists()

@@ -47,7 +47,7 @@ def test_training_windows_never_leave_the_training_area():
     spec_labels = LabelSpec(str(LABELS))
     stats = block_stats(
         rasterio.windows.Window(0, 0, profile.width, profile.height),
-        str(SCENE),
+        read_profile(SCENE),
         (1, 2, 3, 4, 5, 6),
         spec_labels,
         str(WEST),
@@ -55,7 +55,7 @@ def test_training_windows_never_leave_the_training_area():
     split = round(0.6 * profile.width)
     assert stats.anchors[:, 1].max() < split
     spec = SampleSpec(
-        str(SCENE),
+        read_profile(SCENE),
         (1, 2, 3, 4, 5, 6),
         spec_labels,
         tuple(range(1, 8)),
@@ -84,7 +84,7 @@ def test_balanced_sampler_draws_rare_classes_as_often_as_common_ones():
     profile = read_profile(SCENE)
     stats = block_stats(
         rasterio.windows.Window(0, 0, profile.width, profile.height),
-        str(SCENE),
+        read_profile(SCENE),
         (1, 2, 3, 4, 5, 6),
         LabelSpec(str(LABELS)),
         None,
@@ -95,7 +95,7 @@ def test_balanced_sampler_draws_rare_classes_as_often_as_common_ones():
         stats.cells,
     )
     spec = SampleSpec(
-        str(SCENE),
+        read_profile(SCENE),
         (1,),
         LabelSpec(str(LABELS)),
         tuple(range(1, 8)),

@@ -30,6 +30,7 @@ import torch
 from geoseg import __version__
 from geoseg.augment import PRESETS, build_augmenter
 from geoseg.bundle import BandInfo, Contract, save_bundle
+from geoseg.catalog import expand_scenes, open_scene
 from geoseg.classes import ClassInfo
 from geoseg.cluster import run_tasks, scheduler_address, session, task_resources, workers_info
 from geoseg.errors import (
@@ -50,7 +51,6 @@ from geoseg.io import (
     check_input,
     check_output,
     folders_for,
-    read_profile,
     resolve_path,
     same_file,
 )
@@ -121,6 +121,18 @@ def _is_pair(item: Any) -> bool:
     )
 
 
+def _training_scene(scene: Any) -> SceneProfile:
+    """One training scene: a raster, band files joined by commas, or one STAC item (all its
+    data assets, named by their keys)."""
+    refs = expand_scenes([scene])
+    if len(refs) != 1:
+        raise ConfigError(
+            f"training scene {str(scene)!r} holds {len(refs)} scenes; give each scene with its "
+            "own labels"
+        )
+    return open_scene(refs[0])
+
+
 def split_cell(window: int) -> int:
     """The side of the squares that statistics are gathered on and a validation fraction is
     split by: the smallest multiple of the training window that is at least 256 px."""
@@ -159,7 +171,7 @@ def _checkpoint_meta(cfg: EpochConfig, classes: Sequence[ClassInfo]) -> dict[str
         "bands": list(cfg.specs[0].bands),
         "classes": [c.id for c in classes],
         "window": cfg.specs[0].window,
-        "scenes": [s.scene for s in cfg.specs],
+        "scenes": [s.scene.path for s in cfg.specs],
         "epochs": cfg.epochs,
     }
 
@@ -304,6 +316,7 @@ class TrainConfig:
     classes: str | os.PathLike[str] | Sequence[Any] | None = None
     ignore: Sequence[int] = ()
     bands: Sequence[int] | None = None
+    band_names: Sequence[str] | None = None
     arch: str = "unet"
     arch_args: dict[str, Any] | None = None
     window: int = 64
@@ -378,7 +391,6 @@ def plan_training(
     window, val_fraction, seed, nodata = c.window, c.val_fraction, c.seed, c.nodata
     arch_args = dict(c.arch_args or {})
     cell = split_cell(window)
-    paths = [p.path for p in profiles]
     bounds = [pixel_bounds(p, area) for p in profiles]
     class_list = list(classes) if classes is not None else None
     items = [
@@ -389,7 +401,7 @@ def plan_training(
         stats_task,
         items,
         "statistics",
-        paths,
+        list(profiles),
         tuple(band_list),
         label_specs,
         area,
@@ -454,7 +466,7 @@ def plan_training(
     cfg = EpochConfig(
         specs=tuple(
             SampleSpec(
-                scene=path,
+                scene=profile,
                 bands=tuple(band_list),
                 labels=spec,
                 class_ids=tuple(c.id for c in class_list),
@@ -467,7 +479,7 @@ def plan_training(
                 nodata=nodata,
                 val=split,
             )
-            for path, spec, b, split in zip(paths, label_specs, bounds, splits)
+            for profile, spec, b, split in zip(profiles, label_specs, bounds, splits)
         ),
         table=table,
         sampler=c.sampler,
@@ -499,6 +511,7 @@ def train(
     classes: str | os.PathLike[str] | Sequence[Any] | None = _D.classes,
     ignore: Sequence[int] = _D.ignore,
     bands: Sequence[int] | None = _D.bands,
+    band_names: Sequence[str] | None = _D.band_names,
     arch: str = _D.arch,
     arch_args: dict[str, Any] | None = _D.arch_args,
     window: int = _D.window,
@@ -542,6 +555,10 @@ def train(
         Label codes that mean "unlabelled".
     bands
         1-based scene band indexes the model reads, in order; default all.
+    band_names
+        The names the bundle records for those bands, by which a STAC item's assets are found
+        when predicting; default: the scene's band descriptions, a STAC item's asset keys, else
+        ``band N``.
     window, predict_window
         Training window, and the default window stored for prediction.
     batch_size
@@ -582,7 +599,9 @@ def train(
     config = TrainConfig(**{f.name: given[f.name] for f in fields(TrainConfig)})  # checks them
     # every path is resolved here: workers may run in other folders, or on other machines
     pairs = _scene_pairs(scenes, labels)
-    scene_list = [resolve_path(s) for s, _ in pairs]
+    # scenes may be band files or STAC items: each is opened (headers only) here
+    profiles = [_training_scene(s) for s, _ in pairs]
+    scene_list = [p.path for p in profiles]
     label_list = [resolve_path(lb) for _, lb in pairs]
     if device != "cuda" or (client is None and not scheduler_address(scheduler)):
         resolve_device(device)  # a local cluster: no GPU for --device cuda fails here
@@ -591,7 +610,8 @@ def train(
     ckpt_in = resolve_path(resume) if resume is not None else None
     classes_file = resolve_path(classes) if isinstance(classes, (str, os.PathLike)) else None
     augment_file = None if augment in PRESETS else resolve_path(augment)
-    inputs = [*scene_list, *label_list, area, region, classes_file, augment_file]
+    files = [f for p in profiles for f in p.files]
+    inputs = [*files, *label_list, area, region, classes_file, augment_file]
     ckpt = _read_checkpoint(ckpt_in) if ckpt_in is not None else None
     out = check_output(output, overwrite, inputs=[*inputs, ckpt_in], what="bundle")
     ckpt_path = out.with_name(out.name + ".checkpoint")
@@ -610,8 +630,12 @@ def train(
     for path in (area, region):
         if path is not None:
             check_input(path, "area" if path == area else "validation region")
-    profiles = [read_profile(s) for s in scene_list]
     band_list = list(bands) if bands else list(range(1, profiles[0].count + 1))
+    if band_names is not None and len(band_names) != len(band_list):
+        raise ConfigError(
+            f"{option('--band-names', None)} names {len(band_names)} bands, the model reads "
+            f"{len(band_list)} ({band_list}); give one name per band"
+        )
     for profile in profiles:
         bad = [b for b in band_list if not 1 <= b <= profile.count]
         if bad:
@@ -649,7 +673,6 @@ def train(
             world = len(worker_list)
             labelled = sum(total.codes.values())
             val_windows = cfg.val_windows
-            paths = [s.scene for s in cfg.specs]
             mean, std = list(cfg.specs[0].mean), list(cfg.specs[0].std)
             meta = _checkpoint_meta(cfg, class_list)
             history: list[dict[str, Any]] = []
@@ -665,7 +688,7 @@ def train(
                 "train %s on %d scene(s): %d classes, %d labelled training px%s, %d workers, "
                 "%d epochs of %d steps x %d windows x %d px on each worker, sampler %s",
                 arch,
-                len(paths),
+                len(cfg.specs),
                 len(class_list),
                 labelled,
                 f", {sum(total.val_codes.values())} validation px" if val_windows else "",
@@ -746,7 +769,7 @@ def train(
         # models that see the whole window (attention, image pooling) get a quarter of it
         overlap = predict_window // 4 if rf is None else min(rf + rf % 2, predict_window // 2)
         descriptions = profiles[0].descriptions
-        names = [descriptions[i - 1] or f"band {i}" for i in band_list]
+        names = list(band_names or [descriptions[i - 1] or f"band {i}" for i in band_list])
         best_row = next(h for h in history if h["epoch"] == best["epoch"])
         contract = Contract(
             arch=arch,

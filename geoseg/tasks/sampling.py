@@ -6,8 +6,10 @@ Everything here reads windows from paths and runs in Dask tasks or in the client
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import rasterio
@@ -19,7 +21,6 @@ from geoseg.errors import LabelError, option
 from geoseg.io import (
     SceneProfile,
     raster_bounds,
-    read_profile,
     read_vector,
     standardize,
 )
@@ -114,9 +115,21 @@ def _counts(codes: np.ndarray) -> dict[int, int]:
     return {int(v): int(c) for v, c in zip(values, counts)}
 
 
+def _read(
+    src: Any, profile: SceneProfile, window: Window, bands: Sequence[int], nodata: float | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """A window of a training scene: from the open file ``src``, or for a scene of several
+    files (band files, a STAC item) each band read onto the scene's grid."""
+    from geoseg.io import read_scene, read_window
+
+    if src is None:
+        return read_scene(profile, window, bands, nodata)
+    return read_window(src, window, bands, nodata)
+
+
 def block_stats(
     window: Window,
-    scene: str,
+    scene: SceneProfile,
     bands: Sequence[int],
     labels: LabelSpec,
     within: str | None,
@@ -126,11 +139,10 @@ def block_stats(
 ) -> BlockStats:
     """Statistics of one block (a Dask task); float64 sums so blocks add up exactly. Pixels
     inside ``val_region`` count as validation and give no anchors or cells."""
-    from geoseg.io import read_window
-
-    profile = read_profile(scene)
-    with rasterio.open(scene) as src:
-        data, valid = read_window(src, window, bands, nodata)
+    profile = scene
+    with contextlib.ExitStack() as stack:
+        src = None if scene.sources else stack.enter_context(rasterio.open(scene.path))
+        data, valid = _read(src, scene, window, bands, nodata)
     valid &= area_mask(within, window, profile)
     d = data[:, valid].astype(np.float64)
     codes = read_codes(labels, window, profile)
@@ -171,7 +183,7 @@ SAMPLERS = ("random", "balanced", "grid")
 class SampleSpec:
     """One training scene as the training tasks see it (paths and numbers, cheap to send)."""
 
-    scene: str
+    scene: SceneProfile
     bands: tuple[int, ...]
     labels: LabelSpec
     class_ids: tuple[int, ...]
@@ -220,23 +232,22 @@ class SceneReader:
 
     def __init__(self, spec: SampleSpec) -> None:
         self.spec = spec
-        self.profile = read_profile(spec.scene)
-        self.src = rasterio.open(spec.scene)
+        self.profile = spec.scene
+        self.src = None if spec.scene.sources else rasterio.open(spec.scene.path)
         self.label_src = None if spec.labels.is_vector else rasterio.open(spec.labels.path)
         self.lut = np.full(256, NODATA, dtype=np.uint8)  # label code -> class index
         self.lut[list(spec.class_ids)] = np.arange(len(spec.class_ids), dtype=np.uint8)
 
     def close(self) -> None:
-        self.src.close()
+        if self.src is not None:
+            self.src.close()
         if self.label_src is not None:
             self.label_src.close()
 
     def read(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
         """``(image, mask)``: image ``(bands, h, w)`` float32 normalised (0 where invalid),
         mask ``(h, w)`` uint8 class indexes, NODATA where unlabelled or invalid."""
-        from geoseg.io import read_window
-
-        data, valid = read_window(self.src, window, self.spec.bands, self.spec.nodata)
+        data, valid = _read(self.src, self.profile, window, self.spec.bands, self.spec.nodata)
         codes = read_codes(self.spec.labels, window, self.profile, self.label_src)
         mask = np.where(codes >= 0, self.lut[np.clip(codes, 0, 255)], NODATA).astype(np.uint8)
         mask[~valid] = NODATA

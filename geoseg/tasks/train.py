@@ -15,7 +15,6 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,9 +23,7 @@ import torch.nn.functional as F
 
 from geoseg.classes import NODATA
 from geoseg.errors import TrainingError, option
-from geoseg.io import (
-    describe_window,
-)
+from geoseg.io import SceneProfile, describe_window
 from geoseg.labels import LabelSpec
 from geoseg.losses import make_loss
 from geoseg.models import create_model
@@ -103,7 +100,7 @@ def _process_group(rendezvous: str | None, rank: int, world: int, device: str) -
 
 
 def _describe(spec: SampleSpec, window: Any) -> str:
-    return f"{Path(spec.scene).name} {describe_window(window)}"
+    return f"{spec.scene.name} {describe_window(window)}"
 
 
 def _amp(device: str) -> tuple[torch.dtype | None, bool]:
@@ -271,7 +268,7 @@ def free_port() -> int:
 
 def stats_task(
     item: tuple[int, Any],
-    scenes: Sequence[str],
+    scenes: Sequence[SceneProfile],
     bands: tuple[int, ...],
     specs: Sequence[LabelSpec],
     within: str | None,
