@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -100,7 +101,9 @@ def _process_group(rendezvous: str | None, rank: int, world: int, device: str) -
 
 
 def _describe(spec: SampleSpec, window: Any) -> str:
-    return f"{spec.scene.name} {describe_window(window)}"
+    scene = spec.scene  # a file by its name; band files or an item by the scene's
+    label = scene.name if scene.sources else Path(scene.path).name
+    return f"{label} {describe_window(window)}"
 
 
 def _amp(device: str) -> tuple[torch.dtype | None, bool]:
