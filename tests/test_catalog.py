@@ -350,6 +350,18 @@ def test_a_mosaic_of_two_crops_is_the_whole_scene_away_from_their_edges(
         client=dask_client,
     )
     assert np.array_equal(_read(last.path)[:, 190:], alone["east"])
+    # weighted blending: each scene's windows run once, and the map is the same for any block
+    # size, to the rounding of the sums
+    gauss = [
+        _read(
+            predict_scenes(
+                random_bundle, [west, east], tmp_path / f"g{block}.tif", mosaic=True,
+                blend="gaussian", block=block, client=dask_client,
+            )[0].path
+        )
+        for block in (128, 256)
+    ]  # fmt: skip
+    assert np.mean(gauss[0] == gauss[1]) > 0.999 and np.mean(gauss[0] == mosaic) > 0.9
     # provenance: tags and a STAC item beside the map
     assert tags["GEOSEG_COMPOSITE"] == "mean" and tags["GEOSEG_BLEND"] == "trim"
     assert json.loads(tags["GEOSEG_SCENES"]) == [str(west), str(east)]
@@ -366,6 +378,66 @@ def test_a_mosaic_of_two_crops_is_the_whole_scene_away_from_their_edges(
         9,
     ]
     assert item.to_dict()["properties"]["geoseg:settings"]["composite"] == "mean"
+
+
+def test_masked_pixels_do_not_vote(bands, random_bundle, tmp_path, dask_client):
+    """A second item of the NC scene has a 'cloud' painted into its bands (rows 100-199, cols
+    150-299 bright) and a cloud mask asset at twice the pixel size marking it. Predicted
+    alone with --mask, the cloud is nodata; in a mosaic with the clear item, the cloud's
+    pixels take the clear item's classes, as if the cloudy item were not there."""
+    from geoseg.stages.predict import predict_scene, predict_scenes
+
+    cloud = (slice(100, 200), slice(150, 300))
+    with rasterio.open(SCENE) as src:
+        crs, t = src.crs, src.transform
+        assets = {}
+        for i in range(1, 7):
+            data = src.read(i)
+            data[cloud] = 250
+            assets[f"b{i}"] = {"href": str(_write(tmp_path / f"cloudy_b{i}.tif", data, crs, t))}
+        flags = np.ones((-(-src.height // 2), -(-src.width // 2)), np.uint8)  # 1: clear
+    coarse = t * t.scale(2, 2)
+    clear_assets = {f"b{i}": {"href": str(bands[f"same{i}"])} for i in range(1, 7)}
+    clear_assets["cloud"] = {"href": str(_write(tmp_path / "none.tif", flags, crs, coarse))}
+    clear = _item(tmp_path / "clear.json", clear_assets, "clear")
+    flags[50:100, 75:150] = 2  # cloud, at twice the pixel size: the painted rows and cols
+    assets["cloud"] = {"href": str(_write(tmp_path / "cloud.tif", flags, crs, coarse))}
+    cloudy = _item(tmp_path / "cloudy.json", assets, "cloudy")
+    def probs(path: Path | None) -> np.ndarray:
+        assert path is not None
+        with rasterio.open(path) as src:
+            return src.read()
+
+    alone = predict_scene(
+        random_bundle, clear, tmp_path / "clear_map.tif", probabilities=True, block=256,
+        client=dask_client,
+    )  # fmt: skip
+    whole, whole_p = _read(alone.path), probs(alone.probabilities)
+    masked = _read(
+        predict_scene(
+            random_bundle, cloudy, tmp_path / "cloudy_map.tif", mask="cloud", mask_values=[2],
+            block=256, client=dask_client,
+        ).path
+    )  # fmt: skip
+    assert (masked[cloud] == 255).all()
+    outside = masked != 255
+    outside[90:210, 140:310] = False  # the model sees the cloud a few px beyond it
+    assert outside.sum() > 100_000 and np.array_equal(masked[outside], whole[outside])
+    # in a mosaic, the cloud's pixels are the clear scene's alone (probabilities and classes)
+    [m] = predict_scenes(
+        random_bundle, [cloudy, clear], tmp_path / "m.tif", mosaic=True, mask="cloud",
+        mask_values=[2], probabilities=True, block=256, client=dask_client,
+    )  # fmt: skip
+    assert np.array_equal(probs(m.probabilities)[:, *cloud], whole_p[:, *cloud])
+    assert np.array_equal(_read(m.path)[cloud], whole[cloud])
+    # unmasked, the painted cloud votes: the mean there is not the clear scene's (the random
+    # model is not very sensitive to it, but some probabilities move)
+    [u] = predict_scenes(
+        random_bundle, [cloudy, clear], tmp_path / "u.tif", mosaic=True, probabilities=True,
+        block=256, client=dask_client,
+    )  # fmt: skip
+    diff = np.abs(probs(u.probabilities)[:, *cloud].astype(int) - whole_p[:, *cloud])
+    assert (diff > 0).mean() > 0.01
 
 
 def test_within_maps_only_the_area(random_bundle, tmp_path, dask_client):
@@ -439,8 +511,9 @@ def test_mosaic_probabilities_are_the_mean_of_the_scenes(random_bundle, tmp_path
 def test_a_stopped_mosaic_resumes_with_only_its_unfinished_blocks(
     random_bundle, tmp_path, dask_client
 ):
-    """Kill a real `geoseg predict --mosaic` (client and workers) mid-run; the same call run
-    again computes only the blocks that were not done, and gives the map a fresh run gives."""
+    """Kill a real `geoseg predict --mosaic` (client and workers) while it predicts the
+    scenes' blocks; the same call run again predicts only the scene blocks that were not done
+    (fewer windows than a fresh run), and gives the map a fresh run gives."""
     import os
     import signal
     import subprocess
@@ -456,20 +529,20 @@ def test_a_stopped_mosaic_resumes_with_only_its_unfinished_blocks(
            "--mosaic", "--block", "64", "--workers", "1", "-q"]  # fmt: skip
     proc = subprocess.Popen(cmd, start_new_session=True, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and len(list(parts.glob("block_*.done"))) < 8:
+    while time.monotonic() < deadline and len(list(parts.glob("scene_*/block_*.done"))) < 8:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    done_before = len(list(parts.glob("block_*.done")))
+    done_before = len(list(parts.glob("scene_*/block_*.done")))
     assert done_before >= 8 and not out.exists() and not out.with_suffix(".json").exists()
     [r] = predict_scenes(
         random_bundle, [west, east], out, mosaic=True, block=64, client=dask_client
     )
-    assert r.resumed == done_before and 0 < r.resumed < r.blocks
     assert not parts.exists()
     [fresh] = predict_scenes(
         random_bundle, [west, east], tmp_path / "f.tif", mosaic=True, block=64, client=dask_client
     )
+    assert 0 < r.windows_run < fresh.windows_run
     assert np.array_equal(_read(out), _read(fresh.path))
 
 

@@ -89,7 +89,10 @@ from geoseg.tasks.predict import (
     Accumulated,
     BlockJob,
     BlockResult,
+    CompositeJob,
+    SceneParts,
     accumulate_block,
+    composite_block,
     finish_block,
     part_done,
     part_name,
@@ -98,7 +101,7 @@ from geoseg.tasks.predict import (
     resolve_precision,
     take_piece,
 )
-from geoseg.tiling import MIN_BLOCK, MIN_WINDOW, WindowGrid
+from geoseg.tiling import MIN_BLOCK, MIN_WINDOW, WindowGrid, block_windows
 
 log = logging.getLogger("geoseg")
 _P = ParamSpec("_P")
@@ -154,10 +157,35 @@ class PredictOptions:
 
 
 @dataclass
+class _Share:
+    """A mosaic scene's share of the mosaic's grid: the part of it over the scene's footprint,
+    where its windows lie on their own grid (anchored at the footprint, rounded to the
+    model's stride, so each scene runs the windows it would run alone); its blocks, those
+    still to run, and the folder their parts go to."""
+
+    index: int  # among the mosaic's scenes
+    offset: tuple[int, int]  # (row, col) on the mosaic's grid
+    target: Grid
+    grid: WindowGrid
+    cores: list[Window]
+    todo: list[Window]
+    parts: Path
+    scene: SceneProfile
+    resampling: str
+    area: bytes | None
+
+    def job(self, core: Window) -> BlockJob:
+        return BlockJob(
+            core, self.scene, self.grid, str(self.parts), self.target, self.resampling, self.area
+        )
+
+
+@dataclass
 class _Plan:
     """One class map's share of a prediction run: its scenes (one, or a mosaic's), the grid
     it lies on, and its blocks (those that touch a scene and the area), each with the scenes
-    that touch it."""
+    that touch it. A mosaic of several scenes (``shares``) predicts each scene's blocks on its
+    own share of the grid, then composites them block by block of the mosaic."""
 
     scenes: list[SceneProfile]
     target: Grid
@@ -170,25 +198,45 @@ class _Plan:
     probabilities: bool
     opts: PredictOptions
     area: bytes | None = None
-    footprints: list[Window] | None = None  # a mosaic's scenes, on its grid
+    shares: list[_Share] | None = None
 
     @property
     def name(self) -> str:
         return self.scenes[0].path if len(self.scenes) == 1 else f"mosaic {self.out}"
 
+    @property
+    def n_windows(self) -> int:
+        if self.shares is None:
+            return self.grid.n_windows
+        return sum(s.grid.n_windows for s in self.shares)
+
+    @property
+    def folders(self) -> set[Path]:
+        return {self.parts, *(s.parts for s in self.shares or [])}
+
     def job(self, core: Window) -> BlockJob:
-        hits = self.touching[(int(core.row_off), int(core.col_off))]
         return BlockJob(
-            core,
-            tuple(self.scenes[i] for i in hits),
-            self.grid,
-            str(self.parts),
-            self.target,
-            self.opts.composite,
-            self.opts.resampling,
-            self.area,
-            () if self.footprints is None else tuple(self.footprints[i] for i in hits),
-        )
+            core, self.scenes[0], self.grid, str(self.parts), self.target,
+            self.opts.resampling, self.area,
+        )  # fmt: skip
+
+    def composite_job(self, core: Window, class_ids: tuple[int, ...]) -> CompositeJob:
+        """A mosaic block: the parts of the scenes that touch it, in the order they composite."""
+        assert self.shares is not None
+        sources = []
+        for i in self.touching[(int(core.row_off), int(core.col_off))]:
+            s = self.shares[i]
+            on = [c for c in s.cores if windows_intersect(core, _shifted(c, s.offset))]
+            if on:
+                sources.append(SceneParts(str(s.parts), s.offset, tuple(on)))
+        return CompositeJob(
+            core, tuple(sources), str(self.parts), self.target, class_ids,
+            self.opts.composite, self.probabilities,
+        )  # fmt: skip
+
+
+def _shifted(w: Window, offset: tuple[int, int]) -> Window:
+    return Window(w.col_off + offset[1], w.row_off + offset[0], w.width, w.height)
 
 
 def predict_scenes(
@@ -514,8 +562,13 @@ def _run(
         opts = replace(opts, block=opts.block or default_block(targets, workers, remote))
         settings = opts.run_settings(b.hash)
         for layout, out in zip(layouts, outs):
-            plans.append(_plan(layout, out, settings, locks, opts, overwrite=overwrite))
-        jobs = [p.job(c) for p in plans for c in p.todo]
+            plans.append(
+                _plan(layout, out, settings, locks, opts, step=_model_step(b), overwrite=overwrite)
+            )
+        # a mosaic's scenes' blocks, predicted first and composited after
+        shares = [s for p in plans for s in p.shares or []]
+        jobs = [s.job(c) for s in shares for c in s.todo]
+        jobs += [p.job(c) for p in plans if p.shares is None for c in p.todo]
         # blocks with the most windows first (Dask starts tasks in the order they came): the
         # last to run are then the shortest, and the workers finish together. In the order of
         # the scene, a 2048 px scene's four blocks of 4, 6, 6 and 9 windows left one worker 15
@@ -534,8 +587,9 @@ def _run(
                     "predict %s%s: %dx%d px, %d blocks of %d px%s, window %d, overlap %d%s "
                     "(%d windows), blend %s",
                     p.name,
-                    f" ({len(p.scenes)} scenes, composite {opts.composite})"
-                    if len(p.scenes) > 1
+                    f" ({len(p.scenes)} scenes, {sum(len(s.todo) for s in p.shares)} scene "
+                    f"blocks to predict, composite {opts.composite})"
+                    if p.shares is not None
                     else "",
                     p.target.width,
                     p.target.height,
@@ -545,7 +599,7 @@ def _run(
                     win,
                     ovl,
                     _overlap_note(b, win, ovl),
-                    p.grid.n_windows,
+                    p.n_windows,
                     blend,
                 )
             _log_dashboard(client)
@@ -556,8 +610,12 @@ def _run(
             }
             resources = task_resources(client, opts.device)
             bundle_path = str(Path(bundle).resolve())
-            if blend == "trim" or any(len(p.scenes) > 1 for p in plans):
-                # a mosaic's blocks run every window that touches them, whatever the blend
+            # a mosaic's scenes need their probabilities to composite (unless the first or
+            # last wins, and none are asked for)
+            voting = probabilities or (
+                bool(shares) and opts.composite in ("mean", "max-confidence")
+            )
+            if blend == "trim":
                 results: list[BlockResult] = run_tasks(
                     client,
                     predict_block,
@@ -565,7 +623,7 @@ def _run(
                     "predict",
                     bundle_path,
                     blend=blend,
-                    probabilities=probabilities,
+                    probabilities=voting,
                     pixels=[int(j.core.width * j.core.height) for j in jobs],
                     resources=resources,
                     paced=True,
@@ -573,13 +631,34 @@ def _run(
                 )
             else:
                 results = _run_shared_windows(
-                    client, plans, bundle_path, blend, probabilities, options, resources
+                    client,
+                    shares or plans,
+                    bundle_path,
+                    blend,
+                    voting,
+                    options,
+                    resources,
+                )
+            composites = [
+                p.composite_job(c, tuple(int(i) for i in b.class_ids))
+                for p in plans
+                if p.shares is not None
+                for c in p.todo
+            ]
+            if composites:
+                results += run_tasks(
+                    client,
+                    composite_block,
+                    composites,
+                    "composite",
+                    pixels=[int(j.core.width * j.core.height) for j in composites],
+                    cpu_only=True,
                 )
             t_blocks = time.perf_counter() - t0
             done = []
             for i, p in enumerate(plans):
                 t1 = time.perf_counter()
-                mine = [r for r in results if Path(r.path).parent == p.parts]
+                mine = [r for r in results if Path(r.path).parent in p.folders]
                 ids = scene_ids(p.scenes)
                 made = {**settings, "precision": _precision_used(mine, opts.precision)}
                 if len(p.scenes) == 1:
@@ -639,7 +718,7 @@ def _run(
 
 def _run_shared_windows(
     client: Any,
-    plans: list[_Plan],
+    plans: Sequence[_Plan | _Share],
     bundle_path: str,
     blend: str,
     probabilities: bool,
@@ -834,7 +913,7 @@ def _overlap_note(b: Bundle, window: int, overlap: int) -> str:
     """Why the overlap differs from the bundle's, for the plan line."""
     if overlap == b.overlap:
         return ""
-    step = int(getattr(b.model, "stride", 1))
+    step = _model_step(b)
     capped = min(b.overlap, window // 2)
     if overlap != capped and step > 1:
         return (
@@ -854,26 +933,35 @@ def _plan(
     locks: contextlib.ExitStack,
     opts: PredictOptions,
     *,
+    step: int,
     overwrite: bool,
 ) -> _Plan:
+    """The blocks of one class map; for a mosaic of several scenes, also each scene's share
+    of the grid (its windows anchored on its footprint, rounded down to ``step``, the model's
+    stride) and its blocks there."""
     import shapely
 
     probabilities = bool(settings["probabilities"])
     target = layout.target
-    grid = WindowGrid(
-        target.height,
-        target.width,
-        settings["window"],
-        settings["overlap"],
-        trim=settings["blend"] == "trim",
-    )
+    trim = settings["blend"] == "trim"
+    grid = WindowGrid(target.height, target.width, settings["window"], settings["overlap"], trim)
     feet = [footprint(sc, target) for sc in layout.scenes] if layout.mosaic else None
     area = None if layout.area is None else shapely.from_wkb(layout.area)
+
+    def in_area(c: Window, on: Grid) -> bool:
+        return area is None or area.intersects(
+            shapely.box(*rasterio.windows.bounds(c, on.transform))
+        )
+
+    several = feet is not None and len(feet) > 1
+    blocks = (
+        block_windows(target.height, target.width, settings["block"])
+        if several
+        else grid.blocks(settings["block"])
+    )
     cores, touching = [], {}
-    for c in grid.blocks(settings["block"]):
-        if area is not None and not area.intersects(
-            shapely.box(*rasterio.windows.bounds(c, target.transform))
-        ):
+    for c in blocks:
+        if not in_area(c, target):
             continue
         hits = (
             tuple(i for i, f in enumerate(feet) if f is not None and windows_intersect(c, f))
@@ -897,10 +985,36 @@ def _plan(
         "area": None if layout.area is None else hashlib.sha256(layout.area).hexdigest(),
         "mask": [[sc.mask.path, sc.mask.band, list(sc.mask_values)] for sc in layout.scenes
                  if sc.mask is not None],
+        "shares": step if several else None,
     }  # fmt: skip
     parts = _parts_folder(out, run, locks, overwrite)
     todo = [c for c in cores if not part_done(parts, c, probabilities)]
     damaged = sum((parts / part_name(c)).exists() for c in todo)  # written, but not whole
+    shares = None
+    if several:
+        assert feet is not None
+        voting = probabilities or settings["composite"] in ("mean", "max-confidence")
+        shares = []
+        for i, f in enumerate(feet):
+            on = _anchored(f, step) if f is not None else Window(0, 0, 0, 0)
+            sub = Grid(
+                target.crs, rasterio.windows.transform(on, target.transform),
+                int(on.width), int(on.height),
+            )  # fmt: skip
+            sgrid = WindowGrid(sub.height, sub.width, grid.window, grid.overlap, trim)
+            offset = (int(on.row_off), int(on.col_off))
+            mine = [c for c in sgrid.blocks(settings["block"]) if in_area(c, sub)] if f else []
+            needed = [
+                c for c in mine if any(windows_intersect(_shifted(c, offset), t) for t in todo)
+            ]
+            folder = parts / f"scene_{i:04d}"
+            folder.mkdir(exist_ok=True)
+            left = [c for c in needed if not part_done(folder, c, voting)]
+            damaged += sum((folder / part_name(c)).exists() for c in left)
+            shares.append(
+                _Share(i, offset, sub, sgrid, mine, left, folder, layout.scenes[i],
+                       opts.resampling, layout.area)
+            )  # fmt: skip
     if damaged:
         log.warning(
             "%d part file(s) of %s were incomplete or damaged; computing those blocks again",
@@ -909,8 +1023,16 @@ def _plan(
         )
     return _Plan(
         list(layout.scenes), target, out, grid, cores, touching, parts, todo, probabilities,
-        opts, layout.area, feet,
+        opts, layout.area, shares,
     )  # fmt: skip
+
+
+def _anchored(foot: Window, step: int) -> Window:
+    """``foot`` grown up and left to the nearest multiple of ``step``: a scene's windows start
+    there, so a downsampling model sees its pixels at the phase it would on the mosaic's grid."""
+    r0 = int(foot.row_off) // step * step
+    c0 = int(foot.col_off) // step * step
+    return Window(c0, r0, int(foot.col_off + foot.width) - c0, int(foot.row_off + foot.height) - r0)
 
 
 def _precision_used(results: Sequence[BlockResult], asked: str) -> str:
@@ -934,12 +1056,17 @@ def default_block(
     return int(min(2048, max(256, -(-side // 256) * 256)))
 
 
+def _model_step(bundle: Bundle) -> int:
+    """The model's own stride (its pooling grid), px."""
+    return int(getattr(bundle.model, "stride", 1))
+
+
 def default_overlap(bundle: Bundle, window: int) -> int:
     """The bundle's overlap, capped at half of ``window``, then raised so the stride between
     windows is a multiple of the model's own stride: every window then sees each pixel at the
     same offset of the model's pooling grid."""
     ovl = min(bundle.overlap, window // 2)
-    step = int(getattr(bundle.model, "stride", 1))
+    step = _model_step(bundle)
     stride = (window - ovl) // step * step
     return window - stride if stride > 0 else ovl
 
@@ -979,14 +1106,16 @@ def _parts_folder(
 
 
 # the files geoseg writes into a parts folder; nothing else there is ever removed
-_PART_FILES = ("block_*", "run.json", "run.json.tmp", "assembled*")
+_PART_FILES = ("block_*", "scene_*/block_*", "run.json", "run.json.tmp", "assembled*")
 
 
 def remove_parts(parts: Path, *, keep_lock: bool = False) -> None:
-    """Remove geoseg's files from a parts folder, and the folder if that empties it."""
+    """Remove geoseg's files from a parts folder (a mosaic's scenes' parts are in a folder
+    each), and the folders if that empties them."""
     for pattern in (*_PART_FILES, *(() if keep_lock else ("lock",))):
         for f in parts.glob(pattern):
             f.unlink(missing_ok=True)
+    remove_empty(sorted(parts.glob("scene_*")))
     if not keep_lock:
         remove_empty([parts])
 
@@ -1029,12 +1158,14 @@ def _assemble(
         blockysize=512,
         interleave="band",
     ) as dst:
+        # colour table and tags first: GDAL cannot change the photometric tag of a GeoTIFF
+        # whose blocks it has begun to write ("Cannot modify tag ... while writing")
+        describe(dst)
         for core in cores:
             with rasterio.open(parts / Path(part_name(core)).with_suffix(suffix)) as src:
                 data = src.read()
             dst.write(data, window=core)
             valid += int(np.count_nonzero(data[0] != NODATA))
-        describe(dst)
     with atomic_output(output, overwrite) as tmp:
         rasterio.shutil.copy(
             staging,

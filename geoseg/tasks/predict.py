@@ -211,19 +211,41 @@ def predict_windows(
 @dataclass(frozen=True)
 class BlockJob:
     """One block of an output grid: what a task needs besides the bundle and the settings.
-    ``scenes``: those that touch the block, in the order they composite; ``target``: the grid
-    the window grid lies on (a scene's own, or a mosaic's); ``area``: WKB of the area in the
-    target's CRS outside which the map is nodata."""
+    ``target``: the grid the window grid lies on (the scene's own, or a mosaic scene's share
+    of the mosaic's grid); ``area``: WKB of the area in the target's CRS outside which the map
+    is nodata."""
 
     core: Window
-    scenes: tuple[SceneProfile, ...]
+    scene: SceneProfile
     grid: WindowGrid
     parts: str  # the folder its part files go to
     target: Grid
-    composite: str = "mean"
     resampling: str = "bilinear"
     area: bytes | None = None
-    footprints: tuple[Window, ...] = ()  # of the scenes, on the target grid (a mosaic's)
+
+
+@dataclass(frozen=True)
+class SceneParts:
+    """A mosaic scene's predicted blocks that fall on one mosaic block: the folder of its part
+    files, its grid's offset on the mosaic grid, and the blocks' cores (on its grid)."""
+
+    folder: str
+    offset: tuple[int, int]
+    cores: tuple[Window, ...]
+
+
+@dataclass(frozen=True)
+class CompositeJob:
+    """One block of a mosaic: its core on the mosaic grid and, in the order they composite,
+    the parts of the scenes that touch it."""
+
+    core: Window
+    sources: tuple[SceneParts, ...]
+    parts: str
+    target: Grid
+    class_ids: tuple[int, ...]
+    composite: str = "mean"
+    probabilities: bool = False  # write the composited probabilities too
 
 
 def _area_mask(job: BlockJob, window: Window) -> np.ndarray | None:
@@ -238,28 +260,19 @@ def _area_mask(job: BlockJob, window: Window) -> np.ndarray | None:
     return geometry_mask([shapely.from_wkb(job.area)], shape, t, invert=True)
 
 
-def _read_block(
-    job: BlockJob,
-    area: Window,
-    bundle: Bundle,
-    scene: SceneProfile | None = None,
-    inside: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """The bundle's bands of ``area`` (on the job's target grid) of one scene (the job's
-    only one by default), with validity: the scene's own nodata, else the fill value the
-    bundle was trained with; outside the job's area (``inside``, when the caller has it for
-    ``area`` already) nothing is valid."""
-    scene = scene or job.scenes[0]
+def _read_block(job: BlockJob, area: Window, bundle: Bundle) -> tuple[np.ndarray, np.ndarray]:
+    """The bundle's bands of ``area`` (on the job's target grid) with validity: the scene's
+    own nodata, else the fill value the bundle was trained with; outside the job's area
+    nothing is valid."""
     data, valid = read_scene(
-        scene,
+        job.scene,
         area,
-        bundle.indexes_in(scene),
+        bundle.indexes_in(job.scene),
         bundle.contract.nodata,
         onto=job.target,
         resampling=job.resampling,
     )
-    if inside is None:
-        inside = _area_mask(job, area)
+    inside = _area_mask(job, area)
     if inside is not None:
         valid &= inside
     return data, valid
@@ -278,20 +291,29 @@ def _write_block(
     index: np.ndarray,
     probs: np.ndarray | None,
 ) -> str:
-    """Write the core's class map (and probabilities) as the block's part files, then the
-    record that marks the block done (:func:`part_done`)."""
+    """Write the core's class map (and probabilities, scaled to 0-254) as the block's part
+    files (:func:`_write_parts`)."""
     classes = bundle.class_ids[index]
     classes[~valid] = NODATA
-    final = Path(job.parts) / part_name(job.core)
-    transform = rasterio.windows.transform(job.core, job.target.transform)
-    crs = job.target.crs
-    written = [final]
+    scaled = None
     if probs is not None:
         scaled = np.rint(probs * 254).astype(np.uint8)
         scaled[:, ~valid] = NODATA
+    return _write_parts(Path(job.parts), job.core, job.target, classes, scaled)
+
+
+def _write_parts(
+    parts: Path, core: Window, target: Grid, classes: np.ndarray, scaled: np.ndarray | None
+) -> str:
+    """Write a block's class ids (and scaled probabilities) as its part files, then the
+    record that marks the block done (:func:`part_done`)."""
+    final = parts / part_name(core)
+    transform = rasterio.windows.transform(core, target.transform)
+    written = [final]
+    if scaled is not None:
         written.append(final.with_suffix(".prob.tif"))
-        _write_part(written[-1], scaled, crs, transform)
-    _write_part(final, classes[None], crs, transform)
+        _write_part(written[-1], scaled, target.crs, transform)
+    _write_part(final, classes[None], target.crs, transform)
     record = final.with_suffix(".done")
     tmp = record.with_name(record.name + ".tmp")
     tmp.write_text(json.dumps({f.name: _fingerprint(f) for f in written}))
@@ -332,9 +354,9 @@ def predict_block(
 
     The block runs every window that touches its core: with ``trim`` blending (blocks cut on
     plateau edges) no other block runs them. For weighted blends of one scene see
-    :func:`accumulate_block` and :func:`finish_block`, which run each window once. Where
-    several scenes touch the block, each is read onto the target grid and predicted, and
-    their probabilities are composited (``job.composite``) where each has valid data.
+    :func:`accumulate_block` and :func:`finish_block`, which run each window once. A
+    mosaic's scenes are predicted this way each on its share of the mosaic's grid, then
+    composited by :func:`composite_block`.
     """
     t0 = time.perf_counter()
     dev, prec, bundle = _setup(device, precision, bundle_path)
@@ -346,19 +368,14 @@ def predict_block(
         "precision": prec,
         "grid": grid,
     }
-    if len(job.scenes) > 1:
-        valid, index, probs, run, skipped = _composite(job, bundle, probabilities, settings)
-    else:
-        halo = grid.halo_window(core)
-        rows, cols = _slices(core, halo)
-        windows = grid.windows_for(core)
-        pred, read_valid, _ = _predicted(
-            job, bundle, job.scenes[0], halo, windows, probabilities, settings
-        )
-        index = pred.index[rows, cols]
-        valid = read_valid[rows, cols] & (index >= 0)
-        probs = None if pred.probabilities is None else pred.probabilities[:, rows, cols]
-        run, skipped = pred.windows_run, len(windows) - pred.windows_run
+    halo = grid.halo_window(core)
+    rows, cols = _slices(core, halo)
+    windows = grid.windows_for(core)
+    pred, read_valid, _ = _predicted(job, bundle, halo, windows, probabilities, settings)
+    index = pred.index[rows, cols]
+    valid = read_valid[rows, cols] & (index >= 0)
+    probs = None if pred.probabilities is None else pred.probabilities[:, rows, cols]
+    run, skipped = pred.windows_run, len(windows) - pred.windows_run
     path = _write_block(job, bundle, valid, index, probs)
     return BlockResult(core, path, run, skipped, time.perf_counter() - t0, prec)
 
@@ -366,16 +383,14 @@ def predict_block(
 def _predicted(
     job: BlockJob,
     bundle: Bundle,
-    scene: SceneProfile,
     area: Window,
     windows: list[Window],
     probabilities: bool,
     settings: dict[str, Any],
-    inside: np.ndarray | None = None,
 ) -> tuple[WindowsPrediction, np.ndarray, np.ndarray]:
-    """One scene read over ``area`` (on the job's target grid) and predicted in ``windows``:
+    """The scene read over ``area`` (on the job's target grid) and predicted in ``windows``:
     the prediction, the validity, and the scene's data read."""
-    data, valid = _read_block(job, area, bundle, scene, inside)
+    data, valid = _read_block(job, area, bundle)
     x = normalize(data, valid, bundle)
     origin = (int(area.row_off), int(area.col_off))
     pred = predict_windows(
@@ -384,58 +399,78 @@ def _predicted(
     return pred, valid, data
 
 
-def _composite(
-    job: BlockJob, bundle: Bundle, probabilities: bool, settings: dict[str, Any]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int, int]:
-    """The block's core from every scene that touches it: each scene is read and predicted
-    only over its own footprint (the windows that touch it), and its class probabilities are
-    composited (``job.composite``) where it has valid data. Returns the core's validity,
-    class index and (with ``probabilities``) probabilities, and the windows run and skipped."""
-    core, grid = job.core, job.grid
+def composite_block(job: CompositeJob) -> BlockResult:
+    """One block of a mosaic from its scenes' predicted parts (a Dask task, no model): where
+    one scene has valid data, its class; where several do, the class of their composited
+    probabilities (``job.composite``): the mean (to the parts' 1/254 steps), the most
+    confident scene's, the first's or the last's. Pixels no scene covers are nodata."""
+    t0 = time.perf_counter()
+    core = job.core
     shape = (int(core.height), int(core.width))
-    valid_core = np.zeros(shape, dtype=bool)
-    probs_core = np.zeros((len(bundle.classes), *shape), np.float32)
-    count = np.zeros(shape, np.float32)  # mean: the scenes that voted
-    best = np.full(shape, -1.0, np.float32)  # max-confidence: the winner's confidence
-    halo = grid.halo_window(core)
-    inside = _area_mask(job, halo)  # once for the block, not once per scene
-    run = skipped = 0
-    for scene, foot in zip(job.scenes, job.footprints or [halo] * len(job.scenes)):
-        windows = [w for w in grid.windows_for(core) if windows_intersect(w, foot)]
-        if not windows or not windows_intersect(core, foot):
-            continue
-        area = grid.extent(windows)
-        part = window_intersection(core, area)
-        sub = None
-        if inside is not None:
-            r, c = _slices(area, halo)
-            sub = inside[r, c]
-        pred, valid, _ = _predicted(job, bundle, scene, area, windows, True, settings, sub)
-        run += pred.windows_run
-        skipped += len(windows) - pred.windows_run
-        a_rows, a_cols = _slices(part, area)
-        ok = valid[a_rows, a_cols] & (pred.index[a_rows, a_cols] >= 0)
-        assert pred.probabilities is not None
-        p = pred.probabilities[:, a_rows, a_cols]
-        # views of the core's arrays over this scene's part: writes go through
-        c_rows, c_cols = _slices(part, core)
-        probs, filled = probs_core[:, c_rows, c_cols], valid_core[c_rows, c_cols]
-        if job.composite == "mean":
-            probs[:, ok] += p[:, ok]
-            count[c_rows, c_cols][ok] += 1
+    n = len(job.class_ids)
+    classes = np.full(shape, NODATA, np.uint8)
+    chosen = np.full((n, *shape), NODATA, np.uint8)  # the probabilities of the chosen scene
+    sums = np.zeros((n, *shape), np.float32) if job.composite == "mean" else None
+    count = np.zeros(shape, np.uint16)  # the scenes that voted
+    best = np.full(shape, -1, np.int16)  # max-confidence: the winner's confidence
+    have_probs = True
+    for src in job.sources:
+        cls, prob = _scene_parts(src, core, n)
+        have_probs &= prob is not None
+        ok = cls != NODATA
+        if job.composite == "max-confidence":
+            assert prob is not None
+            conf = prob.max(axis=0).astype(np.int16)
+            take = ok & (conf > best)
+            best[take] = conf[take]
+        elif job.composite == "first":
+            take = ok & (count == 0)
         else:
-            if job.composite == "max-confidence":
-                conf, top = p.max(axis=0), best[c_rows, c_cols]
-                take = ok & (conf > top)
-                top[take] = conf[take]
-            else:
-                take = ok & ~filled if job.composite == "first" else ok
-            probs[:, take] = p[:, take]
-        filled |= ok
-    np.divide(probs_core, count, out=probs_core, where=count > 0)
-    index = np.argmax(probs_core, axis=0).astype(np.int16)
-    index[~valid_core] = 0
-    return valid_core, index, probs_core if probabilities else None, run, skipped
+            take = ok
+        classes[take] = cls[take]
+        if prob is not None:
+            chosen[:, take] = prob[:, take]
+        if sums is not None and prob is not None:
+            sums[:, ok] += prob[:, ok]
+        count[ok] += 1
+    probs = chosen if job.probabilities and have_probs and job.sources else None
+    if sums is not None:
+        several = count > 1
+        mean = sums[:, several] / count[several]
+        classes[several] = np.asarray(job.class_ids, np.uint8)[np.argmax(mean, axis=0)]
+        if probs is not None:
+            probs[:, several] = np.rint(mean).astype(np.uint8)
+    path = _write_parts(Path(job.parts), core, job.target, classes, probs)
+    return BlockResult(core, path, 0, 0, time.perf_counter() - t0)
+
+
+def _scene_parts(
+    src: SceneParts, core: Window, classes: int
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """One scene's class ids and (where its parts have them) probabilities over a mosaic
+    block's ``core``, from its part files; NODATA where it has none."""
+    shape = (int(core.height), int(core.width))
+    cls = np.full(shape, NODATA, np.uint8)
+    prob: np.ndarray | None = np.full((classes, *shape), NODATA, np.uint8)
+    r0, c0 = src.offset
+    for part in src.cores:
+        on_mosaic = Window(part.col_off + c0, part.row_off + r0, part.width, part.height)
+        both = window_intersection(core, on_mosaic)
+        into = _slices(both, core)
+        read = Window(
+            both.col_off - on_mosaic.col_off, both.row_off - on_mosaic.row_off,
+            both.width, both.height,
+        )  # fmt: skip
+        final = Path(src.folder) / part_name(part)
+        with rasterio.open(final) as f:
+            cls[into] = f.read(1, window=read)
+        probs_file = final.with_suffix(".prob.tif")
+        if prob is not None and probs_file.exists():
+            with rasterio.open(probs_file) as f:
+                prob[(slice(None), *into)] = f.read(window=read)
+        else:
+            prob = None
+    return cls, prob
 
 
 @dataclass
