@@ -403,6 +403,7 @@ def test_masked_pixels_do_not_vote(bands, random_bundle, tmp_path, dask_client):
     flags[50:100, 75:150] = 2  # cloud, at twice the pixel size: the painted rows and cols
     assets["cloud"] = {"href": str(_write(tmp_path / "cloud.tif", flags, crs, coarse))}
     cloudy = _item(tmp_path / "cloudy.json", assets, "cloudy")
+
     def probs(path: Path | None) -> np.ndarray:
         assert path is not None
         with rasterio.open(path) as src:

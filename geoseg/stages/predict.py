@@ -3,7 +3,9 @@
 One task per block (:func:`geoseg.tasks.predict.predict_block`); each writes its core to a part file
 in a folder beside the output, named for the block. The parts are then copied, block by block, into
 one tiled GeoTIFF and turned into a Cloud-Optimized GeoTIFF with the bundle's colour table and class
-names, under a temporary name that is renamed onto the output when complete.
+names, under a temporary name that is renamed onto the output when complete. A mosaic of several
+scenes predicts each scene's blocks on its share of the mosaic's grid into a folder of its own,
+then composites each mosaic block from them (:func:`geoseg.tasks.predict.composite_block`).
 
 A run that is stopped leaves its part files and a record of its settings; the same command run
 again finds them, checks that the settings match, and computes only the blocks that are missing.
@@ -326,8 +328,9 @@ def predict_scenes(
         (``distributed.get_client()``), else a local cluster made for the call.
     mosaic, composite
         One class map over all the scenes, on one grid (``crs``, ``resolution``; default the
-        first scene's CRS and the finest pixel size, aligned to the first scene's pixels), built
-        block by block; where scenes overlap, their class probabilities are composited:
+        first scene's CRS and the finest pixel size, aligned to the first scene's pixels): each
+        scene is predicted in blocks of its share of the grid, then the map is composited block
+        by block; where scenes overlap, their class probabilities are composited:
         ``mean`` (over the scenes with valid data there), ``max-confidence``, ``first`` or
         ``last``. Pixels no scene covers are nodata.
     within, bounds
