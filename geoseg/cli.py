@@ -113,6 +113,12 @@ def _floats(value: str | None, flag: str) -> list[float]:
         ) from None
 
 
+def _window(value: str) -> int | str:
+    """A number of pixels, or the text as given (auto, or a mistake predict names)."""
+    v = value.strip()
+    return int(v) if v.lstrip("-").isdigit() else v.lower() if v.lower() == "auto" else value
+
+
 def _ints(value: str | None) -> list[int] | None:
     if value is None or value == "":
         return None
@@ -360,7 +366,13 @@ SCENES: raster files or GDAL URLs; band files joined with commas (one scene); ST
 @click.option(
     "--probabilities", is_flag=True, help="Also write NAME_probabilities.tif, a band per class."
 )
-@click.option("--window", type=int, help="Model window, px. Default: the bundle's.")
+@click.option(
+    "--window",
+    default="auto",
+    show_default=True,
+    help="Model window, px, or auto: the window and batch that map the scenes soonest, from "
+    "the model's speed measured once per model and device.",
+)
 @click.option(
     "--overlap",
     type=int,
@@ -441,6 +453,7 @@ def predict(
     min_area: float,
     simplify: float,
     mask_values: str | None,
+    window: str,
     verbose: int,
     quiet: bool,
     **kw: Any,
@@ -454,6 +467,7 @@ def predict(
         bundle,
         list(scenes),
         output,
+        window=_window(window),
         min_area=min_area,
         simplify=simplify,
         mask_values=_floats(mask_values, "--mask-values"),

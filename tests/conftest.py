@@ -3,6 +3,8 @@ a factory for small GeoTIFFs, and bundles trained once per session."""
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,11 @@ import geoseg
 from geoseg.classes import ClassInfo
 from geoseg.io import write_class_metadata
 from tests.clusters import loopback_cluster as external_cluster  # noqa: F401 (for the tests)
+
+# the window-speed cache of the whole session (and its workers, which inherit it) lies in a
+# folder of its own, never in the user's ~/.cache
+if "GEOSEG_CACHE" not in os.environ:
+    os.environ["GEOSEG_CACHE"] = tempfile.mkdtemp(prefix="geoseg-cache-")
 
 SAMPLE = Path(geoseg.__file__).parent / "sample"
 SCENE = SAMPLE / "nc_landsat7_2000.tif"

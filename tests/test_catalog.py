@@ -527,7 +527,7 @@ def test_a_stopped_mosaic_resumes_with_only_its_unfinished_blocks(
     out, parts = tmp_path / "m.tif", tmp_path / ".m.tif.parts"
     geoseg = str(Path(sys.executable).parent / "geoseg")
     cmd = [geoseg, "predict", str(random_bundle), str(west), str(east), "-o", str(out),
-           "--mosaic", "--block", "64", "--workers", "1", "-q"]  # fmt: skip
+           "--mosaic", "--window", "64", "--block", "64", "--workers", "1", "-q"]  # fmt: skip
     proc = subprocess.Popen(cmd, start_new_session=True, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and len(list(parts.glob("scene_*/block_*.done"))) < 8:
@@ -541,8 +541,9 @@ def test_a_stopped_mosaic_resumes_with_only_its_unfinished_blocks(
     )
     assert not parts.exists()
     [fresh] = predict_scenes(
-        random_bundle, [west, east], tmp_path / "f.tif", mosaic=True, block=64, client=dask_client
-    )
+        random_bundle, [west, east], tmp_path / "f.tif", mosaic=True, window=64, block=64,
+        client=dask_client,
+    )  # fmt: skip
     assert 0 < r.windows_run < fresh.windows_run
     assert np.array_equal(_read(out), _read(fresh.path))
 

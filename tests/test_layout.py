@@ -26,7 +26,7 @@ import geoseg
 
 PACKAGE = Path(geoseg.__file__).parent
 PURE = {"classes", "errors", "io", "tiling", "blending", "bundle", "models", "losses", "augment"}
-PURE |= {"labels", "scoring", "progress", "report", "catalog", "mosaic", "provenance"}
+PURE |= {"labels", "scoring", "progress", "report", "catalog", "mosaic", "provenance", "tuning"}
 # the package itself is the face: it re-exports the stages (lazily); every module may read its
 # __version__, as Python loads it first anyway
 LAYERS = [PURE, {"tasks"}, {"cluster"}, {"stages"}, {"pipeline"}, {"cli", "geoseg"}]

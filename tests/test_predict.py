@@ -20,7 +20,7 @@ def test_class_map_is_on_the_scene_grid_with_nodata_and_classes(
     random_bundle, tmp_path, dask_client
 ):
     out = tmp_path / "classes.tif"
-    result = predict_scene(random_bundle, SCENE, out, block=200, client=dask_client)
+    result = predict_scene(random_bundle, SCENE, out, window=64, block=200, client=dask_client)
     assert result.path == out and result.blocks == 9
     with rasterio.open(out) as c, rasterio.open(SCENE) as s:
         assert (c.crs, c.transform, c.width, c.height) == (s.crs, s.transform, s.width, s.height)
@@ -39,8 +39,8 @@ def test_class_map_does_not_depend_on_block_size_or_workers(random_bundle, tmp_p
     from geoseg.tiling import WindowGrid
 
     a_path, b_path = tmp_path / "a.tif", tmp_path / "b.tif"
-    a = predict_scene(random_bundle, SCENE, a_path, block=96, client=dask_client)
-    b = predict_scene(random_bundle, SCENE, b_path, block=1024, workers=1)
+    a = predict_scene(random_bundle, SCENE, a_path, window=64, block=96, client=dask_client)
+    b = predict_scene(random_bundle, SCENE, b_path, window=64, block=1024, workers=1)
     # trim blending (the overlap covers the field): every window runs once, in one block
     n_windows = WindowGrid(443, 489, 64, 20).n_windows  # the bundle's window and overlap
     assert a.windows_run + a.windows_skipped == n_windows == b.windows_run + b.windows_skipped
@@ -57,8 +57,10 @@ def test_weighted_blends_run_every_window_once_whatever_the_blocks(
     from geoseg.tiling import WindowGrid
 
     small, whole = tmp_path / "small.tif", tmp_path / "whole.tif"
-    a = predict_scene(random_bundle, SCENE, small, block=96, client=dask_client, blend=blend)
-    b = predict_scene(random_bundle, SCENE, whole, block=1024, workers=1, blend=blend)
+    a = predict_scene(
+        random_bundle, SCENE, small, window=64, block=96, client=dask_client, blend=blend
+    )
+    b = predict_scene(random_bundle, SCENE, whole, window=64, block=1024, workers=1, blend=blend)
     n_windows = WindowGrid(443, 489, 64, 20).n_windows  # the bundle's window and overlap
     assert a.windows_run + a.windows_skipped == n_windows == b.windows_run + b.windows_skipped
     assert a.blocks == 30 and b.blocks == 1
@@ -106,6 +108,8 @@ def test_a_stopped_run_resumes_and_recomputes_only_missing_blocks(
         str(SCENE),
         "-o",
         str(out),
+        "--window",
+        "64",
         "--block",
         "64",
         "--blend",
@@ -124,12 +128,13 @@ def test_a_stopped_run_resumes_and_recomputes_only_missing_blocks(
     done_before = {p.name for p in parts.glob("block_*.done")}
     assert len(done_before) >= 8 and not out.exists()  # stopped part-way, nothing half-written
 
+    # the window is the stopped run's, found in its parts
     result = predict_scene(random_bundle, SCENE, out, block=64, blend=blend, client=dask_client)
     assert result.resumed == len(done_before)
     assert 0 < result.resumed < result.blocks
     assert not parts.exists()  # cleaned up once complete
     fresh = tmp_path / "fresh.tif"
-    predict_scene(random_bundle, SCENE, fresh, block=64, blend=blend, client=dask_client)
+    predict_scene(random_bundle, SCENE, fresh, window=64, block=64, blend=blend, client=dask_client)
     with rasterio.open(out) as a, rasterio.open(fresh) as b:
         np.testing.assert_array_equal(a.read(1), b.read(1))
 

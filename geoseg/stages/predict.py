@@ -102,8 +102,10 @@ from geoseg.tasks.predict import (
     resolve_device,
     resolve_precision,
     take_piece,
+    window_rates,
 )
 from geoseg.tiling import MIN_BLOCK, MIN_WINDOW, WindowGrid, block_windows
+from geoseg.tuning import MEASURED, Rate, cache_path, choose, measured_windows
 
 log = logging.getLogger("geoseg")
 _P = ParamSpec("_P")
@@ -124,6 +126,8 @@ class PredictResult:
     # wall time: "start" (the cluster), "blocks" (start included), "tasks" (summed over the
     # block tasks of this scene), "assemble"
     seconds: dict[str, float] | None = None
+    window: int = 0  # the model window used (chosen, with window="auto")
+    batch_size: int | None = None  # None: the device's default for the window
 
 
 @dataclass(frozen=True)
@@ -237,6 +241,129 @@ class _Plan:
         )  # fmt: skip
 
 
+@dataclass(frozen=True)
+class _Auto:
+    """What ``window="auto"`` resolves once the workers are up: the overlap and blend asked
+    for (None / "auto": from the bundle and the window)."""
+
+    overlap: int | None
+    blend: str
+
+
+def _auto_window(
+    client: Any,
+    b: Bundle,
+    bundle_path: str,
+    layouts: list[_Layout],
+    outs: list[Path],
+    opts: PredictOptions,
+    auto: _Auto,
+    resources: dict[str, int] | None,
+    overwrite: bool,
+) -> PredictOptions:
+    """``opts`` with the window (and, unless given, the batch) chosen for throughput: the
+    model's speed is measured on one worker (or read from the cache there), and the window
+    that maps the scenes soonest on the cluster's workers is taken
+    (:func:`geoseg.tuning.choose`)."""
+    step = _model_step(b)
+
+    def overlap_for(w: int) -> int:
+        return auto.overlap if auto.overlap is not None else default_overlap(b, w)
+
+    kept = None if overwrite else _stopped_window(outs, b.hash)
+    if kept is not None and overlap_for(kept) < kept:
+        # a stopped run resumes on the window it chose, whatever the cluster now
+        ovl = overlap_for(kept)
+        log.info("window auto: %d px, as the stopped run of these outputs chose", kept)
+        return replace(
+            opts,
+            window=kept,
+            overlap=ovl,
+            blend=resolve_blend(auto.blend, b.contract.receptive_field, ovl),
+            batch_size=opts.batch_size,  # the device's default for that window
+        )
+
+    sizes = _piece_sizes(layouts, step)
+    windows = measured_windows(sizes, auto.overlap if auto.overlap is not None else b.overlap)
+    fut = client.submit(
+        AsCaller(window_rates),
+        bundle_path,
+        windows,
+        device=opts.device,
+        precision=opts.precision,
+        pure=False,
+        resources=resources,
+    )
+    rates: list[Rate] = task_result(fut, "window auto", windows)
+    slots = max(1, len(workers_info(client)))
+    try:
+        choice = choose(rates, sizes, overlap_for=overlap_for, slots=slots, step=step)
+    except ValueError:
+        raise ConfigError(
+            f"{option('--overlap', None)} {auto.overlap} leaves no window to choose from "
+            f"(measured: {', '.join(map(str, windows))} px); pass a smaller overlap or "
+            f"{option('--window', None)}"
+        ) from None
+    blend = resolve_blend(auto.blend, b.contract.receptive_field, choice.overlap)
+    _warn_overlap(b, choice.window, choice.overlap, auto.overlap is not None)
+    log.info(
+        "window auto: %d px, batch %d: %d windows, about %.1f s of model time on %d worker(s), "
+        "from the model's speed on a worker (%s Mpx/s; measured once per model, device and "
+        "thread count, kept in %s)",
+        choice.window,
+        opts.batch_size or choice.batch,
+        choice.windows,
+        choice.seconds,
+        slots,
+        ", ".join(f"{r.window}: {r.px_per_s / 1e6:.2f}" for r in _best_rates(rates)),
+        cache_path(),
+    )
+    return replace(
+        opts,
+        window=choice.window,
+        overlap=choice.overlap,
+        blend=blend,
+        batch_size=opts.batch_size or choice.batch,
+    )
+
+
+def _stopped_window(outs: list[Path], bundle_hash: str) -> int | None:
+    """The window of a stopped run of the same bundle on any of ``outs``, if one left parts."""
+    for out in outs:
+        try:
+            run = json.loads((_parts_of(out) / "run.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(run, dict) and run.get("bundle") == bundle_hash and run.get("window"):
+            return int(run["window"])
+    return None
+
+
+def _best_rates(rates: Sequence[Rate]) -> list[Rate]:
+    best: dict[int, Rate] = {}
+    for r in rates:
+        if r.window not in best or r.px_per_s > best[r.window].px_per_s:
+            best[r.window] = r
+    return [best[w] for w in sorted(best)]
+
+
+def _piece_sizes(layouts: list[_Layout], step: int) -> list[tuple[int, int]]:
+    """The (height, width) of every grid the windows lie on: a scene's, or each scene's share
+    of a mosaic's grid."""
+    sizes = []
+    for lay in layouts:
+        t = lay.target
+        if lay.mosaic and len(lay.scenes) > 1:
+            for sc in lay.scenes:
+                f = footprint(sc, t)
+                if f is not None:
+                    a = _anchored(f, step)
+                    sizes.append((int(a.height), int(a.width)))
+        else:
+            sizes.append((t.height, t.width))
+    return sizes
+
+
 def _shifted(w: Window, offset: tuple[int, int]) -> Window:
     return Window(w.col_off + offset[1], w.row_off + offset[0], w.width, w.height)
 
@@ -246,7 +373,7 @@ def predict_scenes(
     scenes: Sequence[str | os.PathLike[str]],
     output: str | os.PathLike[str],
     *,
-    window: int | None = None,
+    window: int | str | None = "auto",
     overlap: int | None = None,
     block: int | None = None,
     batch_size: int | None = None,
@@ -290,8 +417,12 @@ def predict_scenes(
         that receives ``<scene name>.tif`` for each. Beside every class map: a STAC Item
         (``classes.json``) naming its grid, classes and inputs.
     window, overlap
-        Model window and overlap in pixels; default to the bundle's (the overlap from the model's
-        receptive field, at most half the window, aligned to the model's stride).
+        Model window and overlap in pixels. ``window="auto"`` (the default; also ``None``):
+        the window and batch that map these scenes soonest on these workers, counted from the
+        model's speed measured on a worker at a few windows (once per model, device and
+        thread count; kept in :func:`geoseg.tuning.cache_path`). The overlap defaults to the
+        bundle's (from the model's receptive field, at most half the window, aligned to the
+        model's stride).
     block
         Block size in pixels: the unit of scheduling, writing and resuming; memory per task
         grows with it. Default: :func:`default_block`, about two blocks per local worker, at
@@ -366,10 +497,23 @@ def predict_scenes(
         resolve_device("cuda")  # a local cluster: fail here, not on every worker
     resolve_precision(precision, "cuda" if device == "cuda" else "cpu")
     check_range("--batch-size", batch_size, 1)
-    check_range("--window", window, MIN_WINDOW)
+    auto = _Auto(overlap, blend) if window is None or window == "auto" else None
+    if auto is not None and overlap is not None and overlap >= MEASURED[-1]:
+        raise ConfigError(
+            f"{option('--overlap', overlap)} needs a window larger than it, and "
+            f"{option('--window', 'auto')} chooses windows up to {MEASURED[-1]} px; pass "
+            f"{option('--window', None)} too"
+        )
+    if auto is None:
+        if not isinstance(window, int):
+            raise ConfigError(
+                f"{option('--window', None)} must be a number of pixels or auto, got {window!r}"
+            )
+        check_range("--window", window, MIN_WINDOW)
     check_range("--block", block, MIN_BLOCK)
-    win = window if window is not None else b.window
-    if overlap is not None and not 0 <= overlap < win:
+    check_range("--overlap", overlap, 0)
+    win = window if isinstance(window, int) else 0  # 0: chosen once the workers are up
+    if overlap is not None and win and not overlap < win:
         raise ConfigError(
             f"{option('--overlap', None)} must be at least 0 and less than the window ({win} px), "
             f"got {overlap}"
@@ -377,8 +521,8 @@ def predict_scenes(
     check_choice("composite", composite, COMPOSITES)
     check_choice("resampling", resampling, RESAMPLINGS)
     region = _Region.check(mosaic, within, bounds, crs, resolution)
-    ovl = overlap if overlap is not None else default_overlap(b, win)
-    blend = resolve_blend(blend, b.contract.receptive_field, ovl)
+    ovl = overlap if overlap is not None else default_overlap(b, win) if win else 0
+    blend = resolve_blend(blend, b.contract.receptive_field, ovl) if win else blend
     # every path is resolved here: workers may run in other folders, or on other machines;
     # each scene's header is read once, here: for a GDAL URL every read is a request
     amap = parse_asset_map(asset_map)
@@ -405,7 +549,8 @@ def predict_scenes(
     check_polygon_settings(min_area, simplify)
     for profile in profiles:
         _check_scene(b, profile, allow_no_crs=allow_no_crs, polygons=polygons, strict=strict)
-    _warn_overlap(b, win, ovl, overlap is not None)
+    if win:
+        _warn_overlap(b, win, ovl, overlap is not None)
     opts = PredictOptions(
         window=win, overlap=ovl, block=block, blend=blend, batch_size=batch_size,
         device=device, precision=precision, probabilities=probabilities,
@@ -419,14 +564,16 @@ def predict_scenes(
             return _run(
                 b, bundle, plans, layouts, outs, polygon_outs, locks, opts,
                 polygon_settings=(min_area, simplify), client=client, workers=workers,
-                scheduler=scheduler, overwrite=overwrite,
+                scheduler=scheduler, overwrite=overwrite, auto=auto,
             )  # fmt: skip
         except KeyboardInterrupt:
             raise Interrupted(_progress_note(plans)) from None
         finally:  # still holding the locks
-            for p in plans:  # a run that finished no block leaves no part folder behind
-                if p.parts.exists() and not any(p.parts.glob("*.done")):
-                    remove_parts(p.parts)
+            for out in outs:  # a run that finished no block leaves no part folder behind
+                parts = _parts_of(out)
+                done = [*parts.glob("*.done"), *parts.glob("scene_*/*.done")]
+                if parts.exists() and not done:
+                    remove_parts(parts)
 
 
 @dataclass(frozen=True)
@@ -552,31 +699,18 @@ def _run(
     workers: int | None,
     scheduler: str | None,
     overwrite: bool,
+    auto: _Auto | None = None,
 ) -> list[PredictResult]:
     """Plan the blocks of every scene (``plans`` is filled as they are made), run them and
     assemble the outputs."""
-    win, ovl, blend, probabilities = opts.window, opts.overlap, opts.blend, opts.probabilities
+    for layout, out in zip(layouts, outs):
+        _check_touching(layout, out)
+        _lock_parts(out, locks)  # before any cluster starts: a second run is refused at once
     # one connection to a running cluster serves both counting its workers and the run
     address = scheduler_address(scheduler)
     client = chosen_client(client, workers, address)
     opened = connect(address) if client is None and address else contextlib.nullcontext(client)
     with opened as remote:
-        targets = [lay.target for lay in layouts]
-        opts = replace(opts, block=opts.block or default_block(targets, workers, remote))
-        settings = opts.run_settings(b.hash)
-        for layout, out in zip(layouts, outs):
-            plans.append(
-                _plan(layout, out, settings, locks, opts, step=_model_step(b), overwrite=overwrite)
-            )
-        # a mosaic's scenes' blocks, predicted first and composited after
-        shares = [s for p in plans for s in p.shares or []]
-        jobs = [s.job(c) for s in shares for c in s.todo]
-        jobs += [p.job(c) for p in plans if p.shares is None for c in p.todo]
-        # blocks with the most windows first (Dask starts tasks in the order they came): the
-        # last to run are then the shortest, and the workers finish together. In the order of
-        # the scene, a 2048 px scene's four blocks of 4, 6, 6 and 9 windows left one worker 15
-        # windows and the other 10.
-        jobs.sort(key=lambda j: -len(j.grid.windows_for(j.core)))
         t0 = time.perf_counter()
         gpu = opts.device != "cpu"
         where = (
@@ -584,6 +718,34 @@ def _run(
         )
         with where as client:
             t_start = time.perf_counter() - t0
+            bundle_path = str(Path(bundle).resolve())
+            resources = task_resources(client, opts.device)
+            if auto is not None:
+                opts = _auto_window(
+                    client, b, bundle_path, layouts, outs, opts, auto, resources, overwrite
+                )
+            win, ovl, blend, probabilities = (
+                opts.window,
+                opts.overlap,
+                opts.blend,
+                opts.probabilities,
+            )
+            targets = [lay.target for lay in layouts]
+            opts = replace(opts, block=opts.block or default_block(targets, workers, client))
+            settings = opts.run_settings(b.hash)
+            for layout, out in zip(layouts, outs):
+                plans.append(
+                    _plan(layout, out, settings, opts, step=_model_step(b), overwrite=overwrite)
+                )
+            # a mosaic's scenes' blocks, predicted first and composited after
+            shares = [s for p in plans for s in p.shares or []]
+            jobs = [s.job(c) for s in shares for c in s.todo]
+            jobs += [p.job(c) for p in plans if p.shares is None for c in p.todo]
+            # blocks with the most windows first (Dask starts tasks in the order they came): the
+            # last to run are then the shortest, and the workers finish together. In the order of
+            # the scene, a 2048 px scene's four blocks of 4, 6, 6 and 9 windows left one worker 15
+            # windows and the other 10.
+            jobs.sort(key=lambda j: -len(j.grid.windows_for(j.core)))
             for p in plans:
                 resumed = len(p.cores) - len(p.todo)
                 log.info(
@@ -611,8 +773,6 @@ def _run(
                 "device": opts.device,
                 "precision": opts.precision,
             }
-            resources = task_resources(client, opts.device)
-            bundle_path = str(Path(bundle).resolve())
             # a mosaic's scenes need their probabilities to composite (unless the first or
             # last wins, and none are asked for)
             voting = probabilities or (
@@ -701,6 +861,8 @@ def _run(
                 done.append(
                     PredictResult(
                         path=p.out,
+                        window=win,
+                        batch_size=opts.batch_size,
                         blocks=len(p.cores),
                         resumed=len(p.cores) - len(p.todo),
                         windows_run=sum(r.windows_run for r in mine),
@@ -933,7 +1095,6 @@ def _plan(
     layout: _Layout,
     out: Path,
     settings: dict[str, Any],
-    locks: contextlib.ExitStack,
     opts: PredictOptions,
     *,
     step: int,
@@ -975,11 +1136,7 @@ def _plan(
             cores.append(c)
             touching[(int(c.row_off), int(c.col_off))] = hits
     if not cores:
-        what = "the area" if area is not None else "the map's extent"
-        raise ConfigError(
-            f"no scene touches {what} of {str(out)!r}; check {option('--within', None)} / "
-            f"{option('--bounds', None)} (in the output CRS) against the scenes' footprints"
-        )
+        _nothing_touches(area is not None, out)
     run = {
         **settings,
         "scenes": [sc.path for sc in layout.scenes],
@@ -990,7 +1147,7 @@ def _plan(
                  if sc.mask is not None],
         "shares": step if several else None,
     }  # fmt: skip
-    parts = _parts_folder(out, run, locks, overwrite)
+    parts = _parts_folder(out, run, overwrite)
     todo = [c for c in cores if not part_done(parts, c, probabilities)]
     damaged = sum((parts / part_name(c)).exists() for c in todo)  # written, but not whole
     shares = None
@@ -1028,6 +1185,31 @@ def _plan(
         list(layout.scenes), target, out, grid, cores, touching, parts, todo, probabilities,
         opts, layout.area, shares,
     )  # fmt: skip
+
+
+def _nothing_touches(has_area: bool, out: Path) -> None:
+    what = "the area" if has_area else "the map's extent"
+    raise ConfigError(
+        f"no scene touches {what} of {str(out)!r}; check {option('--within', None)} / "
+        f"{option('--bounds', None)} (in the output CRS) against the scenes' footprints"
+    )
+
+
+def _check_touching(layout: _Layout, out: Path) -> None:
+    """Refuse, before any cluster starts, a map that no scene touches (the blocks are then
+    planned with the same test)."""
+    import shapely
+
+    t = layout.target
+    area = None if layout.area is None else shapely.from_wkb(layout.area)
+    feet = (
+        [footprint(sc, t) for sc in layout.scenes]
+        if layout.mosaic
+        else [Window(0, 0, t.width, t.height)]
+    )
+    boxes = [shapely.box(*rasterio.windows.bounds(f, t.transform)) for f in feet if f is not None]
+    if not boxes or (area is not None and not any(area.intersects(bx) for bx in boxes)):
+        _nothing_touches(area is not None, out)
 
 
 def _anchored(foot: Window, step: int) -> Window:
@@ -1081,14 +1263,22 @@ def _stamp(path: str) -> list[float]:
     return [st.st_size, st.st_mtime]
 
 
-def _parts_folder(
-    out: Path, settings: dict[str, Any], locks: contextlib.ExitStack, overwrite: bool
-) -> Path:
-    """The folder of block parts beside ``out``, locked for this run (a second run on the same
-    output is refused, naming this one): kept from a stopped run with the same settings, else,
-    and always with ``overwrite``, started afresh."""
-    parts = (out.parent / f".{out.name}.parts").resolve()
+def _lock_parts(out: Path, locks: contextlib.ExitStack) -> Path:
+    """The folder of block parts beside ``out``, locked for this run: a second run on the
+    same output is refused, naming this one."""
+    parts = _parts_of(out)
     locks.enter_context(exclusive(parts / "lock", f"output {str(out)!r}"))
+    return parts
+
+
+def _parts_of(out: Path) -> Path:
+    return (out.parent / f".{out.name}.parts").resolve()
+
+
+def _parts_folder(out: Path, settings: dict[str, Any], overwrite: bool) -> Path:
+    """The folder of block parts beside ``out`` (locked by :func:`_lock_parts`): kept from a
+    stopped run with the same settings, else, and always with ``overwrite``, started afresh."""
+    parts = _parts_of(out)
     record = parts / "run.json"
     try:
         same = json.loads(record.read_text()) == settings

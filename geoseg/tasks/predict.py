@@ -8,9 +8,11 @@ through the graph.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import platform
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,6 +33,7 @@ from geoseg.errors import ConfigError, check_choice, option
 from geoseg.io import Grid, SceneProfile, read_scene, standardize
 from geoseg.tasks import torch_threads
 from geoseg.tiling import WindowGrid, spans
+from geoseg.tuning import Rate, cache_path, cached_rates, save_cache
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -174,16 +177,10 @@ def predict_windows(
             used = valid[r : r + size, c : c + size]
         if used.any():
             todo.append((w, (r, c)))
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     with torch.inference_mode():
         for batch in _batches(todo, batch_size):
-            xb = torch.from_numpy(
-                np.stack([x[:, r : r + size, c : c + size] for _, (r, c) in batch])
-            )
-            xb = xb.to(device).contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
-                logits = bundle.model(xb)
-            logits = logits.float()
+            xb = np.stack([x[:, r : r + size, c : c + size] for _, (r, c) in batch])
+            logits = _forward(bundle, xb, device, precision)
             for lg, (win, (r, c)) in zip(logits, batch):
                 if trim:
                     (pr0, pr1), (pc0, pc1) = spans(grid.plateau(win))  # type: ignore[union-attr]
@@ -206,6 +203,81 @@ def predict_windows(
         np.divide(acc, wsum, out=acc, where=covered)
         index[covered] = np.argmax(acc[:, covered], axis=0)
     return WindowsPrediction(index, acc if probabilities else None, len(todo))
+
+
+def _forward(bundle: Bundle, xb: np.ndarray, device: str, precision: str) -> torch.Tensor:
+    """The model's logits (float32) for a batch of normalised windows, channels-last, under
+    autocast at ``precision``."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    t = torch.from_numpy(xb).to(device).contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
+        logits = bundle.model(t)
+    return logits.float()
+
+
+def _device_name(device: str) -> str:
+    if device == "cuda":
+        return str(torch.cuda.get_device_name())
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def window_rates(
+    bundle_path: str,
+    windows: list[int],
+    *,
+    device: str = "auto",
+    precision: str = "auto",
+    budget_s: float = 20.0,
+) -> list[Rate]:
+    """The model's speed at ``windows`` on this worker (a Dask task), from the measurement
+    cache (:func:`geoseg.tuning.cache_path`) or measured now and cached: for each window, a
+    few batch sizes (more on a GPU), each timed over forward passes of random windows, softmax
+    and argmax included, after one pass to warm up. A window that runs out of memory, and
+    those above it, are left out; so are those after ``budget_s`` seconds of measuring."""
+    dev, prec, bundle = _setup(device, precision, bundle_path)
+    key = "|".join(
+        [bundle.hash, dev, prec, _device_name(dev), f"threads={torch.get_num_threads()}",
+         f"torch={torch.__version__}"]
+    )  # fmt: skip
+    path = cache_path()
+    have = cached_rates(path, key)
+    todo = [w for w in windows if w not in {r.window for r in have}]
+    if not todo:
+        return [r for r in have if r.window in windows]
+    rng = np.random.default_rng(0)
+    bands = len(bundle.contract.bands)
+    new: list[Rate] = []
+    t_start = time.perf_counter()
+    with torch.inference_mode():
+        for w in sorted(todo):
+            if new and time.perf_counter() - t_start > budget_s:
+                break
+            batches = (
+                (1, 2, 4, 8, 16)
+                if dev == "cuda"
+                else (1, 2, 4)
+                if w <= 256
+                else ((1, 2) if w <= 512 else (1,))
+            )
+            try:
+                for b in batches:
+                    xb = rng.standard_normal((b, bands, w, w), dtype=np.float32)
+                    _forward(bundle, xb, dev, prec).softmax(1).argmax(1).cpu()  # warm up
+                    runs, t0 = 0, time.perf_counter()
+                    while runs < 1 or time.perf_counter() - t0 < 0.3:
+                        _forward(bundle, xb, dev, prec).softmax(1).argmax(1).cpu()
+                        runs += 1
+                    new.append(Rate(w, b, runs * b * w * w / (time.perf_counter() - t0)))
+            except torch.OutOfMemoryError:
+                if dev == "cuda":
+                    torch.cuda.empty_cache()
+                break
+    save_cache(path, key, new, {"device": _device_name(dev), "precision": prec})
+    return [r for r in [*have, *new] if r.window in windows]
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,169 @@
+"""Choosing the prediction window for throughput: which window and batch map a run's scenes
+soonest, from the model's measured speed at a few windows. No model and no pixels here.
+
+The model's own speed per pixel changes with the window (on a CPU it falls as the window
+grows: caches, page faults), while the share of each window computed again by its neighbours,
+``window² / (window - overlap)²``, falls the other way; and a scene smaller than a few windows
+pays whole windows at its edges. So the best window depends on the model, the device and the
+scenes, and is found by counting: for every candidate window, the windows the scenes need
+times what one costs at the measured speed, spread over the workers.
+
+>>> points = [Rate(256, 4, 1.0e6), Rate(512, 1, 0.9e6), Rate(1024, 1, 0.6e6)]
+>>> choice = choose(points, [(4096, 4096)], overlap_for=lambda w: 120, slots=2)
+>>> choice.window, choice.batch
+(512, 1)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from geoseg.tiling import axis_starts
+
+MEASURED = (256, 384, 512, 768, 1024, 1536, 2048)
+"""The windows whose speed is measured (those a run's scenes can use)."""
+STEP = 64
+"""Candidate windows are multiples of this (and of the model's stride)."""
+CACHE_ENV = "GEOSEG_CACHE"
+"""Folder of geoseg's measurement cache (default: ``$XDG_CACHE_HOME/geoseg``)."""
+
+
+@dataclass(frozen=True)
+class Rate:
+    """The model's measured speed at one window: scene pixels per second of forward passes of
+    ``batch`` windows (softmax and argmax included)."""
+
+    window: int
+    batch: int
+    px_per_s: float
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The window chosen, its batch and overlap, and what the count predicted for it."""
+
+    window: int
+    batch: int
+    overlap: int
+    windows: int  # model windows the scenes need at it
+    seconds: float  # estimated model time on the workers
+
+
+def measured_windows(sizes: Sequence[tuple[int, int]], overlap: int) -> list[int]:
+    """The windows worth measuring for scenes of ``sizes`` (height, width) with ``overlap``:
+    from the first of at least twice the overlap (smaller windows compute each pixel four
+    times or more; if there is none, the largest above the overlap) up to the first that holds
+    the largest scene whole. Empty when no window of :data:`MEASURED` exceeds the overlap."""
+    side = max(max(s) for s in sizes)
+    out = []
+    for w in MEASURED:
+        if w < 2 * overlap:
+            continue
+        out.append(w)
+        if w >= side:
+            break
+    return out or [w for w in MEASURED if w > overlap][-1:]
+
+
+def windows_needed(sizes: Iterable[tuple[int, int]], window: int, overlap: int) -> int:
+    """Model windows a trim-blended prediction of scenes of ``sizes`` runs at ``window``."""
+    stride = window - overlap
+    return sum(
+        len(axis_starts(h, window, stride)) * len(axis_starts(w, window, stride)) for h, w in sizes
+    )
+
+
+def _rate_at(points: Sequence[Rate], window: int) -> tuple[float, int]:
+    """Speed and batch at ``window``: measured, or interpolated in log window between the
+    measured windows around it (the batch keeping the pixels per pass of the smaller one)."""
+    best: dict[int, Rate] = {}
+    for p in points:
+        if p.window not in best or p.px_per_s > best[p.window].px_per_s:
+            best[p.window] = p
+    ws = sorted(best)
+    if window in best:
+        return best[window].px_per_s, best[window].batch
+    lo = max(w for w in ws if w < window)
+    hi = min(w for w in ws if w > window)
+    f = (math.log(window) - math.log(lo)) / (math.log(hi) - math.log(lo))
+    rate = math.exp((1 - f) * math.log(best[lo].px_per_s) + f * math.log(best[hi].px_per_s))
+    batch = max(1, round(best[lo].batch * lo * lo / (window * window)))
+    return rate, batch
+
+
+def choose(
+    points: Sequence[Rate],
+    sizes: Sequence[tuple[int, int]],
+    *,
+    overlap_for: Callable[[int], int],
+    slots: int,
+    step: int = 1,
+) -> Choice:
+    """The window (a multiple of :data:`STEP` and of the model's ``step``, within the measured
+    range) that maps scenes of ``sizes`` soonest on ``slots`` workers: the windows needed,
+    a whole number of rounds of ``slots`` at a time, each costing ``window²`` over the speed
+    there. Ties go to the smaller window (less memory)."""
+    if not points:
+        raise ValueError("no measured speed to choose a window from")
+    ws = sorted({p.window for p in points})
+    unit = STEP * step // math.gcd(STEP, step)
+    grid = {*ws, *range(-(-ws[0] // unit) * unit, ws[-1] + 1, unit)}
+    candidates = sorted(w for w in grid if w % step == 0)
+    best: Choice | None = None
+    for w in candidates:
+        ovl = overlap_for(w)
+        if ovl >= w:
+            continue
+        rate, batch = _rate_at(points, w)
+        n = windows_needed(sizes, w, ovl)
+        rounds = math.ceil(n / max(1, slots))
+        seconds = rounds * w * w / rate
+        if best is None or seconds < best.seconds * (1 - 1e-9):
+            best = Choice(w, batch, ovl, n, seconds)
+    if best is None:
+        raise ValueError("no measured window is larger than the overlap")
+    return best
+
+
+def cache_path() -> Path:
+    """Where measured speeds are kept between runs."""
+    base = os.environ.get(CACHE_ENV)
+    if base:
+        return Path(base) / "throughput.json"
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "geoseg" / "throughput.json"
+
+
+def load_cache(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def save_cache(path: Path, key: str, rates: Sequence[Rate], about: dict[str, Any]) -> None:
+    """Add ``rates`` under ``key`` (written to a temporary name, then renamed; a cache that
+    cannot be written is only a cache)."""
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = load_cache(path)
+        entry = data.get(key) or {}
+        known = {(int(r[0]), int(r[1])): float(r[2]) for r in entry.get("rates", [])}
+        known.update({(r.window, r.batch): r.px_per_s for r in rates})
+        data[key] = {**about, "rates": [[w, b, v] for (w, b), v in sorted(known.items())]}
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, path)
+
+
+def cached_rates(path: Path, key: str) -> list[Rate]:
+    entry = load_cache(path).get(key) or {}
+    return [Rate(int(w), int(b), float(v)) for w, b, v in entry.get("rates", [])]

@@ -1,0 +1,128 @@
+"""The prediction window chosen for throughput (``--window auto``, the default): the count it
+makes, the measurement on a worker, its cache, and what a resumed run keeps."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import rasterio
+
+from geoseg.tiling import WindowGrid
+from geoseg.tuning import Rate, cache_path, cached_rates, choose, measured_windows, windows_needed
+from tests.conftest import SCENE
+from tests.test_cli import assert_one_line_error, invoke
+
+# speeds shaped like the default U-Net's on a 2-core CPU (benchmarks/README.md): per pixel the
+# model slows as the window grows
+CPU_LIKE = [Rate(256, 4, 1.09e6), Rate(512, 1, 0.98e6), Rate(1024, 1, 0.72e6)]
+
+
+def test_windows_needed_is_the_window_grid_of_each_scene():
+    for h, w, win, ovl in ((443, 489, 64, 20), (4096, 4096, 512, 120), (608, 608, 640, 120)):
+        assert windows_needed([(h, w)], win, ovl) == WindowGrid(h, w, win, ovl).n_windows
+    assert windows_needed([(443, 489), (100, 100)], 64, 20) == (
+        WindowGrid(443, 489, 64, 20).n_windows + WindowGrid(100, 100, 64, 20).n_windows
+    )
+
+
+def test_a_large_scene_gets_the_window_with_the_least_model_time():
+    """Counted by hand for a 4096 px scene, overlap 120: 256 px runs 31² windows at 1.09 Mpx/s
+    (about 58 s), 512 px 11² at 0.98 (32 s), 1024 px 5² at 0.72 (36 s)."""
+    choice = choose(CPU_LIKE, [(4096, 4096)], overlap_for=lambda w: 120, slots=1)
+    seconds = {
+        w: windows_needed([(4096, 4096)], w, 120) * w * w / r
+        for w, r in ((256, 1.09e6), (512, 0.98e6), (1024, 0.72e6))
+    }
+    assert min(seconds, key=seconds.__getitem__) == 512
+    # an interpolated window may beat the measured ones; never by choosing one that costs more
+    assert choice.seconds <= seconds[512] + 1e-9 and 448 <= choice.window <= 768
+    assert choice.batch >= 1 and choice.windows == windows_needed(
+        [(4096, 4096)], choice.window, 120
+    )
+
+
+def test_a_small_scene_gets_one_window_that_holds_it_not_four():
+    """A 608 px crop (as in a mosaic of 16): at 512 px it needs four windows, at 640 one."""
+    choice = choose(CPU_LIKE, [(608, 608)], overlap_for=lambda w: 120, slots=1)
+    assert choice.windows == 1 and 608 <= choice.window <= 704
+
+
+def test_more_workers_than_windows_favour_smaller_windows():
+    """One 1024 px window keeps one of eight workers busy; 512 px windows keep four."""
+    flat = [Rate(256, 4, 1e6), Rate(512, 1, 1e6), Rate(1024, 1, 1e6)]
+    one = choose(flat, [(1000, 1000)], overlap_for=lambda w: 64, slots=1)
+    eight = choose(flat, [(1000, 1000)], overlap_for=lambda w: 64, slots=8)
+    assert one.windows == 1 and eight.window < one.window and eight.seconds < one.seconds
+
+
+def test_windows_measured_stop_at_the_one_that_holds_the_largest_scene():
+    assert measured_windows([(443, 489)], 20) == [256, 384, 512]
+    assert measured_windows([(4096, 4096)], 120) == [256, 384, 512, 768, 1024, 1536, 2048]
+    assert measured_windows([(4096, 4096)], 150) == [384, 512, 768, 1024, 1536, 2048]
+    assert measured_windows([(443, 489)], 1500) == [2048]  # none twice the overlap
+    assert measured_windows([(443, 489)], 2048) == []
+
+
+def test_window_auto_measures_on_a_worker_once_and_keeps_the_speeds(
+    random_bundle, tmp_path, dask_client, monkeypatch, caplog
+):
+    """The first call measures the model on a worker and caches its speeds; the next reads
+    them (the cache is not written again) and picks the same window: the one the count gives
+    for the cached speeds, reported in the plan."""
+    import logging
+
+    from geoseg.stages.predict import default_overlap, predict_scene
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("GEOSEG_CACHE", str(cache))
+    # the workers of the shared cluster read the cache folder from their own environment
+    dask_client.run(lambda: __import__("os").environ.__setitem__("GEOSEG_CACHE", str(cache)))
+    try:
+        with caplog.at_level(logging.INFO, logger="geoseg"):
+            a = predict_scene(random_bundle, SCENE, tmp_path / "a.tif", client=dask_client)
+        entries = json.loads(cache_path().read_text())
+        assert len(entries) == 1
+        [key] = entries
+        rates = cached_rates(cache_path(), key)
+        assert {r.window for r in rates} == {256, 384, 512}  # up to one that holds the scene
+        assert all(r.px_per_s > 0 for r in rates)
+        stamp = cache_path().stat().st_mtime_ns
+        b = predict_scene(random_bundle, SCENE, tmp_path / "b.tif", client=dask_client)
+        assert cache_path().stat().st_mtime_ns == stamp  # read, not measured again
+    finally:
+        dask_client.run(lambda: __import__("os").environ.pop("GEOSEG_CACHE", None))
+    from geoseg.bundle import load_bundle
+
+    bundle = load_bundle(random_bundle)
+    expected = choose(
+        rates, [(443, 489)], overlap_for=lambda w: default_overlap(bundle, w), slots=2
+    )
+    assert a.window == b.window == expected.window
+    assert f"window auto: {expected.window} px" in caplog.text
+    with rasterio.open(a.path) as x, rasterio.open(b.path) as y:
+        assert np.array_equal(x.read(1), y.read(1))
+    # the same map as the window asked for by hand
+    c = predict_scene(
+        random_bundle, SCENE, tmp_path / "c.tif", window=expected.window, client=dask_client
+    )
+    with rasterio.open(a.path) as x, rasterio.open(c.path) as y:
+        assert np.array_equal(x.read(1), y.read(1))
+
+
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["--window", "big"], ["--window must be a number of pixels or auto, got 'big'"]),
+        (["--overlap", "5000"], ["--overlap 5000 needs a window larger than it", "--window"]),
+    ],
+)
+def test_bad_window_settings_get_one_line(args, needles, random_bundle, tmp_path, dask_client):
+    out = tmp_path / "c.tif"
+    r = invoke(
+        "predict", random_bundle, SCENE, "-o", out, *args,
+        "--scheduler", dask_client.scheduler.address,
+    )  # fmt: skip
+    assert_one_line_error(r, *needles)
+    assert not out.exists() and not list(tmp_path.iterdir())
