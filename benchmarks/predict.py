@@ -64,14 +64,14 @@ def make_scene(path: Path, size: int) -> None:
             dst.write(strip, window=rasterio.windows.Window(0, r, size, h))
 
 
-def make_bundle(path: Path, window: int, base_width: int = 32) -> Path:
-    arch_args = {"base_width": base_width}
-    model = create_model("unet", 6, 7, **arch_args).eval()
+def make_bundle(path: Path, window: int, base_width: int = 32, arch: str = "unet") -> Path:
+    arch_args: dict[str, int] = {"base_width": base_width} if arch == "unet" else {}
+    model = create_model(arch, 6, 7, **arch_args).eval()
     rf = receptive_field(model, 6)
     with rasterio.open(SAMPLE) as src:
         crs, res = src.crs, src.res
     contract = Contract(
-        arch="unet",
+        arch=arch,
         arch_args=arch_args,
         bands=[BandInfo(i, f"band {i}") for i in range(1, 7)],
         mean=[90.0] * 6,

@@ -266,7 +266,8 @@ Example:
     "--predict-window",
     default=256,
     show_default=True,
-    help="Default prediction window stored in the bundle, px.",
+    help="Prediction window stored in the bundle, px (predict chooses its own for throughput "
+    "unless given --window).",
 )
 @click.option("--epochs", default=20, show_default=True)
 @click.option("--batch-size", default=16, show_default=True)

@@ -72,6 +72,25 @@ def measured_windows(sizes: Sequence[tuple[int, int]], overlap: int) -> list[int
     return out or [w for w in MEASURED if w > overlap][-1:]
 
 
+def stop_measuring(seen: Sequence[Rate], overlaps: dict[int, int], window: int) -> bool:
+    """Whether measuring ``window`` (and larger) cannot pay: the best score so far (speed over
+    the overlap's redundancy, ``window² / (window - overlap)²``) is above the score of the
+    largest window measured (by more than 2 %, this machine's noise), so scores are falling
+    with the window; or ``window`` is not in ``overlaps`` (a smaller one ran out of memory)."""
+    if window not in overlaps:
+        return True
+    if len({r.window for r in seen}) < 2:
+        return False
+
+    def score(r: Rate) -> float:
+        o = overlaps[r.window]
+        return r.px_per_s * ((r.window - o) / r.window) ** 2
+
+    largest = max(r.window for r in seen)
+    last = max(score(r) for r in seen if r.window == largest)
+    return max(score(r) for r in seen) > 1.02 * last
+
+
 def windows_needed(sizes: Iterable[tuple[int, int]], window: int, overlap: int) -> int:
     """Model windows a trim-blended prediction of scenes of ``sizes`` runs at ``window``."""
     stride = window - overlap
@@ -165,5 +184,6 @@ def save_cache(path: Path, key: str, rates: Sequence[Rate], about: dict[str, Any
 
 
 def cached_rates(path: Path, key: str) -> list[Rate]:
+    """The speeds kept under ``key``; a speed of 0 marks a window tried and left out."""
     entry = load_cache(path).get(key) or {}
     return [Rate(int(w), int(b), float(v)) for w, b, v in entry.get("rates", [])]

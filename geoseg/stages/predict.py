@@ -288,7 +288,7 @@ def _auto_window(
     fut = client.submit(
         AsCaller(window_rates),
         bundle_path,
-        windows,
+        [(w, overlap_for(w)) for w in windows],
         device=opts.device,
         precision=opts.precision,
         pure=False,

@@ -33,7 +33,7 @@ from geoseg.errors import ConfigError, check_choice, option
 from geoseg.io import Grid, SceneProfile, read_scene, standardize
 from geoseg.tasks import torch_threads
 from geoseg.tiling import WindowGrid, spans
-from geoseg.tuning import Rate, cache_path, cached_rates, save_cache
+from geoseg.tuning import Rate, cache_path, cached_rates, save_cache, stop_measuring
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -227,17 +227,19 @@ def _device_name(device: str) -> str:
 
 def window_rates(
     bundle_path: str,
-    windows: list[int],
+    windows: list[tuple[int, int]],
     *,
     device: str = "auto",
     precision: str = "auto",
-    budget_s: float = 20.0,
+    budget_s: float = 10.0,
 ) -> list[Rate]:
-    """The model's speed at ``windows`` on this worker (a Dask task), from the measurement
-    cache (:func:`geoseg.tuning.cache_path`) or measured now and cached: for each window, a
-    few batch sizes (more on a GPU), each timed over forward passes of random windows, softmax
-    and argmax included, after one pass to warm up. A window that runs out of memory, and
-    those above it, are left out; so are those after ``budget_s`` seconds of measuring."""
+    """The model's speed at ``windows`` (``(window, overlap)`` pairs) on this worker (a Dask
+    task), from the measurement cache (:func:`geoseg.tuning.cache_path`) or measured now and
+    cached: for each window, a few batch sizes (more on a GPU), each timed over forward passes
+    of random windows, softmax and argmax included, after one pass to warm up. Windows are
+    measured from the smallest up, and no further once larger ones stop paying
+    (:func:`geoseg.tuning.stop_measuring`), one runs out of memory, or ``budget_s`` seconds
+    have gone; those left out are recorded as tried (speed 0), so they are not tried again."""
     dev, prec, bundle = _setup(device, precision, bundle_path)
     key = "|".join(
         [bundle.hash, dev, prec, _device_name(dev), f"threads={torch.get_num_threads()}",
@@ -245,17 +247,27 @@ def window_rates(
     )  # fmt: skip
     path = cache_path()
     have = cached_rates(path, key)
-    todo = [w for w in windows if w not in {r.window for r in have}]
+    sizes = {w for w, _ in windows}
+    todo = sorted((w, o) for w, o in windows if w not in {r.window for r in have})
     if not todo:
-        return [r for r in have if r.window in windows]
+        return [r for r in have if r.window in sizes and r.px_per_s > 0]
     rng = np.random.default_rng(0)
     bands = len(bundle.contract.bands)
     new: list[Rate] = []
     t_start = time.perf_counter()
+    overlaps = dict(windows)
     with torch.inference_mode():
-        for w in sorted(todo):
-            if new and time.perf_counter() - t_start > budget_s:
-                break
+        for w, _ in todo:
+            seen = [r for r in [*have, *new] if r.px_per_s > 0 and r.window in overlaps]
+            # two passes at the speed of the largest window so far: would they end past budget?
+            top = max((r.window for r in seen), default=0)
+            slowest = min((r.px_per_s for r in seen if r.window == top), default=0.0)
+            guess = 2 * w * w / slowest if slowest else 0.0
+            if (new and time.perf_counter() - t_start + guess > budget_s) or stop_measuring(
+                seen, overlaps, w
+            ):
+                new.append(Rate(w, 1, 0.0))  # tried: not worth measuring
+                continue
             batches = (
                 (1, 2, 4, 8, 16)
                 if dev == "cuda"
@@ -275,9 +287,10 @@ def window_rates(
             except torch.OutOfMemoryError:
                 if dev == "cuda":
                     torch.cuda.empty_cache()
-                break
+                overlaps = {k: v for k, v in overlaps.items() if k < w}  # none larger fits
+                new.append(Rate(w, 1, 0.0))
     save_cache(path, key, new, {"device": _device_name(dev), "precision": prec})
-    return [r for r in [*have, *new] if r.window in windows]
+    return [r for r in [*have, *new] if r.window in sizes and r.px_per_s > 0]
 
 
 @dataclass(frozen=True)
