@@ -388,7 +388,8 @@ SCENES: raster files or GDAL URLs; band files joined with commas (one scene); ST
 @click.option(
     "--batch-size",
     type=int,
-    help="Windows per forward pass. Default: 8 on a GPU, one 512 px window's worth on a CPU.",
+    help="Windows per forward pass. Default: chosen with the window by --window auto; for a "
+    "given --window, 8 on a GPU, one 512 px window's worth on a CPU.",
 )
 @click.option(
     "--blend",
