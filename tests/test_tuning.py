@@ -28,8 +28,8 @@ def test_windows_needed_is_the_window_grid_of_each_scene():
 
 
 def test_a_large_scene_gets_the_window_with_the_least_model_time():
-    """Counted by hand for a 4096 px scene, overlap 120: 256 px runs 31² windows at 1.09 Mpx/s
-    (about 58 s), 512 px 11² at 0.98 (32 s), 1024 px 5² at 0.72 (36 s)."""
+    """Counted by hand for a 4096 px scene, overlap 120: 256 px runs 30² windows at 1.09 Mpx/s
+    (about 54 s), 512 px 11² at 0.98 (32 s), 1024 px 5² at 0.72 (36 s)."""
     choice = choose(CPU_LIKE, [(4096, 4096)], overlap_for=lambda w: 120, slots=1)
     seconds = {
         w: windows_needed([(4096, 4096)], w, 120) * w * w / r
