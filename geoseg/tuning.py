@@ -99,14 +99,20 @@ def windows_needed(sizes: Iterable[tuple[int, int]], window: int, overlap: int) 
     )
 
 
-def _rate_at(points: Sequence[Rate], window: int) -> tuple[float, int]:
-    """Speed and batch at ``window``: measured, or interpolated in log window between the
-    measured windows around it (the batch keeping the pixels per pass of the smaller one)."""
+def best_rates(points: Iterable[Rate]) -> dict[int, Rate]:
+    """The fastest batch measured at each window, by window (ascending)."""
     best: dict[int, Rate] = {}
     for p in points:
         if p.window not in best or p.px_per_s > best[p.window].px_per_s:
             best[p.window] = p
-    ws = sorted(best)
+    return dict(sorted(best.items()))
+
+
+def _rate_at(points: Sequence[Rate], window: int) -> tuple[float, int]:
+    """Speed and batch at ``window``: measured, or interpolated in log window between the
+    measured windows around it (the batch keeping the pixels per pass of the smaller one)."""
+    best = best_rates(points)
+    ws = list(best)
     if window in best:
         return best[window].px_per_s, best[window].batch
     lo = max(w for w in ws if w < window)

@@ -105,7 +105,7 @@ from geoseg.tasks.predict import (
     window_rates,
 )
 from geoseg.tiling import MIN_BLOCK, MIN_WINDOW, WindowGrid, block_windows
-from geoseg.tuning import MEASURED, Rate, cache_path, choose, measured_windows
+from geoseg.tuning import MEASURED, Rate, best_rates, cache_path, choose, measured_windows
 
 log = logging.getLogger("geoseg")
 _P = ParamSpec("_P")
@@ -132,8 +132,9 @@ class PredictResult:
 
 @dataclass(frozen=True)
 class PredictOptions:
-    """The settings of one prediction run, checked and resolved (the window and overlap from
-    the bundle when not given, the blend from the overlap): what every block is computed with.
+    """The settings of one prediction run, checked and resolved (the window chosen with
+    ``window="auto"``, the overlap from the bundle when not given, the blend from the
+    overlap): what every block is computed with.
     A resumed run must have the same (:meth:`run_settings`)."""
 
     window: int
@@ -315,7 +316,7 @@ def _auto_window(
         choice.windows,
         choice.seconds,
         slots,
-        ", ".join(f"{r.window}: {r.px_per_s / 1e6:.2f}" for r in _best_rates(rates)),
+        ", ".join(f"{w}: {r.px_per_s / 1e6:.2f}" for w, r in best_rates(rates).items()),
         cache_path(),
     )
     return replace(
@@ -337,14 +338,6 @@ def _stopped_window(outs: list[Path], bundle_hash: str) -> int | None:
         if isinstance(run, dict) and run.get("bundle") == bundle_hash and run.get("window"):
             return int(run["window"])
     return None
-
-
-def _best_rates(rates: Sequence[Rate]) -> list[Rate]:
-    best: dict[int, Rate] = {}
-    for r in rates:
-        if r.window not in best or r.px_per_s > best[r.window].px_per_s:
-            best[r.window] = r
-    return [best[w] for w in sorted(best)]
 
 
 def _piece_sizes(layouts: list[_Layout], step: int) -> list[tuple[int, int]]:
