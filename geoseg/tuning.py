@@ -10,8 +10,8 @@ times what one costs at the measured speed, spread over the workers.
 
 >>> points = [Rate(256, 4, 1.0e6), Rate(512, 1, 0.9e6), Rate(1024, 1, 0.6e6)]
 >>> choice = choose(points, [(4096, 4096)], overlap_for=lambda w: 120, slots=2)
->>> choice.window, choice.batch
-(512, 1)
+>>> choice.window, choice.batch  # between the measured 512 and 1024, speeds interpolated
+(576, 1)
 """
 
 from __future__ import annotations
