@@ -651,7 +651,17 @@ def test_ctrl_c_in_predict_says_what_was_kept(tmp_path, random_bundle):
     with rasterio.open(big, "w", **profile) as dst:
         dst.write(np.tile(data, (1, 5, 5))[:, :2048, :2048])
     out = tmp_path / "c.tif"
-    args = ["predict", str(random_bundle), str(big), "-o", str(out), "--block", "128"]
+    args = [
+        "predict",
+        str(random_bundle),
+        str(big),
+        "-o",
+        str(out),
+        "--window",
+        "64",
+        "--block",
+        "128",
+    ]
     code, err = _interrupt([*args, "--workers", "2"], b"predict: [", tmp_path)
     assert code == 130, err
     lines = err.strip().splitlines()
