@@ -2,10 +2,11 @@
 
 Each block is polygonized on a worker in integer pixel coordinates, so the edges two blocks share
 have identical coordinates. Polygons wholly inside a block go straight to the output; polygons
-that touch an inner block edge wait in the client and are unioned per class with their
-neighbours' once a whole row of blocks is done; a merged polygon that cannot reach the next row is
-complete and written. The result equals polygonizing the whole raster at once, and the client
-holds about one row of blocks' edge polygons, whatever the size of the raster.
+that touch an inner block edge wait in the client and are merged with their neighbours' of the
+same class once a whole row of blocks is done (by their linework, see
+:func:`geoseg.tasks.vectorize.merge_pieces`); a merged polygon that cannot reach the next row is
+complete and written. The result equals polygonizing the whole raster at once, vertex for vertex,
+and the client holds about one row of blocks' edge polygons, whatever the size of the raster.
 
 Optional steps, both on the workers:
 
@@ -43,7 +44,13 @@ from geoseg.cluster import cpu_workers, session
 from geoseg.errors import ConfigError, NoCRSError, check_range, option
 from geoseg.io import atomic_output, check_class_map, check_output, read_profile, resolve_path
 from geoseg.progress import Progress
-from geoseg.tasks.vectorize import BlockPolygons, areas, pixel_area_m2, polygonize_block
+from geoseg.tasks.vectorize import (
+    BlockPolygons,
+    areas,
+    merge_pieces,
+    pixel_area_m2,
+    polygonize_block,
+)
 from geoseg.tiling import MIN_BLOCK, block_windows
 
 log = logging.getLogger("geoseg")
@@ -55,6 +62,8 @@ FORMATS = {
     ".parquet": "Parquet",
     ".fgb": "FlatGeobuf",
 }
+
+WRITE_ROWS = 50_000  # polygons written at once (a few hundred bytes each, in the client)
 
 
 @dataclass(frozen=True)
@@ -89,10 +98,16 @@ def output_format(path: str | os.PathLike[str]) -> str:
 
 class _Seams:
     """Edge polygons waiting for their neighbours, grouped with a union-find as rows of blocks
-    come in. A group is unioned once, when no member reaches the rows still to come, so a
-    polygon that spans the whole scene is not unioned again with every row."""
+    come in. A group is merged once, when no member reaches the rows still to come, so a
+    polygon that spans the whole scene is not merged again with every row."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self, seam_rows: Sequence[int], seam_cols: Sequence[int], *, pixel_edges: bool = True
+    ) -> None:
+        self.seam_rows, self.seam_cols = list(seam_rows), list(seam_cols)
+        # pixel polygons are merged by their linework; simplified ones, whose edges along a
+        # block edge can fold back on themselves, by GEOS
+        self.pixel_edges = pixel_edges
         self.geoms: dict[int, Any] = {}
         self.values: dict[int, int] = {}
         self.parent: dict[int, int] = {}
@@ -134,19 +149,33 @@ class _Seams:
             groups.setdefault(self._find(i), []).append(i)
         out_g: list[Any] = []
         out_v: list[int] = []
+        pieces: list[Any] = []
+        piece_group: list[int] = []
+        group_value: list[int] = []
         for root, members in groups.items():
             if root in still_open:
                 continue
-            value = self.values[members[0]]
             if len(members) == 1:
-                parts = [self.geoms[members[0]]]
-            else:
+                out_g.append(self.geoms[members[0]])
+                out_v.append(self.values[members[0]])
+            elif not self.pixel_edges:
                 # a group joined only at a corner comes apart into its 4-connected parts
-                parts = list(shapely.get_parts(shapely.union_all([self.geoms[i] for i in members])))
-            out_g.extend(parts)
-            out_v.extend([value] * len(parts))
+                union = shapely.union_all([self.geoms[i] for i in members])
+                parts = list(shapely.get_parts(union))
+                out_g.extend(parts)
+                out_v.extend([self.values[members[0]]] * len(parts))
+            else:
+                pieces.extend(self.geoms[i] for i in members)
+                piece_group.extend([len(group_value)] * len(members))
+                group_value.append(self.values[members[0]])
             for i in members:
                 del self.geoms[i], self.values[i]
+        if pieces:
+            merged, merged_group = merge_pieces(
+                pieces, np.asarray(piece_group), self.seam_rows, self.seam_cols
+            )
+            out_g.extend(merged)
+            out_v.extend(np.asarray(group_value)[merged_group].tolist())
         # the open groups keep their members, each linked straight to its root
         self.parent = {i: self._find(i) for i in self.geoms}
         return out_g, out_v
@@ -161,7 +190,12 @@ def block_rows(cores: Sequence[Window]) -> list[list[int]]:
 
 
 def _polygon_chunks(
-    client: Any, cores: Sequence[Window], task_args: tuple[Any, ...], label: str
+    client: Any,
+    cores: Sequence[Window],
+    task_args: tuple[Any, ...],
+    label: str,
+    *,
+    simplified: bool = False,
 ) -> Iterator[tuple[list[Any], list[int]]]:
     """Polygons in pixel coordinates, a chunk at a time: each block's interior ones as it comes,
     then after each row of blocks the merged ones that cannot go on into the next row."""
@@ -172,7 +206,11 @@ def _polygon_chunks(
         pure=False,
         workers=cpu_workers(client),
     )
-    seams = _Seams()
+    seams = _Seams(
+        sorted({int(c.row_off) for c in cores} - {0}),
+        sorted({int(c.col_off) for c in cores} - {0}),
+        pixel_edges=not simplified,
+    )
     rows = block_rows(cores)
     with Progress(label, len(cores), "blocks") as progress:
         for n_row, row in enumerate(rows):
@@ -435,8 +473,17 @@ def vectorize(
     with atomic_output(out, overwrite) as tmp, session(workers, scheduler, client=client) as c:
         writer = _Writer(tmp, driver, layer, out_crs or src_crs)
         try:
-            for g, v in _polygon_chunks(c, cores, args, "vectorize"):
-                writer.write(_frame(g, v, transform, src_crs, names, out_crs))
+            held: tuple[list[Any], list[int]] = ([], [])
+            for g, v in _polygon_chunks(c, cores, args, "vectorize", simplified=simplify > 0):
+                # a few large writes: a GeoPackage append has a fixed cost (measured: 25 ms,
+                # the time of 4,500 rows), and a block holds a few thousand polygons
+                held[0].extend(g)
+                held[1].extend(v)
+                if len(held[0]) >= WRITE_ROWS:
+                    writer.write(_frame(*held, transform, src_crs, names, out_crs))
+                    held = ([], [])
+            if held[0]:
+                writer.write(_frame(*held, transform, src_crs, names, out_crs))
         except BaseException:
             writer.abort()
             raise
