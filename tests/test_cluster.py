@@ -388,3 +388,43 @@ def test_workers_are_counted_from_the_scheduler_not_a_stale_cache(dask_client, m
     monkeypatch.setattr(dask_client, "_update_scheduler_info", stale_refresh)
     assert dask_client.scheduler_info()["workers"] == {}  # what the old code read
     assert len(workers_info(dask_client)) == 2
+
+
+def test_a_small_scene_runs_in_this_process_and_gives_the_same_maps(
+    tmp_path, random_bundle, dask_client
+):
+    """With no cluster given, a small scene is predicted and vectorized in the calling process
+    (no worker processes to start): the same class map and polygons as on a cluster."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    expected = tmp_path / "cluster.tif"
+    predict_scene(random_bundle, SCENE, expected, window=64, client=dask_client)
+    vectorize(expected, tmp_path / "cluster.gpkg", client=dask_client)
+    geoseg = str(Path(sys.executable).with_name("geoseg"))
+    out = tmp_path / "here.tif"
+    for args in (
+        ["predict", str(random_bundle), str(SCENE), "-o", str(out), "--window", "64"],
+        ["vectorize", str(out), "-o", str(tmp_path / "here.gpkg")],
+    ):
+        run = subprocess.run([geoseg, *args], capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+        assert "small enough to run in this process" in run.stderr
+    np.testing.assert_array_equal(_pixels(out), _pixels(expected))
+    assert_same_polygons(tmp_path / "here.gpkg", tmp_path / "cluster.gpkg")
+
+
+def test_running_in_this_process_leaves_its_torch_threads_and_environment():
+    import os
+
+    import torch
+
+    from geoseg.cluster import in_process
+    from geoseg.tasks import TORCH_THREADS
+
+    before, env = torch.get_num_threads(), os.environ.get(TORCH_THREADS)
+    with in_process() as client:
+        assert client.submit(os.environ.get, TORCH_THREADS).result() is not None
+        client.submit(torch.set_num_threads, 1).result()  # as every task does
+    assert torch.get_num_threads() == before and os.environ.get(TORCH_THREADS) == env

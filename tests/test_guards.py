@@ -643,7 +643,8 @@ def _interrupt(args: list[str], after: bytes, tmp_path: Path) -> tuple[int, str]
 
 
 @pytest.mark.slow
-def test_ctrl_c_in_predict_says_what_was_kept(tmp_path, random_bundle):
+@pytest.mark.parametrize("where", [["--workers", "2"], []], ids=["processes", "this-process"])
+def test_ctrl_c_in_predict_says_what_was_kept(tmp_path, random_bundle, where):
     with rasterio.open(SCENE) as src:
         data, profile = src.read(), src.profile
     big = tmp_path / "big.tif"
@@ -662,7 +663,7 @@ def test_ctrl_c_in_predict_says_what_was_kept(tmp_path, random_bundle):
         "--block",
         "128",
     ]
-    code, err = _interrupt([*args, "--workers", "2"], b"predict: [", tmp_path)
+    code, err = _interrupt([*args, *where], b"predict: [", tmp_path)
     assert code == 130, err
     lines = err.strip().splitlines()
     assert "Traceback" not in err and len(lines) <= 5, err

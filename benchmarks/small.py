@@ -1,0 +1,121 @@
+"""Small scenes from a cold process: geoseg predict at its defaults (which runs a small scene in
+the calling process) and with 2 worker processes (`workers=2`, the local cluster), against the
+model alone on the same windows.
+
+    python benchmarks/small.py [--sizes 2048 4096] [--repeats 3]
+
+Every timed call runs in a fresh Python process, as a command would: geoseg and torch imported,
+no cluster, nothing loaded. The wall time is that of the `predict_scene` call, from the call to
+the finished COG (the imports are the same for every way of running it, so they are left out).
+The window chosen for throughput is measured once per setting first, untimed, so the timed calls
+find it cached, as every call after a user's first does. The model alone runs the same number of
+windows of the same size from memory, all cores, bf16, in its own fresh process. The default
+U-Net (width 32, random weights), the NC sample tiled to the size. Prints a table and appends it to
+benchmarks/results/small.json; the figure per row is the median of the repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from _results import finish, under_worker_malloc
+
+HERE = Path(__file__).resolve().parent
+
+CALL = """
+import json, sys, time
+sys.path.insert(0, {here!r})
+from geoseg.stages.predict import predict_scene
+t = time.perf_counter()
+r = predict_scene({bundle!r}, {scene!r}, {out!r}, overwrite=True, workers={workers})
+wall = time.perf_counter() - t
+print(json.dumps({{"wall": wall, "window": r.window, "batch": r.batch_size,
+                   "windows": r.windows_run, "start": r.seconds["start"]}}))
+"""
+
+ALONE = """
+import json, sys, torch
+sys.path.insert(0, {here!r})
+from predict import model_alone
+torch.set_num_threads({threads})
+print(json.dumps({{"alone": model_alone(__import__("pathlib").Path({bundle!r}), {windows},
+                                         {window}, {batch}, bf16=True)}}))
+"""
+
+
+def fresh(code: str) -> dict[str, float]:
+    """Run ``code`` in a new Python process; its last line of output, as JSON."""
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False
+    )
+    if run.returncode:
+        raise SystemExit(run.stderr)
+    result: dict[str, float] = json.loads(run.stdout.strip().splitlines()[-1])
+    return result
+
+
+def main() -> None:
+    under_worker_malloc()
+    logging.basicConfig(level=logging.WARNING)
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096])
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    from predict import make_bundle, make_scene
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        os.environ["GEOSEG_CACHE"] = str(d / "cache")  # a cache of this run's own
+        bundle = make_bundle(d / "unet.bundle", 256)
+        for size in args.sizes:
+            scene = d / f"scene_{size}.tif"
+            make_scene(scene, size)
+            row: dict[str, object] = {"size": size}
+            for name, workers in (("default", None), ("2 processes", 2)):
+                code = CALL.format(
+                    here=str(HERE),
+                    bundle=str(bundle),
+                    scene=str(scene),
+                    out=str(d / "c.tif"),
+                    workers=workers,
+                )
+                fresh(code)  # fills the window cache
+                calls = [fresh(code) for _ in range(args.repeats)]
+                walls = [c["wall"] for c in calls]
+                last = calls[-1]
+                alone = [
+                    fresh(
+                        ALONE.format(
+                            here=str(HERE),
+                            bundle=str(bundle),
+                            threads=os.cpu_count(),
+                            windows=int(c["windows"]),
+                            window=int(c["window"]),
+                            batch=int(c["batch"]),
+                        )
+                    )["alone"]
+                    for c in calls
+                ]
+                ratios = [a / w for a, w in zip(alone, walls)]
+                row[f"{name}: window, windows"] = f"{int(last['window'])}, {int(last['windows'])}"
+                row[f"{name}: wall s"] = [round(w, 2) for w in walls]
+                row[f"{name}: model alone s"] = [round(a, 2) for a in alone]
+                row[f"{name}: of the model alone (median)"] = round(statistics.median(ratios), 2)
+                row[f"{name}: cluster start s"] = round(last["start"], 2)
+            rows.append(row)
+            print(row, flush=True)
+    finish("small", rows)
+
+
+if __name__ == "__main__":
+    main()
