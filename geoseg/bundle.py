@@ -53,6 +53,9 @@ class Contract:
     crs: str | None
     pixel_size: tuple[float, float]
     nodata: float | None = None
+    # the smallest overlap at which tiles differ from the whole on < 0.05 % of pixels, measured
+    # at training (geoseg.tuning.effective_overlap); None: not found, or an older bundle
+    effective_overlap: int | None = None
     geoseg_version: str = ""
     training: dict[str, Any] = field(default_factory=dict)
 

@@ -376,8 +376,9 @@ SCENES: raster files or GDAL URLs; band files joined with commas (one scene); ST
 )
 @click.option(
     "--overlap",
-    type=int,
-    help="Window overlap, px. Default: the bundle's (from the receptive field).",
+    help="Window overlap: px, exact (the default: from the receptive field, the tiled map equals "
+    "a whole-scene one) or effective (measured at training: tiles change under 0.05 % of "
+    "pixels).",
 )
 @click.option(
     "--block",

@@ -22,8 +22,11 @@ import math
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from geoseg.tiling import axis_starts
 
@@ -193,3 +196,103 @@ def cached_rates(path: Path, key: str) -> list[Rate]:
     """The speeds kept under ``key``; a speed of 0 marks a window tried and left out."""
     entry = load_cache(path).get(key) or {}
     return [Rate(int(w), int(b), float(v)) for w, b, v in entry.get("rates", [])]
+
+
+# -- the overlap the model needs ----------------------------------------------------------------
+
+EFFECTIVE_SHARE = 5e-4
+"""``--overlap effective``: the smallest overlap at which a tiled map differs from the whole
+crop's on fewer than this share of its pixels (0.05 %)."""
+
+
+def tiled_classes(
+    classes_of: Callable[[np.ndarray], np.ndarray], image: np.ndarray, window: int, overlap: int
+) -> np.ndarray:
+    """The class map of ``image`` (bands, rows, cols) predicted window by window,
+    ``classes_of`` mapping a batch (n, bands, h, w) to classes (n, h, w): each pixel from the
+    window whose middle is nearest, as trim blending takes it."""
+    _, h, w = image.shape
+    stride = window - overlap
+    rows, cols = axis_starts(h, window, stride), axis_starts(w, window, stride)
+    # windows on one phase, as predict places them: the last ones run past the end, over zeros
+    # (what a normalised nodata pixel is)
+    padded = np.zeros(
+        (image.shape[0], int(rows[-1]) + window, int(cols[-1]) + window), dtype=image.dtype
+    )
+    padded[:, :h, :w] = image
+    out = np.empty((h, w), dtype=np.int64)
+
+    def cuts(starts: np.ndarray, size: int) -> list[int]:  # the middles of the overlaps
+        middles = [min(size, (int(a) + int(b) + window) // 2) for a, b in pairwise(starts)]
+        return [0, *middles, size]
+
+    rc, cc = cuts(rows, h), cuts(cols, w)
+    for i, r in enumerate(rows.tolist()):
+        for j, c in enumerate(cols.tolist()):
+            if rc[i] >= rc[i + 1] or cc[j] >= cc[j + 1]:
+                continue
+            classes = classes_of(padded[None, :, r : r + window, c : c + window])[0]
+            out[rc[i] : rc[i + 1], cc[j] : cc[j + 1]] = classes[
+                rc[i] - r : rc[i + 1] - r, cc[j] - c : cc[j + 1] - c
+            ]
+    return out
+
+
+@dataclass(frozen=True)
+class OverlapMeasure:
+    """What :func:`effective_overlap` found: the overlap (None when no overlap up to the exact
+    one, or half the window, got below :data:`EFFECTIVE_SHARE`), the share of pixels that
+    differed at each overlap tried, and the crop and window it was measured on."""
+
+    overlap: int | None
+    shares: dict[int, float]
+    crop: tuple[int, int]
+    window: int
+
+
+def effective_overlap(
+    classes_of: Callable[[np.ndarray], np.ndarray],
+    image: np.ndarray,
+    window: int,
+    step: int,
+    exact: int,
+) -> OverlapMeasure:
+    """The smallest overlap, a multiple of ``step`` (the model's stride) up to ``exact`` and
+    below half the window, at which tiling ``image`` into windows of ``window`` px gives the
+    classes the whole image at once gives on all but :data:`EFFECTIVE_SHARE` of its pixels
+    (away from the image's edges). ``classes_of`` maps a batch (n, bands, h, w) to classes
+    (n, h, w). The share falls as the overlap grows, so the overlaps are bisected: about five
+    tiled predictions of the image.
+
+    The model's receptive field bounds the overlap that makes tiling exact; most of its weight
+    lies much nearer the centre, so a far smaller overlap changes almost no pixel. The window
+    is the bundle's, at most the crop's: more window edges than at larger prediction windows,
+    so the share measured is an upper bound for those.
+    """
+    whole = classes_of(image[None])[0]
+    window = min(window, image.shape[1], image.shape[2])
+    # away from the crop's edges, where a window running past them sees zeros as pixels and the
+    # whole crop sees its layers' zero padding: that is the scene's edge, not a seam
+    m = min(exact, image.shape[1] // 4, image.shape[2] // 4)
+    inner = (slice(m, image.shape[1] - m), slice(m, image.shape[2] - m))
+    shares: dict[int, float] = {}
+
+    def share(ovl: int) -> float:
+        if ovl not in shares:
+            tiled = tiled_classes(classes_of, image, window, ovl)
+            shares[ovl] = float(np.mean(tiled[inner] != whole[inner]))
+        return shares[ovl]
+
+    # the share falls as the overlap grows: bisect the multiples of the stride
+    candidates = [o for o in range(0, exact + 1, max(1, step)) if o == 0 or o < window // 2]
+    lo, hi = 0, len(candidates) - 1
+    if share(candidates[hi]) >= EFFECTIVE_SHARE:
+        return OverlapMeasure(None, shares, (image.shape[1], image.shape[2]), window)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if share(candidates[mid]) < EFFECTIVE_SHARE:
+            hi = mid
+        else:
+            lo = mid + 1
+    found = candidates[lo]
+    return OverlapMeasure(found, shares, (image.shape[1], image.shape[2]), window)

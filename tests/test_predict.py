@@ -338,3 +338,45 @@ def test_default_block_gives_every_local_worker_two_blocks(make_raster, monkeypa
     assert default_block([read_profile(SCENE)], 2, None) == 256
     with external_cluster(2) as (address, _):  # an existing cluster's workers are counted
         assert default_block([big], None, address) == 1024
+
+
+def test_the_effective_overlap_is_measured_at_training_and_offered(
+    nc_run, random_bundle, tmp_path, dask_client, caplog
+):
+    """Training measures the smallest overlap at which tiles change fewer than 0.05 % of the
+    pixels of a held-out crop; `--overlap effective` predicts with it, at fewer windows, and
+    its map agrees with the exact one almost everywhere."""
+    import logging
+
+    from geoseg import load_bundle
+    from geoseg.errors import ConfigError
+    from geoseg.stages.predict import default_overlap
+
+    b = load_bundle(nc_run["bundle"])
+    measured = b.contract.training["effective_overlap"]
+    effective = b.contract.effective_overlap
+    exact = default_overlap(b, 64)
+    step = int(getattr(b.model, "stride", 1))
+    # without a validation split (as here), the crop is the middle of the scene
+    assert measured["held_out"] is False and effective is not None
+    assert effective % step == 0 and effective < exact
+    shares = {int(k): v for k, v in measured["differing_share"].items()}
+    assert shares[effective] < 5e-4
+    assert all(v >= 5e-4 for k, v in shares.items() if k < effective)  # the smallest that does
+    with caplog.at_level(logging.INFO, logger="geoseg"):
+        eff = predict_scene(
+            nc_run["bundle"], SCENE, tmp_path / "e.tif", window=64, overlap="effective",
+            client=dask_client,
+        )  # fmt: skip
+    assert f"overlap {effective} (effective, measured at training; exact {exact})" in caplog.text
+    full = predict_scene(
+        nc_run["bundle"], SCENE, tmp_path / "x.tif", window=64, overlap="exact",
+        client=dask_client,
+    )  # fmt: skip
+    assert eff.windows_run < full.windows_run
+    with rasterio.open(tmp_path / "e.tif") as a, rasterio.open(tmp_path / "x.tif") as x:
+        assert np.mean(a.read(1) != x.read(1)) < 0.005
+    with pytest.raises(ConfigError, match="no measured effective overlap"):
+        predict_scene(random_bundle, SCENE, tmp_path / "r.tif", overlap="effective")
+    with pytest.raises(ConfigError, match="exact or effective"):
+        predict_scene(nc_run["bundle"], SCENE, tmp_path / "r.tif", overlap="wide")

@@ -367,7 +367,7 @@ def predict_scenes(
     output: str | os.PathLike[str],
     *,
     window: int | str | None = "auto",
-    overlap: int | None = None,
+    overlap: int | str | None = None,
     block: int | None = None,
     batch_size: int | None = None,
     blend: str = "auto",
@@ -415,7 +415,9 @@ def predict_scenes(
         model's speed measured on a worker at a few windows (once per model, device and
         thread count; kept in :func:`geoseg.tuning.cache_path`). The overlap defaults to the
         bundle's (from the model's receptive field, at most half the window, aligned to the
-        model's stride).
+        model's stride: ``"exact"``, the tiled map equals a whole-scene prediction);
+        ``"effective"`` is the overlap measured at training, at which tiles change fewer than
+        0.05 % of pixels (:func:`geoseg.tuning.effective_overlap`).
     block
         Block size in pixels: the unit of scheduling, writing and resuming; memory per task
         grows with it. Default: :func:`default_block`, about two blocks per local worker, at
@@ -486,6 +488,7 @@ def predict_scenes(
     if not scenes:
         raise ConfigError("no scene to predict")
     b = load_bundle(bundle)
+    overlap = _overlap_asked(b, overlap)
     if device == "cuda" and client is None and not scheduler_address(scheduler):
         resolve_device("cuda")  # a local cluster: fail here, not on every worker
     resolve_precision(precision, "cuda" if device == "cuda" else "cpu")
@@ -1052,10 +1055,38 @@ def _check_scene(
         warnings.warn(f"{line}; pass {option('--strict')} to refuse such scenes", stacklevel=3)
 
 
+def _overlap_asked(b: Bundle, overlap: int | str | None) -> int | None:
+    """``overlap`` as px: ``"exact"`` (or None) leaves it to the receptive field (None);
+    ``"effective"`` is the bundle's measured effective overlap."""
+    if overlap is None or overlap == "exact":
+        return None
+    if overlap == "effective":
+        if b.contract.effective_overlap is None:
+            raise ConfigError(
+                f"{option('--overlap', 'effective')}: this bundle has no measured effective "
+                "overlap (trained before geoseg measured it, or no overlap below half its window "
+                f"was enough); use {option('--overlap', 'exact')} or a number of pixels"
+            )
+        return b.contract.effective_overlap
+    if isinstance(overlap, str):
+        try:
+            return int(overlap)
+        except ValueError:
+            raise ConfigError(
+                f"{option('--overlap', None)} must be a number of pixels, exact or effective, "
+                f"got {overlap!r}"
+            ) from None
+    return overlap
+
+
 def _warn_overlap(b: Bundle, window: int, overlap: int, given: bool) -> None:
-    """Warn when windows overlap by less than the model's receptive field: pixels near window
-    edges then see less context than in training, and faint seams can show."""
+    """Warn when windows overlap by less than the model needs: its measured effective overlap,
+    else its receptive field. Pixels near window edges then see less context than in training,
+    and faint seams can show."""
     rf = b.contract.receptive_field
+    effective = b.contract.effective_overlap
+    if effective is not None and overlap >= effective:
+        return
     if rf is None or overlap >= rf:
         return
     fix = (
@@ -1071,7 +1102,19 @@ def _warn_overlap(b: Bundle, window: int, overlap: int, given: bool) -> None:
 
 
 def _overlap_note(b: Bundle, window: int, overlap: int) -> str:
-    """Why the overlap differs from the bundle's, for the plan line."""
+    """Why the overlap differs from the bundle's, and the other overlap the bundle offers, for
+    the plan line."""
+    effective = b.contract.effective_overlap
+    if effective is None:
+        return _exact_note(b, window, overlap)
+    exact = default_overlap(b, window)
+    if overlap == effective and overlap != exact:
+        return f" (effective, measured at training; exact {exact})"
+    return _exact_note(b, window, overlap) + f" (effective {effective}: --overlap effective)"
+
+
+def _exact_note(b: Bundle, window: int, overlap: int) -> str:
+    """Why the overlap differs from the bundle's."""
     if overlap == b.overlap:
         return ""
     step = _model_step(b)

@@ -26,6 +26,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 import torch
+from rasterio.windows import Window
 
 from geoseg import __version__
 from geoseg.augment import PRESETS, build_augmenter
@@ -51,8 +52,10 @@ from geoseg.io import (
     check_input,
     check_output,
     folders_for,
+    read_scene,
     resolve_path,
     same_file,
+    standardize,
 )
 from geoseg.labels import LabelSpec, check_labels, load_classes, resolve_classes
 from geoseg.losses import make_loss
@@ -70,6 +73,7 @@ from geoseg.tasks.sampling import (
 )
 from geoseg.tasks.train import EpochConfig, EpochResult, free_port, stats_task, train_epoch
 from geoseg.tiling import MIN_WINDOW, block_windows
+from geoseg.tuning import OverlapMeasure, effective_overlap
 
 log = logging.getLogger("geoseg")
 
@@ -85,6 +89,46 @@ class TrainResult:
     best_epoch: int = 0
     checkpoint: Path | None = None
     log: Path | None = None
+
+
+MEASURE_SIDE = 512
+"""The crop the effective overlap is measured on, px (at most the scene)."""
+
+
+def _measure_overlap(
+    model: torch.nn.Module,
+    profiles: Sequence[SceneProfile],
+    val_windows: Sequence[tuple[int, Window]],
+    bands: Sequence[int],
+    stats: tuple[Sequence[float], Sequence[float]],
+    nodata: float | None,
+    window: int,
+    rf: int | None,
+) -> OverlapMeasure:
+    """The trained model's effective overlap (:func:`geoseg.tuning.effective_overlap`) on a
+    crop of :data:`MEASURE_SIDE` px around the first validation block (held-out pixels), or
+    the middle of the first scene without validation; fp32, in this process."""
+    scene, block = val_windows[0] if val_windows else (0, None)
+    p = profiles[scene]
+    side = min(MEASURE_SIDE, p.height, p.width)
+    if block is None:
+        mid_r, mid_c = p.height // 2, p.width // 2
+    else:
+        mid_r = int(block.row_off + block.height // 2)
+        mid_c = int(block.col_off + block.width // 2)
+    r0 = min(max(0, mid_r - side // 2), p.height - side)
+    c0 = min(max(0, mid_c - side // 2), p.width - side)
+    data, valid = read_scene(p, Window(c0, r0, side, side), bands, nodata)
+    image = standardize(data, valid, stats[0], stats[1])
+
+    def classes_of(batch: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
+            return np.asarray(model(x).argmax(1).numpy())
+
+    step = max(1, int(getattr(model, "stride", 1)))
+    exact = window // 2 if rf is None else -(-(rf + rf % 2) // step) * step
+    return effective_overlap(classes_of, image, window, step, exact)
 
 
 def _class_weights(counts: dict[int, int], classes: Sequence[ClassInfo]) -> tuple[float, ...]:
@@ -768,6 +812,9 @@ def train(
         # enough overlap that every pixel is predicted with its whole receptive field in one window;
         # models that see the whole window (attention, image pooling) get a quarter of it
         overlap = predict_window // 4 if rf is None else min(rf + rf % 2, predict_window // 2)
+        measured = _measure_overlap(
+            model, profiles, val_windows, band_list, (mean, std), nodata, predict_window, rf
+        )
         descriptions = profiles[0].descriptions
         names = list(band_names or [descriptions[i - 1] or f"band {i}" for i in band_list])
         best_row = next(h for h in history if h["epoch"] == best["epoch"])
@@ -781,6 +828,7 @@ def train(
             window=predict_window,
             overlap=overlap,
             receptive_field=rf,
+            effective_overlap=measured.overlap,
             crs=profiles[0].crs.to_string() if profiles[0].crs else None,
             pixel_size=profiles[0].res,
             nodata=nodata if nodata is not None else profiles[0].nodata,
@@ -812,15 +860,25 @@ def train(
                 "validation_pixels": {str(k): v for k, v in sorted(total.val_codes.items())},
                 "parameters": parameter_count(model),
                 "history": history,
+                "effective_overlap": {
+                    "window": measured.window,
+                    "crop": list(measured.crop),
+                    "held_out": bool(val_windows),
+                    "differing_share": {str(k): v for k, v in sorted(measured.shares.items())},
+                },
             },
         )
         digest = save_bundle(out, model, contract, overwrite=overwrite)
         log.info(
-            "%s: kept epoch %d of %d; receptive field %s, default overlap %d px",
+            "%s: kept epoch %d of %d; receptive field %s, default overlap %d px, effective "
+            "overlap %s",
             arch,
             best["epoch"],
             epochs,
             "the whole window" if rf is None else f"{rf} px",
             overlap,
+            "not found (no overlap below half the window was enough)"
+            if measured.overlap is None
+            else f"{measured.overlap} px (--overlap effective)",
         )
     return TrainResult(out, list(class_list), history, digest, best["epoch"], ckpt_path, log_path)

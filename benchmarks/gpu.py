@@ -1,0 +1,106 @@
+"""The GPU path: the model alone against geoseg predict, per GPU.
+
+    python benchmarks/gpu.py [--size 8192] [--windows 512 1024] [--batches 4 8 16]
+
+On a machine without a CUDA GPU it says so, measures nothing and exits 0. With one: (a) the
+model alone (the default U-Net, 6 bands, random weights) on windows from GPU memory, fp16 and
+bf16 autocast, channels-last, for each window and batch: the limit; (b) geoseg predict on the NC
+scene tiled to ``--size`` with ``device="cuda"`` at its defaults (window auto, precision auto, a
+local cluster of one worker per GPU), and at the fastest window and batch of (a); each as window
+Mpx/s and as a ratio to the limit at the same window and batch. Prints a table and appends it to
+benchmarks/results/gpu.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from _results import finish
+
+
+def model_alone(bundle: Path, window: int, batch: int, dtype: torch.dtype, seconds: float) -> float:
+    """Window Mpx/s of the model on one GPU, inputs already there, for about ``seconds``."""
+    from geoseg import load_bundle
+
+    model = load_bundle(bundle).model.cuda().to(memory_format=torch.channels_last)
+    x = torch.randn(batch, 6, window, window, device="cuda").contiguous(
+        memory_format=torch.channels_last
+    )
+    with torch.inference_mode(), torch.autocast("cuda", dtype=dtype):
+        for _ in range(3):
+            model(x).argmax(1)  # warm-up: cuDNN picks its kernels
+        torch.cuda.synchronize()
+        n, t = 0, time.perf_counter()
+        while time.perf_counter() - t < seconds:
+            model(x).argmax(1)
+            n += 1
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t
+    return n * batch * window * window / 1e6 / wall
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.WARNING)
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--size", type=int, default=8192)
+    ap.add_argument("--windows", type=int, nargs="+", default=[512, 1024])
+    ap.add_argument("--batches", type=int, nargs="+", default=[4, 8, 16])
+    ap.add_argument("--seconds", type=float, default=3.0, help="per model-alone point")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print(
+            f"no GPU: torch {torch.__version__} sees no CUDA device "
+            f"(torch.version.cuda={torch.version.cuda}); nothing measured"
+        )
+        return 0
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from predict import make_bundle, make_scene
+
+    from geoseg.stages.predict import predict_scene
+
+    rows: list[dict[str, object]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        bundle = make_bundle(d / "unet.bundle", 256)
+        limits: dict[tuple[int, int, str], float] = {}
+        for window in args.windows:
+            for batch in args.batches:
+                for name, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
+                    rate = model_alone(bundle, window, batch, dtype, args.seconds)
+                    limits[(window, batch, name)] = rate
+                    rows.append(
+                        {"what": "model alone", "window": window, "batch": batch,
+                         "precision": name, "window_mpx_s": round(rate, 2)}
+                    )  # fmt: skip
+        best = max(limits, key=lambda k: limits[k])
+        scene = d / "scene.tif"
+        make_scene(scene, args.size)
+        mpx = args.size * args.size / 1e6
+        for label, kw in (
+            ("geoseg defaults", {}),
+            ("geoseg at the best point", {"window": best[0], "batch_size": best[1]}),
+        ):
+            predict_scene(bundle, scene, d / "c.tif", device="cuda", overwrite=True, **kw)  # warm
+            t = time.perf_counter()
+            r = predict_scene(bundle, scene, d / "c.tif", device="cuda", overwrite=True, **kw)
+            wall = time.perf_counter() - t
+            win_mpx = r.windows_run * r.window**2 / 1e6 / wall
+            batch = r.batch_size or best[1]
+            limit = limits.get((r.window, batch, "fp16")) or limits[best]
+            rows.append(
+                {"what": label, "window": r.window, "batch": batch, "precision": "auto",
+                 "window_mpx_s": round(win_mpx, 2), "scene_mpx_s": round(mpx / wall, 2),
+                 "of_limit": round(win_mpx / limit, 3), "wall_s": round(wall, 2)}
+            )  # fmt: skip
+    finish("gpu", rows, gpu=torch.cuda.get_device_name(0), torch=torch.__version__)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
