@@ -1,5 +1,5 @@
 """Scoring throughput: geoseg evaluate on 1 and 2 workers against numpy's bincount over the same
-arrays held in memory (the limit), per region.
+arrays held in memory (the limit), per region; the bootstrap's cost; and the sample-based path.
 
     python benchmarks/evaluate.py [--sizes 4096 16384] [--block 2048]
 
@@ -8,7 +8,12 @@ same tiling shifted by 37 px (so the two disagree where a real map would); the r
 grid of polygons over the map, in a GeoPackage. geoseg reads both rasters and rasterizes the
 regions block by block on the workers. The limit reads nothing: the class map, the truth and a
 raster of region ids are already in memory, and one ``np.bincount`` per region counts the pairs.
-Wall time of each, scene Mpx/s. Prints a table and appends it to benchmarks/results/evaluate.json.
+Wall time of each, scene Mpx/s. Then, on 2 workers: the dense evaluation with ``bootstrap=1000``
+(against the plain one), and the sample-based path: ``geoseg sample`` of 1000 points from the
+class map, the points labelled from the truth raster (here, by reading it), and the stratified
+estimate from them with the sample's design; time and peak memory (this process and its
+children) of each against the dense evaluation. Prints a table and appends it to
+benchmarks/results/evaluate.json.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import shapely
 from _results import PeakMemory, finish, make_class_map, size_arguments
 
 from geoseg.stages.evaluate import evaluate
+from geoseg.stages.sample import sample
 
 GRID = 4
 
@@ -58,6 +64,17 @@ def in_memory(classes: Path, truth: Path) -> tuple[float, np.ndarray]:
     return seconds, np.concatenate([overall, per_region])
 
 
+def label_from(points: Path, truth: Path, out: Path) -> Path:
+    """The points with their ``reference`` read from the truth raster (as a person would
+    label them)."""
+    gdf = gpd.read_file(points)
+    with rasterio.open(truth) as src:
+        values = [int(v[0]) for v in src.sample([(g.x, g.y) for g in gdf.geometry])]
+    gdf["reference"] = [str(v) if v != 255 else None for v in values]
+    gdf.to_file(out)
+    return out
+
+
 def main() -> None:
     args = size_arguments(__doc__)
     rows = []
@@ -90,6 +107,37 @@ def main() -> None:
                 row[f"geoseg_{workers}w_mpx_s"] = round(mpx / wall, 1)
                 row[f"geoseg_{workers}w_of_limit"] = round(limit_s / wall, 3)
                 row[f"geoseg_{workers}w_peak_gb"] = round(mem.peak / 1e9, 2)
+            dense_s = float(row["geoseg_2w_s"])  # type: ignore[arg-type]
+            with PeakMemory() as mem:
+                t = time.perf_counter()
+                boot = evaluate(classes, truth, block=args.block, workers=2, bootstrap=1000)
+                wall = time.perf_counter() - t
+            assert boot.intervals is not None
+            row["bootstrap_1000_s"] = round(wall, 2)
+            row["bootstrap_of_plain"] = round(wall / dense_s, 2)
+            row["bootstrap_blocks"] = boot.intervals.overall.blocks
+            row["bootstrap_peak_gb"] = round(mem.peak / 1e9, 2)
+            with PeakMemory() as mem:
+                t = time.perf_counter()
+                drawn = sample(classes, d / "s.gpkg", size=1000, block=args.block, workers=2)
+                sample_s = time.perf_counter() - t
+            sample_gb = mem.peak / 1e9
+            labelled = label_from(drawn.points, truth, d / "labelled.gpkg")
+            (d / "labelled.design.json").write_text(drawn.design.read_text())
+            with PeakMemory() as mem:
+                t = time.perf_counter()
+                est = evaluate(
+                    classes, labelled, truth_field="reference", block=args.block, workers=2
+                )
+                estimate_s = time.perf_counter() - t
+            assert est.sample is not None and est.sample.points == 1000
+            row["sample_1000_s"] = round(sample_s, 2)
+            row["sample_peak_gb"] = round(sample_gb, 2)
+            row["estimate_1000_s"] = round(estimate_s, 2)
+            row["estimate_peak_gb"] = round(mem.peak / 1e9, 2)
+            row["sample_plus_estimate_of_dense"] = round((sample_s + estimate_s) / dense_s, 2)
+            row["estimated_overall_accuracy"] = est.sample.overall.to_dict()
+            row["dense_overall_accuracy"] = boot.overall.overall_accuracy
             rows.append(row)
             print(row, flush=True)
     finish("evaluate", rows)

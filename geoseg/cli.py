@@ -130,8 +130,14 @@ def _ints(value: str | None) -> list[int] | None:
         ) from None
 
 
-def _class_map(value: str | None) -> dict[int, int] | None:
-    """``CODE:ID,...`` or a YAML file of ``CODE: ID``."""
+def _code(key: Any) -> Any:
+    """A truth code: an integer, or a reference label's name (for reference points)."""
+    text = str(key).strip()
+    return int(text) if text.lstrip("-").isdigit() else text
+
+
+def _class_map(value: str | None) -> dict[Any, int] | None:
+    """``CODE:ID,...`` or a YAML file of ``CODE: ID``; a code may be a label's name."""
     if not value:
         return None
     pairs: list[Any] | None = None
@@ -141,12 +147,12 @@ def _class_map(value: str | None) -> dict[int, int] | None:
     elif ":" in value:
         pairs = [p.split(":", 1) for p in value.split(",")]
     try:
-        return {int(k): int(v) for k, v in pairs} if pairs else _bad_class_map(value)
+        return {_code(k): int(v) for k, v in pairs} if pairs else _bad_class_map(value)
     except (TypeError, ValueError):
         return _bad_class_map(value)
 
 
-def _bad_class_map(value: str) -> dict[int, int]:
+def _bad_class_map(value: str) -> dict[Any, int]:
     raise ConfigError(
         f"--class-map {value!r}: expected CODE:ID pairs such as 11:1,12:1,21:2, or a YAML file "
         "mapping truth codes to class ids"
@@ -512,6 +518,60 @@ def vectorize(
 @cli.command(
     epilog="""\b
 Example:
+  geoseg sample classes.tif -o sample.gpkg --size 600
+  geoseg sample classes.tif -o sample.gpkg --size 900 --regions provinces.gpkg --region-field NAME
+  (label the points' 'reference' column, then)
+  geoseg evaluate classes.tif sample.gpkg --truth-field reference -o accuracy.html
+"""
+)
+@click.argument("classes")
+@click.option(
+    "-o", "--output", required=True, help="The points: .gpkg, .geojson, .shp or .parquet."
+)
+@click.option(
+    "--size",
+    type=click.IntRange(min=1),
+    default=600,
+    show_default=True,
+    help="Points in the sample.",
+)
+@click.option(
+    "--allocation",
+    type=click.Choice(["proportional", "equal", "neyman"]),
+    default="proportional",
+    show_default=True,
+    help="Points per stratum: proportional to its area, equal, or Neyman (area x sqrt(U(1-U)), "
+    "U the expected user's accuracy, 0.8).",
+)
+@click.option(
+    "--min-per-class",
+    type=click.IntRange(min=0),
+    default=50,
+    show_default=True,
+    help="At least this many points per stratum (or all its pixels).",
+)
+@click.option("--regions", help="Polygons: strata are the map classes within each region.")
+@click.option("--region-field", help="Column that names the regions (default: 'name').")
+@click.option("--within", help="Polygons: sample only inside them.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the draw.")
+@click.option("--block", default=2048, show_default=True, help="Block size, px.")
+@computes
+def sample(classes: str, output: str, verbose: int, quiet: bool, **kw: Any) -> None:
+    """Draw a stratified random sample of points from the class map CLASSES for reference
+    labelling; its design goes beside it (SAMPLE.design.json)."""
+    from geoseg.stages.sample import sample as run
+
+    _setup_logging(verbose, quiet)
+    result = run(classes, output, **kw)
+    for name, k in result.allocation.items():
+        click.echo(f"{k:>6}  {name}")
+    click.echo(f"wrote {sum(result.allocation.values())} points to {result.points}")
+    click.echo(f"wrote the design to {result.design}")
+
+
+@cli.command(
+    epilog="""\b
+Example:
   geoseg evaluate classes.tif truth.tif -o report.json
   geoseg evaluate classes.tif truth.gpkg --truth-field code -o report.html --regions counties.gpkg --region-field NAME
   geoseg evaluate classes.tif worldcover.tif -o report.csv --resample nearest --class-map 10:5,40:2,80:6
@@ -537,6 +597,32 @@ Example:
     type=click.Choice(["nearest"]),
     help="Warp a truth raster on another grid onto the class map's (else that is an error).",
 )
+@click.option(
+    "--design",
+    "design_file",
+    metavar="DESIGN.json",
+    help="Reference points: the sample's design file (default: SAMPLE.design.json beside the "
+    "points, when there).",
+)
+@click.option(
+    "--strata",
+    help="Reference points: a raster on the class map's grid whose values are the sample's "
+    "strata (default: the class map's classes).",
+)
+@click.option(
+    "--simple",
+    "simple",
+    is_flag=True,
+    help="Reference points: a simple random or systematic sample (no strata).",
+)
+@click.option(
+    "--bootstrap",
+    type=click.IntRange(min=0),
+    default=0,
+    metavar="N",
+    help="Dense truth: 95 % intervals from N resamples of the blocks (e.g. 1000).",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the bootstrap.")
 @click.option("--block", default=2048, show_default=True, help="Block size, px.")
 @computes
 def evaluate(
@@ -545,19 +631,30 @@ def evaluate(
     output: str,
     ignore: str | None,
     class_map: str | None,
+    simple: bool,
     verbose: int,
     quiet: bool,
     **kw: Any,
 ) -> None:
-    """Score the class map CLASSES against TRUTH (a class raster or a vector file)."""
-    from geoseg.report import score_table
+    """Score the class map CLASSES against TRUTH: a class raster, polygons, or reference
+    points (then the estimates of accuracy and area of the good-practice guidance, with 95 %
+    confidence intervals)."""
+    from geoseg.report import sample_table, score_table
     from geoseg.stages.evaluate import evaluate as run
 
     _setup_logging(verbose, quiet)
     mapping = _class_map(class_map)
-    report = run(classes, truth, output, ignore=_ints(ignore) or (), code_map=mapping, **kw)
+    report = run(
+        classes,
+        truth,
+        output,
+        ignore=_ints(ignore) or (),
+        code_map=mapping,
+        design="simple" if simple else "stratified",
+        **kw,
+    )
     if not quiet:
-        click.echo(score_table(report))
+        click.echo(sample_table(report) if report.sample is not None else score_table(report))
     click.echo(f"wrote {output}")
 
 

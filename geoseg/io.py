@@ -565,6 +565,8 @@ GEOSEG_TAG = "GEOSEG_PRODUCT"
 _GEOSEG_TIFF_TAGS = (CLASSES_TAG, "GEOSEG_SCALE", "GEOSEG_BUNDLE_HASH", GEOSEG_TAG)
 # the attributes of every polygon file geoseg writes
 POLYGON_FIELDS = ("class_id", "class_name", "area_m2", "perimeter_m")
+SAMPLE_FIELDS = ("sample_id", "stratum", "stratum_name", "map_class", "map_class_name")
+DESIGN_MARK = "geoseg:sample_design"
 REPORT_MARK = "geoseg evaluation"
 """Words that every report geoseg writes holds (its title, or the JSON's ``miou_definition``)."""
 
@@ -605,13 +607,14 @@ def written_by_geoseg(path: str | os.PathLike[str]) -> bool:
                 REPORT_MARK in head
                 or "miou_definition" in head
                 or '"geoseg:product"' in head
+                or f'"{DESIGN_MARK}"' in head
                 or head.startswith("region,class_id,")
             )
         if is_vector_path(p):
             import pyogrio
 
             fields = set(pyogrio.read_info(p)["fields"])
-            return set(POLYGON_FIELDS) <= fields
+            return set(POLYGON_FIELDS) <= fields or set(SAMPLE_FIELDS) <= fields
     except Exception:  # unreadable, or not what its name says: not geoseg's
         return False
     return False

@@ -25,7 +25,7 @@ from rasterio.windows import bounds as window_bounds
 from rasterio.windows import transform as window_transform
 
 from geoseg.classes import CODE_RANGE, ClassInfo
-from geoseg.errors import LabelError, option
+from geoseg.errors import ConfigError, LabelError, option
 from geoseg.io import (
     SceneProfile,
     check_same_grid,
@@ -419,3 +419,29 @@ def truth_codes(
         ) as vrt,
     ):
         return read_codes(spec, window, profile, src=vrt)
+
+
+def check_regions(path: str, field: str | None, profile: Any) -> tuple[list[str], tuple[int, ...]]:
+    """Names and file positions of the regions of ``path`` (named by ``field``, default
+    ``name``) that overlap the raster of ``profile``; tasks refer to regions by position in
+    the file."""
+
+    gdf = read_vector(path, "regions", profile.crs, bounds=raster_bounds(profile))
+    columns = [c for c in gdf.columns if c != "geometry"]
+    if field is None:
+        if "name" not in gdf.columns:
+            raise ConfigError(
+                f"regions {path!r}: say which column names the regions with "
+                f"{option('--region-field', None)}; "
+                f"columns: {', '.join(columns)}"
+            )
+        field = "name"
+    if field not in gdf.columns:
+        raise ConfigError(
+            f"regions {path!r} have no column {field!r}; columns: {', '.join(columns)}"
+        )
+    inside = gdf[gdf.intersects(_box(*raster_bounds(profile))).to_numpy()]
+    if inside.empty:
+        warnings.warn(f"no region of {path!r} overlaps the class map", stacklevel=3)
+    # the index holds each feature's position in the file, which the tasks refer to
+    return [str(v) for v in inside[field]], tuple(int(i) for i in inside.index)

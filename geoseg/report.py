@@ -30,10 +30,11 @@ from typing import Any
 
 import numpy as np
 
+from geoseg.accuracy import Estimate, SampleAccuracy
 from geoseg.classes import ClassInfo
 from geoseg.errors import ConfigError
 from geoseg.io import atomic_output, check_output
-from geoseg.scoring import Scores
+from geoseg.scoring import Interval, Intervals, Scores
 
 REPORT_FORMATS = (".json", ".csv", ".md", ".html")
 
@@ -79,6 +80,10 @@ class EvaluationReport:
     regions: tuple[RegionScores, ...] = ()
     baseline_majority_class: Baseline | None = None
     miou_definition: str = MIOU_DEFINITION
+    sample: SampleAccuracy | None = None  # estimates from reference points
+    sample_regions: tuple[SampleAccuracy, ...] = ()
+    sample_points: str | None = None  # how the points were used
+    intervals: Intervals | None = None  # bootstrap over blocks, for dense truth
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -98,6 +103,14 @@ class EvaluationReport:
         }
         if self.baseline_majority_class is not None:
             out["baseline_majority_class"] = vars(self.baseline_majority_class)
+        if self.sample is not None:
+            out["sample"] = {
+                "points": self.sample_points,
+                **self.sample.to_dict(),
+                "regions": [r.to_dict() for r in self.sample_regions],
+            }
+        if self.intervals is not None:
+            out["intervals"] = self.intervals.to_dict()
         return out
 
 
@@ -160,12 +173,28 @@ CSV_COLUMNS = (
 
 
 def to_csv(report: EvaluationReport) -> str:
-    """One row per region and class; the whole area is the region ``(all)``."""
+    """One row per region and class; the whole area is the region ``(all)``. From reference
+    points: the estimates (:data:`SAMPLE_CSV_COLUMNS`); with bootstrap intervals, each IoU's
+    and each region's mIoU bounds as the last columns."""
+    if report.sample is not None:
+        return _sample_csv(report)
+    iv = report.intervals
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(CSV_COLUMNS)
-    for name, s in [("(all)", report.overall)] + [(r.name, r) for r in report.regions]:
-        for c in s.per_class:
+    bounds = ("iou_ci95_low", "iou_ci95_high", "region_miou_ci95_low", "region_miou_ci95_high")
+    w.writerow(CSV_COLUMNS + (bounds if iv else ()))
+    areas = [("(all)", report.overall)] + [(r.name, r) for r in report.regions]
+    for a, (name, s) in enumerate(areas):
+        bi = None if iv is None else (iv.overall if a == 0 else iv.regions[a - 1])
+        for i, c in enumerate(s.per_class):
+            extra = (
+                []
+                if bi is None
+                else [
+                    "" if x is None else x
+                    for x in (bi.iou[i].low, bi.iou[i].high, bi.miou.low, bi.miou.high)
+                ]
+            )
             w.writerow(
                 [name, c.id, c.name, c.present]
                 + [
@@ -177,6 +206,7 @@ def to_csv(report: EvaluationReport) -> str:
                     "" if getattr(s, k) is None else getattr(s, k)
                     for k in ("miou", "overall_accuracy", "kappa")
                 ]
+                + extra
             )
     return buf.getvalue().rstrip("\n")
 
@@ -203,6 +233,12 @@ def score_table(report: EvaluationReport, max_regions: int = 6) -> str:
         lines.append(f"{label:<{width}}" + "".join(f"{v!s:>13}" for v in vals))
     if len(regions) > max_regions:
         lines.append(f"({len(regions) - max_regions} more regions in the report)")
+    iv = report.intervals
+    if iv is not None:
+        lines.append(
+            f"95 % intervals ({iv.resamples} bootstrap resamples of {iv.overall.blocks} blocks): "
+            f"mIoU {_ci(iv.overall.miou)}, accuracy {_ci(iv.overall.overall_accuracy)}"
+        )
     return "\n".join(lines)
 
 
@@ -242,15 +278,15 @@ def markdown(report: EvaluationReport) -> str:
             out.append(
                 f"| {r.name} | {r.pixels} | {_fmt(r.miou)} | {_fmt(r.overall_accuracy)} | {ious} |"
             )
-    out += [
-        "",
+    out += _md_matrix(
         "## Confusion matrix (rows: truth, columns: prediction)",
-        "",
-        "| truth \\ prediction | " + " | ".join(names) + " |",
-        "| --- |" + " ---: |" * len(names),
-    ]
-    for name, row in zip(names, o.confusion_matrix):
-        out.append(f"| {name} | " + " | ".join(str(v) for v in row) + " |")
+        "truth \\ prediction",
+        names,
+        [[str(v) for v in row] for row in o.confusion_matrix],
+    )
+    if report.sample is not None:
+        out += _sample_markdown(report)
+    out += _intervals_lines(report)
     return "\n".join(out)
 
 
@@ -434,6 +470,13 @@ def to_html(report: EvaluationReport, look: QuickLook | None = None) -> str:
             f"<p>Majority-class baseline (class {base.class_id} everywhere, same pixels): "
             f"mIoU {_num(base.miou)}, accuracy {_num(base.overall_accuracy)}.</p>"
         )
+    if report.sample is not None:
+        parts += _sample_html(report)
+        parts.append("<h2>The sample's points, counted (not weighted by strata)</h2>")
+    if report.intervals is not None:
+        parts.append(
+            "<pre>" + _esc("\n".join(_intervals_lines(report)).replace("## ", "")) + "</pre>"
+        )
     parts += [
         "<h2>Per class</h2>",
         _class_table(o),
@@ -475,3 +518,271 @@ def to_html(report: EvaluationReport, look: QuickLook | None = None) -> str:
         "</body></html>",
     ]
     return "\n".join(parts)
+
+
+# -- estimates from reference points, bootstrap intervals -----------------------------------
+
+
+def _pm(e: Estimate, digits: int = 3, scale: float = 1.0) -> str:
+    """``value ± half-width`` (95 %), or why there is none."""
+    if e.value is None:
+        return "n/a"
+    v = e.value * scale
+    if e.half_width is None:
+        return f"{v:,.{digits}f} (no interval)"
+    return f"{v:,.{digits}f} ± {e.half_width * scale:,.{digits}f}"
+
+
+def _ci(i: Interval | None) -> str:
+    if i is None or i.low is None or i.high is None:
+        return "n/a"
+    return f"{i.low:.3f}-{i.high:.3f}"
+
+
+def sample_table(report: EvaluationReport) -> str:
+    """The estimates from reference points as plain text: overall accuracy, and per class the
+    user's and producer's accuracy and the mapped and adjusted areas, with 95 % intervals."""
+    s = report.sample
+    if s is None:
+        return score_table(report)
+    width = max(12, *(len(c.name) for c in report.classes))
+    lines = [
+        f"{report.sample_points}; design: {s.design}",
+        f"overall accuracy {_pm(s.overall)}",
+        "",
+        f"{'class':<{width}} {'users':>15} {'producers':>15} {'mapped ha':>12} "
+        f"{'adjusted ha (95 %)':>24}",
+    ]
+    lines.append("-" * len(lines[-1]))
+    for c in s.per_class:
+        lines.append(
+            f"{c.name:<{width}} {_pm(c.users):>15} {_pm(c.producers):>15} "
+            f"{c.mapped_area_m2 / 1e4:>12,.1f} {_pm(c.area_m2, 1, 1e-4):>24}"
+        )
+    for r in report.sample_regions:
+        lines.append(f"{r.name}: overall accuracy {_pm(r.overall)} from {r.points} points")
+    lines += list(s.notes)
+    return "\n".join(lines)
+
+
+def _md_matrix(title: str, corner: str, names: list[str], cells: list[list[str]]) -> list[str]:
+    """A class-by-class matrix as a Markdown table under ``title``."""
+    out = ["", title, "", f"| {corner} | " + " | ".join(names) + " |"]
+    out.append("| --- |" + " ---: |" * len(names))
+    out += [f"| {n} | " + " | ".join(row) + " |" for n, row in zip(names, cells)]
+    return out
+
+
+def _sample_markdown(report: EvaluationReport) -> list[str]:
+    s = report.sample
+    assert s is not None
+    out = [
+        "",
+        "## Accuracy and area from reference points",
+        "",
+        f"- {report.sample_points}",
+        f"- design: {s.design}; estimators of Olofsson et al. (2014) and Stehman (2014); "
+        "± is the 95 % confidence interval",
+        f"- overall accuracy: {_pm(s.overall)}",
+        *[f"- note: {n}" for n in s.notes],
+        "",
+        "| class | user's accuracy | producer's accuracy | mapped area (ha) | adjusted area (ha) "
+        "| share of area | points mapped / reference |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for c in s.per_class:
+        out.append(
+            f"| {c.id} {c.name} | {_pm(c.users)} | {_pm(c.producers)} | "
+            f"{c.mapped_area_m2 / 1e4:,.1f} | {_pm(c.area_m2, 1, 1e-4)} | "
+            f"{_pm(c.area_share)} | {c.sample_mapped} / {c.sample_reference} |"
+        )
+    names = [c.name for c in report.classes]
+    out += _md_matrix(
+        "Error matrix in area proportions (rows: map, columns: reference):",
+        "map \\ reference",
+        names,
+        [[f"{v:.4f}" for v in row] for row in s.error_matrix],
+    )
+    if report.sample_regions:
+        out += [
+            "",
+            "Per region (each with its own strata's areas):",
+            "",
+            "| region | points | overall accuracy | "
+            + " | ".join(f"{n} adjusted ha" for n in names)
+            + " |",
+            "| --- | ---: | ---: |" + " ---: |" * len(names),
+        ]
+        for r in report.sample_regions:
+            out.append(
+                f"| {r.name} | {r.points} | {_pm(r.overall)} | "
+                + " | ".join(_pm(c.area_m2, 1, 1e-4) for c in r.per_class)
+                + " |"
+            )
+    return out
+
+
+def _area_svg(s: SampleAccuracy) -> str:
+    """Mapped and adjusted areas per class, the adjusted ones with their 95 % intervals."""
+    rows = s.per_class
+    top = max(
+        [c.mapped_area_m2 for c in rows]
+        + [c.area_m2.high or c.area_m2.value or 0.0 for c in rows]
+        + [1.0]
+    )
+    bar, gap, left, width = 12, 10, 150, 420
+    h = len(rows) * (2 * bar + gap) + 30
+    parts = []
+    for i, c in enumerate(rows):
+        y = 10 + i * (2 * bar + gap)
+        mw = width * c.mapped_area_m2 / top
+        parts.append(
+            f'<text x="{left - 6}" y="{y + bar + 4}" text-anchor="end">{_esc(c.name)}</text>'
+            f'<rect x="{left}" y="{y}" width="{mw:.1f}" height="{bar}" fill="#bbb">'
+            f"<title>mapped {c.mapped_area_m2 / 1e4:,.1f} ha</title></rect>"
+        )
+        a = c.area_m2
+        if a.value is not None:
+            aw = width * max(a.value, 0.0) / top
+            parts.append(
+                f'<rect x="{left}" y="{y + bar}" width="{aw:.1f}" height="{bar}" fill="#2166ac">'
+                f"<title>adjusted {_pm(a, 1, 1e-4)} ha</title></rect>"
+            )
+            if a.low is not None and a.high is not None:
+                x0 = left + width * max(a.low, 0.0) / top
+                x1 = left + width * a.high / top
+                yc = y + 1.5 * bar
+                parts.append(
+                    f'<path d="M{x0:.1f},{yc}H{x1:.1f}M{x0:.1f},{yc - 4}v8M{x1:.1f},{yc - 4}v8" '
+                    'stroke="#000" stroke-width="1.5"/>'
+                )
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 20}" height="{h}" '
+        f'font-size="12" role="img" aria-label="mapped and adjusted areas">{"".join(parts)}'
+        f'<text x="{left}" y="{h - 4}" fill="#555">grey: mapped area; blue: adjusted area '
+        "with its 95 % interval</text></svg>"
+    )
+
+
+def _sample_html(report: EvaluationReport) -> list[str]:
+    s = report.sample
+    assert s is not None
+    rows = "".join(
+        f"<tr><td>{c.id}</td><td>{_esc(c.name)}</td><td class=n>{_esc(_pm(c.users))}</td>"
+        f"<td class=n>{_esc(_pm(c.producers))}</td>"
+        f"<td class=n>{c.mapped_area_m2 / 1e4:,.1f}</td>"
+        f"<td class=n>{_esc(_pm(c.area_m2, 1, 1e-4))}</td>"
+        f"<td class=n>{_esc(_pm(c.area_share))}</td>"
+        f"<td class=n>{c.sample_mapped} / {c.sample_reference}</td></tr>"
+        for c in s.per_class
+    )
+    notes = "".join(f"<li>{_esc(n)}</li>" for n in s.notes)
+    out = [
+        "<h2>Accuracy and area from reference points</h2>",
+        f"<p>{_esc(report.sample_points)}. Design: {_esc(s.design)}; estimators of Olofsson "
+        "et al. (2014) and Stehman (2014); ± is the 95 % confidence interval.</p>",
+        f"<p><b>Overall accuracy {_esc(_pm(s.overall))}</b></p>",
+        f"<ul>{notes}</ul>" if notes else "",
+        "<table><tr><th>id</th><th>class</th><th>user's accuracy</th>"
+        "<th>producer's accuracy</th><th>mapped ha</th><th>adjusted ha</th><th>share</th>"
+        f"<th>points mapped / reference</th></tr>{rows}</table>",
+        "<figure>",
+        _area_svg(s),
+        "<figcaption>Mapped and error-adjusted area per class</figcaption></figure>",
+    ]
+    if report.sample_regions:
+        names = [c.name for c in report.classes]
+        head = "".join(f"<th>{_esc(n)} ha</th>" for n in names)
+        body = "".join(
+            f"<tr><td>{_esc(r.name)}</td><td class=n>{r.points}</td>"
+            f"<td class=n>{_esc(_pm(r.overall))}</td>"
+            + "".join(f"<td class=n>{_esc(_pm(c.area_m2, 1, 1e-4))}</td>" for c in r.per_class)
+            + "</tr>"
+            for r in report.sample_regions
+        )
+        out.append(
+            "<h3>Per region</h3><table><tr><th>region</th><th>points</th>"
+            f"<th>overall accuracy</th>{head}</tr>{body}</table>"
+        )
+    return out
+
+
+def _intervals_lines(report: EvaluationReport) -> list[str]:
+    iv = report.intervals
+    if iv is None:
+        return []
+    o = iv.overall
+    out = [
+        "",
+        f"## 95 % intervals (bootstrap over blocks: {iv.resamples} resamples of {o.blocks} "
+        f"blocks, seed {iv.seed})",
+        "",
+        f"- mIoU {_ci(o.miou)}; overall accuracy {_ci(o.overall_accuracy)}",
+        "",
+        "| class | IoU | 95 % interval |",
+        "| --- | ---: | ---: |",
+    ]
+    for c, i in zip(report.overall.per_class, o.iou):
+        out.append(f"| {c.id} {c.name} | {_fmt(c.iou)} | {_ci(i)} |")
+    for r, ri in zip(report.regions, iv.regions):
+        out.append(
+            f"- {r.name}: mIoU {_fmt(r.miou)} ({_ci(ri.miou)}), accuracy "
+            f"{_fmt(r.overall_accuracy)} ({_ci(ri.overall_accuracy)}), {ri.blocks} blocks"
+        )
+    return out
+
+
+SAMPLE_CSV_COLUMNS = (
+    "region",
+    "class_id",
+    "class_name",
+    "users_accuracy",
+    "users_se",
+    "producers_accuracy",
+    "producers_se",
+    "mapped_area_ha",
+    "adjusted_area_ha",
+    "adjusted_area_se_ha",
+    "adjusted_area_ci95_low_ha",
+    "adjusted_area_ci95_high_ha",
+    "area_share",
+    "area_share_se",
+    "region_points",
+    "region_overall_accuracy",
+    "region_overall_accuracy_se",
+)
+
+
+def _sample_csv(report: EvaluationReport) -> str:
+    assert report.sample is not None
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(SAMPLE_CSV_COLUMNS)
+
+    def v(x: float | None, scale: float = 1.0) -> Any:
+        return "" if x is None else x * scale
+
+    for name, s in [("(all)", report.sample)] + [(r.name or "", r) for r in report.sample_regions]:
+        for c in s.per_class:
+            w.writerow(
+                [
+                    name,
+                    c.id,
+                    c.name,
+                    v(c.users.value),
+                    v(c.users.se),
+                    v(c.producers.value),
+                    v(c.producers.se),
+                    c.mapped_area_m2 / 1e4,
+                    v(c.area_m2.value, 1e-4),
+                    v(c.area_m2.se, 1e-4),
+                    v(c.area_m2.low, 1e-4),
+                    v(c.area_m2.high, 1e-4),
+                    v(c.area_share.value),
+                    v(c.area_share.se),
+                    s.points,
+                    v(s.overall.value),
+                    v(s.overall.se),
+                ]
+            )
+    return buf.getvalue().rstrip("\n")

@@ -105,3 +105,92 @@ def scores(confusion: np.ndarray, classes: Sequence[ClassInfo]) -> Scores:
         per_class=tuple(per_class),
         confusion_matrix=matrix,
     )
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A 95 % bootstrap interval (the 2.5th and 97.5th percentiles of the resamples);
+    ``None`` bounds where too few resamples had the score at all."""
+
+    low: float | None
+    high: float | None
+
+    def to_dict(self) -> dict[str, float | None]:
+        return {"ci95_low": self.low, "ci95_high": self.high}
+
+
+@dataclass(frozen=True)
+class BlockIntervals:
+    """Bootstrap intervals of one area's scores, from ``blocks`` resampled blocks."""
+
+    blocks: int
+    miou: Interval
+    overall_accuracy: Interval
+    iou: tuple[Interval, ...]  # in class order
+    name: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {} if self.name is None else {"name": self.name}
+        out.update(
+            blocks=self.blocks,
+            miou=self.miou.to_dict(),
+            overall_accuracy=self.overall_accuracy.to_dict(),
+            iou=[i.to_dict() for i in self.iou],
+        )
+        return out
+
+
+@dataclass(frozen=True)
+class Intervals:
+    """Bootstrap intervals over blocks for the whole area and each region."""
+
+    resamples: int
+    seed: int
+    overall: BlockIntervals
+    regions: tuple[BlockIntervals, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": "bootstrap over blocks (percentile, 95 %)",
+            "resamples": self.resamples,
+            "seed": self.seed,
+            "overall": self.overall.to_dict(),
+            "regions": [r.to_dict() for r in self.regions],
+        }
+
+
+def _bounds(v: np.ndarray) -> Interval:
+    ok = v[np.isfinite(v)]
+    if len(ok) < max(2, len(v) // 2):  # the score exists in too few resamples to bound it
+        return Interval(None, None)
+    lo, hi = np.percentile(ok, [2.5, 97.5])
+    return Interval(round(float(lo), 6), round(float(hi), 6))
+
+
+def block_bootstrap(
+    confusions: np.ndarray, resamples: int, rng: np.random.Generator, name: str | None = None
+) -> BlockIntervals:
+    """Intervals of mIoU, overall accuracy and each class's IoU from ``confusions``, one
+    ``K x K`` matrix per block: ``resamples`` draws of as many blocks, with replacement, from
+    the blocks that hold scored pixels (scores computed as :func:`scores` does)."""
+    cm = confusions[confusions.reshape(len(confusions), -1).sum(1) > 0].astype(np.float64)
+    b, k = len(cm), confusions.shape[-1]
+    if b == 0:
+        none = Interval(None, None)
+        return BlockIntervals(0, none, none, tuple(none for _ in range(k)), name)
+    weights = rng.multinomial(b, np.full(b, 1.0 / b), size=resamples).astype(np.float64)
+    total = (weights @ cm.reshape(b, k * k)).reshape(resamples, k, k)
+    tp = np.diagonal(total, axis1=1, axis2=2)
+    truth, pred = total.sum(2), total.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = tp / (truth + pred - tp)
+        present = (truth + pred) > 0
+        miou = np.where(present, np.nan_to_num(iou), 0).sum(1) / present.sum(1)
+        oa = tp.sum(1) / total.sum((1, 2))
+    return BlockIntervals(
+        blocks=b,
+        miou=_bounds(miou),
+        overall_accuracy=_bounds(oa),
+        iou=tuple(_bounds(iou[:, i]) for i in range(k)),
+        name=name,
+    )

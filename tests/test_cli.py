@@ -271,6 +271,7 @@ def test_bad_polygon_and_report_options_are_one_line(tmp_path):
         ("predict", "geoseg.stages.predict:predict_scenes"),
         ("vectorize", "geoseg.stages.vectorize:vectorize"),
         ("evaluate", "geoseg.stages.evaluate:evaluate"),
+        ("sample", "geoseg.stages.sample:sample"),
     ],
 )
 def test_the_command_line_defaults_are_the_library_defaults(command, function):
@@ -291,4 +292,7 @@ def test_the_command_line_defaults_are_the_library_defaults(command, function):
             continue
         assert default == p.default, (command, option.name, default, p.default)
         compared.append(option.name)
-    assert len(compared) >= {"train": 13, "predict": 4, "vectorize": 3, "evaluate": 1}[command]
+    assert (
+        len(compared)
+        >= {"train": 13, "predict": 4, "vectorize": 3, "evaluate": 1, "sample": 5}[command]
+    )

@@ -40,6 +40,7 @@ from geoseg.labels import (
     LabelSpec,
     check_codes,
     check_labels,
+    check_regions,
     map_codes,
     raster_values,
 )
@@ -51,7 +52,7 @@ from geoseg.report import (
     check_report_path,
     write_report,
 )
-from geoseg.scoring import scores
+from geoseg.scoring import Intervals, block_bootstrap, scores
 from geoseg.tasks.evaluate import block_class_ids, block_counts
 from geoseg.tiling import MIN_BLOCK, block_windows
 
@@ -68,8 +69,13 @@ def evaluate(
     regions: str | os.PathLike[str] | None = None,
     region_field: str | None = None,
     within: str | os.PathLike[str] | None = None,
-    code_map: dict[int, int] | None = None,
+    code_map: dict[Any, int] | None = None,
     resample: str | None = None,
+    design: str = "stratified",
+    design_file: str | os.PathLike[str] | None = None,
+    strata: str | os.PathLike[str] | None = None,
+    bootstrap: int = 0,
+    seed: int = 0,
     block: int = 2048,
     client: Any = None,
     workers: int | None = None,
@@ -98,9 +104,19 @@ def evaluate(
         Polygons: only pixels inside them count at all.
     code_map
         Truth code -> class id of the class map, for truth in other codes; codes it does not
-        name are taken as they are.
+        name are taken as they are. For reference points a code may be a label's name.
     resample
         ``"nearest"``: warp a truth raster on another grid onto the class map's.
+    design, design_file, strata
+        For truth that is points (a reference sample): the design's file (``SAMPLE.design.json``
+        of ``geoseg sample``, found beside the points by default), else strata from the raster
+        ``strata`` on the class map's grid (by default the class map: its classes are the
+        strata), or ``design="simple"`` for a simple random or systematic sample. The report
+        then holds the estimates of :mod:`geoseg.accuracy` (``report.sample``).
+    bootstrap, seed
+        For dense truth: confidence intervals of IoU, mIoU and accuracy from ``bootstrap``
+        resamples of the blocks (with replacement; neighbouring pixels are not independent,
+        blocks nearly are), drawn from ``seed``.
     client, workers, scheduler
         Where to run (see :func:`geoseg.cluster.session`): a ``distributed.Client``, a local
         cluster of ``workers`` processes or a running scheduler's address; by default the
@@ -137,6 +153,39 @@ def evaluate(
         warnings.warn(
             f"class map {profile.path!r} has no class metadata; scoring by class id", stacklevel=2
         )
+    check_range("--bootstrap", bootstrap, 0)
+    if is_vector_path(truth) and _all_points(truth):
+        if bootstrap:
+            raise ConfigError(
+                f"{option('--bootstrap', bootstrap)} is for dense truth; the estimates from "
+                "reference points have their standard errors from the sample's design"
+            )
+        report = _evaluate_points(
+            profile,
+            classes,
+            truth,
+            truth_field,
+            code_map or {},
+            regions,
+            region_field,
+            within,
+            design,
+            None if design_file is None else str(_resolved(design_file)),
+            None if strata is None else str(_resolved(strata)),
+            block,
+            client,
+            workers,
+            scheduler,
+        )
+        if output is not None:
+            write_report(report, output, overwrite=overwrite)
+        return report
+    names = [k for k in (code_map or {}) if not isinstance(k, (int, np.integer))]
+    if names:
+        raise ConfigError(
+            f"{option('--class-map', None)} maps label names {names}; names are for reference "
+            "points, and this truth holds integer codes: map CODE:ID"
+        )
     pairs = tuple(sorted((int(k), int(v)) for k, v in (code_map or {}).items()))
     spec = LabelSpec(str(truth), truth_field, tuple(ignore), pairs)
     if resample and not spec.is_vector:
@@ -153,11 +202,17 @@ def evaluate(
             ) from None
     region_path = regions
     region_names, positions = (
-        _check_regions(region_path, region_field, profile) if region_path else ([], ())
+        check_regions(region_path, region_field, profile) if region_path else ([], ())
     )
     if within is not None:
         check_input(within, "area")
     blocks = block_windows(profile.height, profile.width, block)
+    if bootstrap and len(blocks) < 2:
+        raise ConfigError(
+            f"{option('--bootstrap', bootstrap)} resamples blocks, and the class map is "
+            f"{len(blocks)} block of {block} px; pass a smaller {option('--block', None)} "
+            f"(at least {MIN_BLOCK}) so that it holds several"
+        )
     with session(workers, scheduler, client=client) as client:
         if classes is None:
             classes = _classes_from_data(client, blocks, profile.path)
@@ -179,6 +234,9 @@ def evaluate(
     total = parts[0]
     for p in parts[1:]:
         total = total + p
+    intervals = None
+    if bootstrap:
+        intervals = _bootstrap(parts, region_names, bootstrap, seed)
     if total.unknown:
         raise LabelError(
             f"truth {str(truth)!r} holds codes {sorted(total.unknown)} that the class map does not "
@@ -203,6 +261,7 @@ def evaluate(
             )
             for i, n in enumerate(region_names)
         ),
+        intervals=intervals,
     )
     if report.overall.pixels == 0:
         warnings.warn(
@@ -212,6 +271,104 @@ def evaluate(
         look = quick_look(report) if str(output).lower().endswith(".html") else None
         write_report(report, output, overwrite=overwrite, look=look)
     return report
+
+
+def _bootstrap(
+    parts: Sequence[Any], region_names: Sequence[str], resamples: int, seed: int
+) -> Intervals:
+    """Bootstrap intervals over the blocks' confusion matrices, for the whole area and for
+    each region (each from its own blocks and its own random stream)."""
+    conf = np.stack([p.confusion for p in parts])  # (blocks, regions + 1, K, K)
+    seeds = np.random.SeedSequence(seed).spawn(len(region_names) + 1)
+    return Intervals(
+        resamples=resamples,
+        seed=seed,
+        overall=block_bootstrap(conf[:, 0], resamples, np.random.default_rng(seeds[0])),
+        regions=tuple(
+            block_bootstrap(conf[:, i + 1], resamples, np.random.default_rng(seeds[i + 1]), n)
+            for i, n in enumerate(region_names)
+        ),
+    )
+
+
+def _all_points(path: str) -> bool:
+    """Whether the vector file's features are all points (a reference sample)."""
+    import pyogrio
+
+    kind = str(pyogrio.read_info(path).get("geometry_type") or "")
+    return kind.replace(" Z", "").replace("Multi", "") == "Point"
+
+
+def _evaluate_points(
+    profile: Any,
+    classes: list[ClassInfo] | None,
+    truth: str,
+    truth_field: str | None,
+    code_map: dict[Any, int],
+    regions: str | None,
+    region_field: str | None,
+    within: str | None,
+    design: str,
+    design_file: str | None,
+    strata: str | None,
+    block: int,
+    client: Any,
+    workers: int | None,
+    scheduler: str | None,
+) -> EvaluationReport:
+    """The estimates from reference points, and the plain counts of the sample."""
+    from geoseg.stages.sample import design_path, point_accuracy
+
+    if classes is None:
+        raise LabelError(
+            f"class map {profile.path!r} has no class metadata: the estimates need its classes; "
+            "estimate on a class map geoseg wrote"
+        )
+    if design_file is None and strata is None and design == "stratified":
+        beside = design_path(truth)
+        if beside.exists():
+            design_file = str(beside)
+    region_names, positions = check_regions(regions, region_field, profile) if regions else ([], ())
+    if within is not None:
+        check_input(within, "area")
+    with session(workers, scheduler, client=client) as client:
+        whole, per_region, counts, pairs = point_accuracy(
+            profile.path,
+            profile,
+            classes,
+            truth,
+            truth_field,
+            code_map=code_map,
+            design=design,
+            design_file=design_file,
+            strata=strata,
+            regions=regions,
+            positions=positions,
+            region_names=region_names,
+            within=within,
+            block=block,
+            client=client,
+        )
+    k = len(classes)
+    slot = {c.id: i for i, c in enumerate(classes)}
+    conf = np.zeros((k, k), dtype=np.int64)
+    for t, p in pairs.T:
+        if int(t) in slot and int(p) in slot:
+            conf[slot[int(t)], slot[int(p)]] += 1
+    return EvaluationReport(
+        prediction=profile.path,
+        truth=truth,
+        truth_field=truth_field,
+        regions_file=regions,
+        region_field=region_field or ("name" if regions else None),
+        within=within,
+        code_map={},
+        classes=tuple(classes),
+        overall=scores(conf, classes),
+        sample=whole,
+        sample_regions=per_region,
+        sample_points=counts.note(),
+    )
 
 
 def _resolved(path: str | os.PathLike[str] | None) -> str | None:
@@ -236,31 +393,6 @@ def _classes_from_data(client: Any, blocks: list[Window], path: str) -> list[Cla
         *run_tasks(client, block_class_ids, blocks, "class ids", path, cpu_only=True)
     )
     return [ClassInfo(i, f"class {i}", "#808080") for i in sorted(found)]
-
-
-def _check_regions(path: str, field: str | None, profile: Any) -> tuple[list[str], tuple[int, ...]]:
-    """Names and file positions of the regions that overlap the class map (tasks refer to
-    regions by position in the file)."""
-
-    gdf = read_vector(path, "regions", profile.crs, bounds=raster_bounds(profile))
-    columns = [c for c in gdf.columns if c != "geometry"]
-    if field is None:
-        if "name" not in gdf.columns:
-            raise ConfigError(
-                f"regions {path!r}: say which column names the regions with "
-                f"{option('--region-field', None)}; "
-                f"columns: {', '.join(columns)}"
-            )
-        field = "name"
-    if field not in gdf.columns:
-        raise ConfigError(
-            f"regions {path!r} have no column {field!r}; columns: {', '.join(columns)}"
-        )
-    inside = gdf[gdf.intersects(box(*raster_bounds(profile))).to_numpy()]
-    if inside.empty:
-        warnings.warn(f"no region of {path!r} overlaps the class map", stacklevel=3)
-    # the index holds each feature's position in the file, which the tasks refer to
-    return [str(v) for v in inside[field]], tuple(int(i) for i in inside.index)
 
 
 def quick_look(report: EvaluationReport, max_px: int = QUICKLOOK_PX) -> QuickLook:
