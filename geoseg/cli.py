@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
 import warnings
 from collections.abc import Callable
@@ -22,7 +24,7 @@ from geoseg import __version__
 from geoseg.errors import ConfigError, GeosegError, Interrupted, command_line
 
 log = logging.getLogger("geoseg")
-_state = {"verbose": 0}
+_state = {"verbose": 0, "interrupted": 0}
 
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
@@ -42,6 +44,36 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     # Dask's own chatter (worker start-up, closing comms) only at -vv
     for name in ("distributed", "tornado", "asyncio"):
         logging.getLogger(name).setLevel(logging.INFO if verbose > 1 else logging.ERROR)
+    # after Ctrl-C, what Dask's event loop logs as it is torn down mid-call (e.g. distributed's
+    # sync() cancelling a call it had not yet started: a NameError with a traceback) is noise:
+    # the user asked to stop, and "geoseg: interrupted" says what was kept
+    _state["interrupted"] = 0
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _on_interrupt)
+    # on the loggers that emit it, and on the handlers Dask's logging config gives its loggers
+    # (a logger's filter does not see its children's records; a handler's does)
+    import distributed  # noqa: F401  (its logging config makes those handlers; every command
+    # that logs here runs on Dask anyway)
+
+    names = ("tornado.application", "tornado", "distributed", "asyncio")
+    targets: list[Any] = [logging.getLogger(n) for n in names]
+    targets += [h for n in names for h in logging.getLogger(n).handlers]
+    for target in targets:
+        if not any(isinstance(f, _AfterInterrupt) for f in target.filters):
+            target.addFilter(_AfterInterrupt())
+
+
+def _on_interrupt(signum: int, frame: Any) -> None:
+    """Ctrl-C: note it (so the loop's teardown noise is dropped), then stop as Python does."""
+    _state["interrupted"] = 1
+    raise KeyboardInterrupt
+
+
+class _AfterInterrupt(logging.Filter):
+    """Drops Dask's and tornado's log records once Ctrl-C was pressed (unless ``-vv``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _state["interrupted"] or _state["verbose"] > 1
 
 
 def _show_warning(
@@ -668,6 +700,14 @@ def _summary(result: Any) -> None:
         click.echo(
             f"\nmIoU {report.overall.miou:.3f} on the scored area; majority-class baseline "
             f"(class {base.class_id} everywhere, same pixels) {base.miou:.3f}\n"
+        )
+    est = report.sample
+    if est is not None and est.overall.value is not None:
+        hw = est.overall.half_width
+        pm = "" if hw is None else f" ± {hw:.3f}"
+        click.echo(
+            f"reference points: {report.sample_points}; estimated overall accuracy "
+            f"{est.overall.value:.3f}{pm} (95 %), areas with intervals in the report\n"
         )
     width = max(len(k) for k in result.outputs)
     for k, v in result.outputs.items():

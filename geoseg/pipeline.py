@@ -6,7 +6,8 @@ section per stage (``train``,
 ``predict``, ``vectorize``, ``evaluate``) whose keys are that stage's options: the keyword
 arguments of :func:`geoseg.stages.train.train`, :func:`geoseg.stages.predict.predict_scenes`,
 :func:`geoseg.stages.vectorize.vectorize` and :func:`geoseg.stages.evaluate.evaluate` (``evaluate`` also takes
-``truth``, default the labels). Unknown keys and values of the wrong type are refused with the
+``truth``, default the labels, and ``points`` with ``points_field``: reference points whose
+estimates of accuracy and area, on the same area and regions, join the report). Unknown keys and values of the wrong type are refused with the
 stage's keys and their types, and every path (the scene, the labels, and the options that name
 files) is resolved against the workflow file's folder and checked, all before the first stage
 runs. Outputs go into one folder: ``model.bundle``, ``classes.tif``, ``polygons.geojson`` and
@@ -86,7 +87,7 @@ _PATH_KEYS = {
     "train": ("classes", "within", "val_region", "augment", "resume"),
     "predict": ("within",),
     "vectorize": (),
-    "evaluate": ("truth", "regions", "within"),
+    "evaluate": ("truth", "regions", "within", "points"),
 }
 
 
@@ -107,7 +108,9 @@ def stage_options(stage: str) -> dict[str, Any]:
         if param.kind is inspect.Parameter.KEYWORD_ONLY and name not in _SET_BY_PIPELINE
     }
     if stage == "evaluate":
-        options["truth"] = str
+        options.update(truth=str, points=str, points_field=str)
+        for name in ("design", "design_file", "strata"):  # of points, given as points_*
+            options.pop(name, None)
     return options
 
 
@@ -286,7 +289,17 @@ def run_workflow(
         vectorize(files["classes"], files["polygons"], **cfg["vectorize"], **common)
         ev = dict(cfg["evaluate"])
         truth = ev.pop("truth", cfg["labels"])
+        points, points_field = ev.pop("points", None), ev.pop("points_field", None)
         report = evaluate(files["classes"], truth, files["report"], **ev, **common)
+        if points is not None:
+            same = {k: ev[k] for k in ("within", "regions", "region_field", "block") if k in ev}
+            pts = evaluate(files["classes"], points, truth_field=points_field, **same, client=c)
+            report = replace(
+                report,
+                sample=pts.sample,
+                sample_regions=pts.sample_regions,
+                sample_points=pts.sample_points,
+            )
     report = replace(report, baseline_majority_class=majority_baseline(report, files["bundle"]))
     look = quick_look(report)
     for key in ("report", "report_csv", "report_html", "report_md"):

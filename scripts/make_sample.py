@@ -4,7 +4,8 @@ Format conversions only (no resampling): the 6-band scene is re-encoded as a til
 compressed GeoTIFF; the dense labels (``strata.tif``, float32) become uint8 with nodata 0 and an
 embedded colour table and class names; three polygon layers describe the demo's split (the
 western 60 % for training, the eastern 40 % held out) and a 2 x 2 grid of regions over the
-held-out part. Run from the repository root: ``python scripts/make_sample.py``.
+held-out part; the 1000 reference points keep their id and class name. Run from the repository
+root: ``python scripts/make_sample.py``.
 """
 
 from __future__ import annotations
@@ -86,6 +87,13 @@ def main() -> None:
     gpd.GeoDataFrame(
         {"name": [c[0] for c in cells]}, geometry=[poly(*c[1:]) for c in cells], crs=crs
     ).to_file(DST / "nc_regions_2x2.gpkg", driver="GPKG")
+    write_points()
+
+
+def write_points() -> None:
+    """The 1000 reference points (``id``: class code, ``label``: class name), as they are."""
+    points = gpd.read_file(SRC / "landsat96_points.shp")[["id", "label", "geometry"]]
+    points.to_file(DST / "nc_points96.gpkg", driver="GPKG")
 
 
 if __name__ == "__main__":

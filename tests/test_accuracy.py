@@ -543,3 +543,94 @@ def test_reports_show_intervals_and_areas(tmp_path, dask_client):
     rows = (tmp_path / "r.csv").read_text().splitlines()
     assert rows[0].startswith("region,class_id,class_name,users_accuracy,users_se")
     assert len(rows) == 1 + 7
+
+
+def test_samples_estimate_the_dense_truths_figures_without_bias(nc_run, tmp_path, dask_client):
+    """Where the truth is known everywhere, the sample-based estimates must find it: over 30
+    seeds, 200-point samples of the predicted NC map, labelled from the 1996 map, give overall
+    accuracies and forest areas whose mean lies within 3 standard errors of the dense figures,
+    and whose 95 % intervals hold the dense figure in most draws."""
+    dense = evaluate(nc_run["classes"], LABELS, client=dask_client)
+    true_oa = dense.overall.overall_accuracy
+    with rasterio.open(LABELS) as src:
+        truth = src.read(1)
+        transform = src.transform
+    with rasterio.open(nc_run["classes"]) as src:
+        mapped = src.read(1)
+        valid = (mapped != src.nodata) & (truth > 0)
+    # the forest area the map's valid, labelled pixels truly hold
+    true_forest = np.sum((truth == 5) & valid) * abs(transform.a * transform.e)
+    oa, forest, held_oa, held_forest = [], [], 0, 0
+    seeds = 30
+    for seed in range(seeds):
+        drawn = sample(
+            nc_run["classes"],
+            tmp_path / f"s{seed}.gpkg",
+            size=200,
+            min_per_class=10,
+            seed=seed,
+            client=dask_client,
+        )
+        pts = gpd.read_file(drawn.points)
+        cols, rows = ~transform * (pts.geometry.x.to_numpy(), pts.geometry.y.to_numpy())
+        ref = truth[rows.astype(int), cols.astype(int)]
+        pts["reference"] = [str(v) if v > 0 else None for v in ref]
+        labelled = tmp_path / f"l{seed}.gpkg"
+        pts.to_file(labelled)
+        (tmp_path / f"l{seed}.design.json").write_text(drawn.design.read_text())
+        est = evaluate(nc_run["classes"], labelled, truth_field="reference", client=dask_client)
+        s = est.sample
+        f = s.per_class[4].area_m2  # forest
+        oa.append(s.overall.value)
+        forest.append(f.value)
+        held_oa += s.overall.low <= true_oa <= s.overall.high
+        held_forest += f.low <= true_forest <= f.high
+    # (the estimates cover the map's labelled pixels: the points on unlabelled pixels are
+    # left out, as their area is in so small a share)
+    assert abs(np.mean(oa) - true_oa) < 3 * np.std(oa) / math.sqrt(seeds)
+    assert abs(np.mean(forest) - true_forest) < 3 * np.std(forest) / math.sqrt(seeds)
+    assert held_oa >= 0.8 * seeds and held_forest >= 0.8 * seeds
+
+
+def test_strata_crossed_with_regions(nc_run, tmp_path, dask_client):
+    """``--regions``: a stratum per class in each region (and for the pixels in no region); its
+    pixel counts equal numpy's over the rasterized regions, each point lies in its stratum's
+    region and class, and the labelled sample is estimated with those strata."""
+    from rasterio.features import geometry_mask
+
+    drawn = sample(
+        nc_run["classes"],
+        tmp_path / "r.gpkg",
+        size=400,
+        min_per_class=5,
+        regions=REGIONS,
+        client=dask_client,
+    )
+    design = json.loads(drawn.design.read_text())
+    pts = gpd.read_file(drawn.points)
+    regions = gpd.read_file(REGIONS)
+    with rasterio.open(nc_run["classes"]) as src:
+        data, t, nodata = src.read(1), src.transform, src.nodata
+        regions = regions.to_crs(src.crs)
+    slot = np.zeros(data.shape, int)
+    for i in range(len(regions) - 1, -1, -1):  # the first region that holds a pixel
+        slot[~geometry_mask([regions.geometry.iloc[i]], data.shape, t)] = i + 1
+    names = ["(no region)", *regions["name"]]
+    for s in design["strata"]:
+        region, cls = divmod(s["code"], 1 << 16)
+        assert s["pixels"] == int(np.sum((slot == region) & (data == cls) & (data != nodata)))
+        assert s["name"].startswith(names[region] + " / ")
+    cols, rows = ~t * (pts.geometry.x.to_numpy(), pts.geometry.y.to_numpy())
+    r, c = rows.astype(int), cols.astype(int)
+    assert (pts["stratum"].to_numpy() == slot[r, c] * (1 << 16) + data[r, c]).all()
+    with rasterio.open(LABELS) as src:
+        ref = [v[0] for v in src.sample([(g.x, g.y) for g in pts.geometry])]
+    pts["reference"] = [str(v) if v else None for v in ref]
+    pts.to_file(tmp_path / "r_labelled.gpkg")
+    (tmp_path / "r_labelled.design.json").write_text(drawn.design.read_text())
+    est = evaluate(
+        nc_run["classes"], tmp_path / "r_labelled.gpkg", truth_field="reference", client=dask_client
+    ).sample
+    assert est is not None and len(est.strata) == len(design["strata"])
+    # stratified by region and class, the whole map's area shares still sum to one
+    assert sum(c.area_share.value for c in est.per_class) == pytest.approx(1.0)

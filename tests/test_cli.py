@@ -107,7 +107,9 @@ def test_run_workflow_from_yaml(tmp_path):
     for key in ("scene", "labels"):
         wf[key] = str(SAMPLE / wf[key])
     wf["train"].update(epochs=1, samples_per_epoch=32, within=str(WEST))
-    wf["evaluate"].update(within=str(EAST), regions=str(REGIONS))
+    wf["evaluate"].update(
+        within=str(EAST), regions=str(REGIONS), points=str(SAMPLE / wf["evaluate"]["points"])
+    )
     path = tmp_path / "wf.yaml"
     path.write_text(yaml.safe_dump(wf))
     r = invoke("run", path, "-o", tmp_path / "out", "--workers", 2)
@@ -143,6 +145,18 @@ def test_demo_end_to_end(tmp_path):
     # the held-out score beats predicting the majority class everywhere
     assert overall["miou"] > report["baseline_majority_class"]["miou"] + 0.1
     assert "mIoU" in r.output and "baseline" in r.output
+    # the shipped reference points in the held-out part: estimates beside the dense scores
+    pts = gpd.read_file(SAMPLE / "nc_points96.gpkg")
+    east = gpd.read_file(SAMPLE / "nc_holdout_east40.gpkg").to_crs(pts.crs).union_all()
+    with rasterio.open(out / "classes.tif") as c:
+        held = pts[pts.intersects(east)]
+        mapped = np.array([v[0] for v in c.sample([(g.x, g.y) for g in held.geometry])])
+    sample = report["sample"]
+    assert sample["points"] == int(np.sum(mapped != 255)) > 100
+    assert sample["overall_accuracy"]["ci95_low"] < sample["overall_accuracy"]["value"]
+    assert len(sample["regions"]) == 4
+    assert "reference points:" in r.output and "estimated overall accuracy" in r.output
+    assert "Accuracy and area from reference points" in (out / "report.md").read_text()
 
 
 # -- bad input ---------------------------------------------------------------------------------

@@ -113,15 +113,36 @@ class BlockTally:
         return BlockTally(add(self.strata, other.strata), add(self.classes, other.classes))
 
 
+def _compact(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct codes (>= 0) of ``codes`` and each pixel's index among them (-1 for none),
+    by a lookup table: far faster than sorting a block's pixels."""
+    top = int(codes.max(initial=-1))
+    if top < 0:
+        return np.zeros(0, np.int64), np.full(codes.shape, -1, np.int64)
+    seen = np.zeros(top + 1, bool)
+    seen[codes[codes >= 0]] = True
+    values = np.flatnonzero(seen)
+    lut = np.full(top + 1, -1, np.int64)
+    lut[values] = np.arange(len(values))
+    return values, np.where(codes >= 0, lut[np.maximum(codes, 0)], -1)
+
+
 def _tally(codes: np.ndarray, row_area: np.ndarray, where: np.ndarray) -> dict[int, list[float]]:
-    c = codes[where]
-    if c.size == 0:
+    values, index = _compact(np.where(where, codes, -1))
+    if len(values) == 0:
         return {}
-    a = np.broadcast_to(row_area[:, None], codes.shape)[where]
-    values, inverse = np.unique(c, return_inverse=True)
-    px = np.bincount(inverse)
-    m2 = np.bincount(inverse, weights=a)
-    return {int(v): [int(p), float(s)] for v, p, s in zip(values, px, m2)}
+    k = len(values)
+    if np.all(row_area == row_area[0]):  # a projected CRS: one pixel area
+        px = np.bincount(index[index >= 0], minlength=k)
+        m2 = px * float(row_area[0])
+    else:  # per row: count each row's codes, weigh by its pixel area
+        rows = np.broadcast_to(np.arange(len(row_area))[:, None], codes.shape)
+        ok = index >= 0
+        per_row = np.bincount(rows[ok] * k + index[ok], minlength=len(row_area) * k)
+        per_row = per_row.reshape(len(row_area), k)
+        px = per_row.sum(0)
+        m2 = (per_row * row_area[:, None]).sum(0)
+    return {int(v): [int(p), float(a)] for v, p, a in zip(values, px, m2) if p}
 
 
 def _read_map(
@@ -163,17 +184,23 @@ def block_tally(
     codes = stratum_codes(strata, window, profile, pred, valid)
     row_area = pixel_areas(profile.transform, profile.crs, int(window.row_off), int(window.height))
     counted = codes >= 0
-    out_s, out_c = [_tally(codes, row_area, counted)], [_tally(pred, row_area, valid)]
+    same = strata.kind == "classes"  # the strata are the map classes: one tally for both
+    out_s, out_c = [_tally(codes, row_area, counted)], []
+    out_c.append(out_s[0] if same else _tally(pred, row_area, valid))
     for m in region_masks(regions, window, profile, positions):
         out_s.append(_tally(codes, row_area, counted & m))
-        out_c.append(_tally(pred, row_area, valid & m))
+        out_c.append(out_s[-1] if same else _tally(pred, row_area, valid & m))
     if not tiles:
         return BlockTally(out_s, out_c)
     grid = _tiles(window, profile.width)
-    per_tile = {
-        code: np.array([int(np.sum(codes[ys, xs] == code)) for _, ys, xs in grid], np.int64)
-        for code in out_s[0]
-    }
+    values, index = _compact(codes)
+    h, w = codes.shape
+    tiles_x = -(-w // TILE)
+    tile = (np.arange(h)[:, None] // TILE) * tiles_x + np.arange(w)[None, :] // TILE
+    ok = index >= 0
+    k = max(len(values), 1)
+    counts = np.bincount(tile[ok] * k + index[ok], minlength=len(grid) * k).reshape(len(grid), k)
+    per_tile = {int(v): counts[:, i].astype(np.int64) for i, v in enumerate(values)}
     return BlockTally(out_s, out_c, np.array([t for t, _, _ in grid], np.int64), per_tile)
 
 
@@ -185,21 +212,29 @@ def block_draw(
     picks: dict[int, list[tuple[int, int]]],
 ) -> list[tuple[int, int, int, int]]:
     """The sample's pixels in one block (a Dask task): ``picks[code]`` lists ``(tile, k)``,
-    the ``k``-th pixel (row-major) of that stratum in that tile. Returns ``(row, col, stratum,
-    map class)`` of each, rows and columns of the whole map."""
-    profile, pred, valid = _read_map(window, class_map, within)
-    codes = stratum_codes(strata, window, profile, pred, valid)
-    where = {t: (ys, xs) for t, ys, xs in _tiles(window, profile.width)}
+    the ``k``-th pixel (row-major) of that stratum in that tile; only the tiles picked are
+    read. Returns ``(row, col, stratum, map class)`` of each, rows and columns of the whole
+    map."""
+    profile = read_profile(class_map, "class map")
+    tiles_x = -(-profile.width // TILE)
+    by_tile: dict[int, list[tuple[int, int]]] = {}
+    for code, wanted in picks.items():
+        for tile, k in wanted:
+            by_tile.setdefault(tile, []).append((code, k))
     out: list[tuple[int, int, int, int]] = []
-    for code in sorted(picks):
-        for tile, k in picks[code]:
-            ys, xs = where[tile]
-            hits = np.argwhere(codes[ys, xs] == code)
+    for tile in sorted(by_tile):
+        ty, tx = divmod(tile, tiles_x)
+        r0, c0 = ty * TILE, tx * TILE
+        part = Window(c0, r0, min(TILE, profile.width - c0), min(TILE, profile.height - r0))
+        _, pred, valid = _read_map(part, class_map, within)
+        codes = stratum_codes(strata, part, profile, pred, valid)
+        for code, k in sorted(by_tile[tile]):
+            hits = np.argwhere(codes == code)
             if k >= len(hits):  # the tally counted these pixels: the map changed meanwhile
                 raise RuntimeError(
                     f"class map {class_map!r} changed while it was sampled: tile {tile} holds "
                     f"{len(hits)} pixels of stratum {code}, not {k + 1} or more"
                 )
-            r, c = int(hits[k][0]) + ys.start, int(hits[k][1]) + xs.start
-            out.append((int(window.row_off) + r, int(window.col_off) + c, code, int(pred[r, c])))
+            r, c = int(hits[k][0]), int(hits[k][1])
+            out.append((r0 + r, c0 + c, code, int(pred[r, c])))
     return out
