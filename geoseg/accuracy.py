@@ -293,6 +293,8 @@ def estimate(
         for cid, _ in classes:
             on_map, in_ref = m == cid, r == cid
             share = d.mean(in_ref)
+            if not in_ref.any():  # no point is of it: an area of 0 with no interval
+                share = Estimate(0.0, None, "no sample point is of this class in the reference")
             per_class.append(
                 ClassAccuracy(
                     id=cid,

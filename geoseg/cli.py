@@ -631,21 +631,15 @@ Example:
 )
 @click.option(
     "--design",
-    "design_file",
-    metavar="DESIGN.json",
+    "design",
+    metavar="DESIGN.json|simple",
     help="Reference points: the sample's design file (default: SAMPLE.design.json beside the "
-    "points, when there).",
+    "points, when there), or 'simple' for a simple random or systematic sample (no strata).",
 )
 @click.option(
     "--strata",
     help="Reference points: a raster on the class map's grid whose values are the sample's "
     "strata (default: the class map's classes).",
-)
-@click.option(
-    "--simple",
-    "simple",
-    is_flag=True,
-    help="Reference points: a simple random or systematic sample (no strata).",
 )
 @click.option(
     "--bootstrap",
@@ -663,7 +657,7 @@ def evaluate(
     output: str,
     ignore: str | None,
     class_map: str | None,
-    simple: bool,
+    design: str | None,
     verbose: int,
     quiet: bool,
     **kw: Any,
@@ -682,7 +676,8 @@ def evaluate(
         output,
         ignore=_ints(ignore) or (),
         code_map=mapping,
-        design="simple" if simple else "stratified",
+        design=design if design in ("simple", "stratified") else "stratified",
+        design_file=None if design in (None, "simple", "stratified") else design,
         **kw,
     )
     if not quiet:

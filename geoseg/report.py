@@ -34,7 +34,7 @@ from geoseg.accuracy import Estimate, SampleAccuracy
 from geoseg.classes import ClassInfo
 from geoseg.errors import ConfigError
 from geoseg.io import atomic_output, check_output
-from geoseg.scoring import Interval, Intervals, Scores
+from geoseg.scoring import BlockIntervals, Interval, Intervals, Scores
 
 REPORT_FORMATS = (".json", ".csv", ".md", ".html")
 
@@ -401,17 +401,21 @@ def _region_svg(report: EvaluationReport, look: QuickLook, background: str) -> s
     )
 
 
-def _class_table(s: Scores) -> str:
+def _class_table(s: Scores, iv: BlockIntervals | None = None) -> str:
+    """The per-class scores; with bootstrap intervals ``iv``, each IoU's beside it."""
+    bounds = [_ci(i) for i in iv.iou] if iv is not None else [""] * len(s.per_class)
+    extra = "<th>IoU 95 %</th>" if iv is not None else ""
     rows = "".join(
         f"<tr><td>{c.id}</td><td>{_esc(c.name)}</td><td class=n>{_num(c.iou)}</td>"
-        f"<td class=n>{_num(c.precision)}</td><td class=n>{_num(c.recall)}</td>"
+        + (f"<td class=n>{b}</td>" if iv is not None else "")
+        + f"<td class=n>{_num(c.precision)}</td><td class=n>{_num(c.recall)}</td>"
         f"<td class=n>{_num(c.f1)}</td><td class=n>{c.truth_pixels}</td>"
         f"<td class=n>{c.predicted_pixels}</td>"
         f"<td>{'' if c.present else 'absent from truth and prediction'}</td></tr>"
-        for c in s.per_class
+        for c, b in zip(s.per_class, bounds)
     )
     return (
-        "<table><tr><th>id</th><th>class</th><th>IoU</th><th>precision</th><th>recall</th>"
+        f"<table><tr><th>id</th><th>class</th><th>IoU</th>{extra}<th>precision</th><th>recall</th>"
         f"<th>F1</th><th>truth px</th><th>predicted px</th><th></th></tr>{rows}</table>"
     )
 
@@ -479,7 +483,7 @@ def to_html(report: EvaluationReport, look: QuickLook | None = None) -> str:
         )
     parts += [
         "<h2>Per class</h2>",
-        _class_table(o),
+        _class_table(o, report.intervals.overall if report.intervals else None),
         "<h2>Confusion matrix</h2>",
         _heatmap(o, names),
     ]
