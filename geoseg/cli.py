@@ -446,6 +446,14 @@ SCENES: raster files or GDAL URLs; band files joined with commas (one scene); ST
     type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
     help="auto: bf16 where the CPU or GPU has it, else fp32 (CPU) or fp16 (GPU).",
 )
+@click.option(
+    "--tta",
+    default="none",
+    show_default=True,
+    type=click.Choice(["none", "flips", "d4"]),
+    help="Test-time augmentation: average the class probabilities over 4 flips and turns of "
+    "each window (flips) or all 8 (d4); costs a model pass each.",
+)
 @click.option("--allow-no-crs", is_flag=True, help="Predict a scene that has no CRS.")
 @click.option(
     "--strict",

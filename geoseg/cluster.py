@@ -15,6 +15,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -347,6 +348,21 @@ def prepare(client: Any) -> Any:
     return client
 
 
+@dataclass(frozen=True)
+class FollowUp:
+    """Short tasks that each need some of :func:`run_tasks`' items finished first (a mosaic
+    block's composite needs the scene blocks under it): ``fn(item, **kwargs)`` for every item,
+    submitted as soon as the items it ``needs`` (indexes into run_tasks' items) are done, so it
+    runs while later items still run instead of after the last. They keep to CPU workers
+    where the cluster has others."""
+
+    fn: Callable[..., Any]
+    items: Sequence[Any]
+    needs: Sequence[set[int]]
+    pixels: Sequence[int] | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
 def run_tasks(
     client: Any,
     fn: Callable[..., Any],
@@ -358,10 +374,12 @@ def run_tasks(
     resources: dict[str, int] | None = None,
     cpu_only: bool = False,
     paced: bool = False,
+    then: FollowUp | None = None,
     **kwargs: Any,
 ) -> list[Any]:
     """Run ``fn(item, *args, **kwargs)`` for every item on the cluster, showing progress (with
-    throughput when ``pixels`` gives each item's size); return the results in ``items``' order.
+    throughput when ``pixels`` gives each item's size); return the results in ``items``' order,
+    followed by those of ``then``'s items in theirs.
     ``cpu_only`` tasks keep off GPU workers where the cluster has others (:func:`cpu_workers`).
 
     ``paced`` (for tasks of seconds or more, such as predicting a block): the client hands out
@@ -369,15 +387,37 @@ def run_tasks(
     finishes. Dask would otherwise give every worker its share of a small graph at once, in no
     particular order (it queues tasks on the scheduler only for large groups), and a worker
     that finished early would wait while another still held two blocks. Short tasks are all
-    submitted at once: a round trip per task would cost more than it saves.
+    submitted at once: a round trip per task would cost more than it saves. ``then``'s tasks
+    are submitted as their items finish, outside the pacing (they are short, and Dask runs
+    them before the items handed out after them).
     """
 
     where = cpu_workers(client) if cpu_only else None
-    results: list[Any] = [None] * len(items)
-    index: dict[Any, int] = {}
+    extra = list(then.items) if then else []
+    results: list[Any] = [None] * (len(items) + len(extra))
+    index: dict[Any, int] = {}  # items in flight
+    follow: dict[Any, int] = {}  # follow-ups in flight, by their place in ``results``
     todo = iter(range(len(items)))
     running = as_completed(loop=client.loop)  # the client given, not the default one
     task = AsCaller(fn)  # messages raised on a worker name options as the caller does
+    waiting = {j: set(n) for j, n in enumerate(then.needs)} if then else {}
+
+    def release(done: int | None) -> None:
+        """Submit the follow-ups whose items are all done (``done`` just finished)."""
+        assert then is not None
+        ready = []
+        for j, needs in waiting.items():
+            if done is not None:
+                needs.discard(done)
+            if not needs:
+                ready.append(j)
+        for j in ready:
+            del waiting[j]
+            fut = client.submit(
+                AsCaller(then.fn), extra[j], pure=False, workers=cpu_workers(client), **then.kwargs
+            )
+            follow[fut.key] = len(items) + j
+            running.add(fut)
 
     def feed(slots: int) -> None:
         while len(index) < slots:
@@ -390,6 +430,8 @@ def run_tasks(
             index[fut.key] = i
             running.add(fut)
 
+    if then:
+        release(None)  # follow-ups whose items an earlier run finished
     if paced:
         slots, counted = worker_slots(client, resources, where), time.monotonic()
         feed(slots)
@@ -405,15 +447,22 @@ def run_tasks(
         )
         index = {f.key: i for i, f in enumerate(futures)}
         running.update(futures)
-    with Progress(label, len(items), unit) as progress:
+    sizes = [*(pixels or [0] * len(items)), *((then.pixels if then else None) or [0] * len(extra))]
+    with Progress(label, len(results), unit) as progress:
         for fut in running:
-            i = index.pop(fut.key)
-            results[i] = task_result(fut, label, items[i])
-            progress.update(pixels=pixels[i] if pixels else 0)
+            i = follow.pop(fut.key) if fut.key in follow else index.pop(fut.key)
+            results[i] = task_result(
+                fut, label, (items[i] if i < len(items) else extra[i - len(items)])
+            )
+            progress.update(pixels=sizes[i])
+            if then and i < len(items):
+                release(i)
             if paced:
                 if time.monotonic() - counted > 2:  # workers come and go on a real cluster
                     slots, counted = worker_slots(client, resources, where), time.monotonic()
                 feed(slots)
+    if waiting:  # a follow-up that needs an item not given: a caller's mistake
+        raise ValueError(f"follow-ups {sorted(waiting)} need items that were never run")
     return results
 
 

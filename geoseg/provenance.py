@@ -40,7 +40,7 @@ def provenance_tags(settings: dict[str, Any], scenes: Sequence[str]) -> dict[str
         "GEOSEG_BUNDLE_HASH": str(settings["bundle"]),
         "GEOSEG_SCENES": json.dumps(list(scenes)),
     }
-    for key in ("window", "overlap", "blend", "precision", "composite", "resampling"):
+    for key in ("window", "overlap", "blend", "precision", "tta", "composite", "resampling"):
         if settings.get(key) is not None:
             tags[f"GEOSEG_{key.upper()}"] = str(settings[key])
     return tags

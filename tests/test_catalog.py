@@ -612,3 +612,67 @@ def test_training_on_a_stac_item_names_the_bands_by_asset(bands, tmp_path, dask_
         train(mixed, LABELS, tmp_path / "x.bundle", bands=[4, 5, 6], band_names=["a", "b"],
               client=dask_client, **small)  # fmt: skip
     assert not (tmp_path / "x.bundle").exists()
+
+
+@pytest.mark.parametrize("composite", ["mean", "max-confidence", "first", "last"])
+def test_a_mosaic_block_composites_as_the_rule_says_pixel_by_pixel(tmp_path, composite):
+    """composite_block against the rule written out pixel by pixel: three scenes' parts, each
+    on its own offset, with nodata holes, random classes and probabilities."""
+    from affine import Affine
+    from rasterio.crs import CRS
+    from rasterio.windows import Window
+
+    from geoseg.classes import NODATA
+    from geoseg.io import Grid
+    from geoseg.tasks.predict import CompositeJob, SceneParts, _write_parts, composite_block
+
+    rng = np.random.default_rng(3)
+    ids, size = (2, 4, 7), 40
+    target = Grid(CRS.from_epsg(32617), Affine(30, 0, 0, 0, -30, 0), 64, 64)
+    scenes, sources = [], []
+    for s, offset in enumerate([(0, 0), (10, 20), (24, 8)]):
+        folder = tmp_path / f"scene{s}"
+        folder.mkdir()
+        probs = rng.dirichlet(np.ones(3) * 0.7, size=(size, size)).transpose(2, 0, 1)
+        scaled = np.rint(probs * 254).astype(np.uint8)
+        cls = np.asarray(ids, np.uint8)[probs.argmax(0)]
+        hole = rng.random((size, size)) < 0.15
+        cls[hole], scaled[:, hole] = NODATA, NODATA
+        core = Window(0, 0, size, size)  # one part per scene, on its own grid
+        _write_parts(folder, core, target, cls, scaled)
+        scenes.append((offset, cls, scaled))
+        sources.append(SceneParts(str(folder), offset, (core,)))
+    out = tmp_path / "mosaic"
+    out.mkdir()
+    block = Window(4, 6, 50, 48)  # a mosaic block that cuts through every scene
+    job = CompositeJob(block, tuple(sources), str(out), target, ids, composite, True)
+    composite_block(job)
+    with rasterio.open(out / "block_6_4.tif") as f:
+        got = f.read(1)
+    with rasterio.open(out / "block_6_4.prob.tif") as f:
+        got_probs = f.read()
+
+    for r in range(48):
+        for c in range(50):
+            row, col = r + 6, c + 4
+            votes = []  # (class, probabilities) of each scene with data here, in order
+            for (r0, c0), cls, scaled in scenes:
+                i, j = row - r0, col - c0
+                if 0 <= i < size and 0 <= j < size and cls[i, j] != NODATA:
+                    votes.append((int(cls[i, j]), scaled[:, i, j].astype(int)))
+            if not votes:
+                assert got[r, c] == NODATA and (got_probs[:, r, c] == NODATA).all()
+                continue
+            if composite == "first":
+                want, p = votes[0]
+            elif composite == "last":
+                want, p = votes[-1]
+            elif composite == "max-confidence":
+                want, p = max(votes, key=lambda v: v[1].max())  # the first of equal maxima
+            else:
+                want, p = votes[0] if len(votes) == 1 else (None, None)
+                if len(votes) > 1:
+                    mean = np.mean([v[1] for v in votes], axis=0)
+                    want, p = ids[int(np.argmax(mean))], np.rint(mean)
+            assert got[r, c] == want, (r, c, votes)
+            np.testing.assert_array_equal(got_probs[:, r, c], p)

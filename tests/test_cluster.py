@@ -377,6 +377,32 @@ def test_tasks_start_in_the_order_given_one_per_worker_thread(dask_client):
         assert free - 0.01 <= starts[k] < free + 0.1, (k, starts[k] - free)
 
 
+def test_follow_ups_run_as_soon_as_what_they_need_is_done(dask_client):
+    """A mosaic block's composite starts once the scene blocks under it are predicted, while
+    later scene blocks still run, not after the last of them."""
+    from geoseg.cluster import FollowUp, run_tasks
+
+    def stamp(item: float) -> tuple[float, float, float]:  # travels by value to the workers
+        import time
+
+        t = time.monotonic()
+        time.sleep(item)
+        return item, t, time.monotonic()
+
+    items = [0.2, 0.2, 1.0, 1.0, 1.0, 1.0]
+    # follow-up 0 needs the two short items, 1 the last item, 2 nothing of this run
+    then = FollowUp(stamp, [0.01, 0.01, 0.01], [{0, 1}, {5}, set()])
+    ran = run_tasks(dask_client, stamp, items, "stamps", paced=True, then=then)
+    assert len(ran) == len(items) + 3
+    assert [r[0] for r in ran] == [*items, 0.01, 0.01, 0.01]  # items' results, then follow-ups'
+    short_done = max(ran[0][2], ran[1][2])
+    assert short_done <= ran[6][1] < min(r[2] for r in ran[2:6])  # before any long item ends
+    assert ran[7][1] >= ran[5][2]  # not before what it needs
+    assert ran[8][1] < ran[2][2]  # needing nothing of this run: at once
+    with pytest.raises(ValueError, match="never run"):
+        run_tasks(dask_client, stamp, [0.01], "stamps", then=FollowUp(stamp, [0.01], [{3}]))
+
+
 def test_workers_are_counted_from_the_scheduler_not_a_stale_cache(dask_client, monkeypatch):
     """The client refreshes a cached identity on its own, with no workers in it (n_workers=0);
     a refresh that lands just after ours used to make every worker look lost mid-training."""

@@ -380,3 +380,63 @@ def test_the_effective_overlap_is_measured_at_training_and_offered(
         predict_scene(random_bundle, SCENE, tmp_path / "r.tif", overlap="effective")
     with pytest.raises(ConfigError, match="exact or effective"):
         predict_scene(nc_run["bundle"], SCENE, tmp_path / "r.tif", overlap="wide")
+
+
+@pytest.mark.parametrize("tta", ["flips", "d4"])
+def test_test_time_augmentation_averages_the_turned_windows(random_bundle, tmp_path, tta):
+    """The probabilities of --tta are the mean of the model's over the flips and turns of the
+    window, turned back: computed here by hand with numpy from the model's own outputs."""
+    import torch
+
+    from geoseg.bundle import load_bundle
+    from geoseg.tasks.predict import _forward
+
+    b = load_bundle(random_bundle)
+    x = np.random.default_rng(0).normal(size=(2, 6, 64, 64)).astype(np.float32)
+    turns = [np.rot90(x if not f else x[..., ::-1], q, axes=(-2, -1)) for q, f in _by_hand(tta)]
+    with torch.inference_mode():
+        outs = [b.model(torch.from_numpy(v.copy())).softmax(1).numpy() for v in turns]
+    back = [
+        (lambda p: p[..., ::-1] if f else p)(np.rot90(o, -q, axes=(-2, -1)))
+        for o, (q, f) in zip(outs, _by_hand(tta))
+    ]
+    expected = np.mean(back, axis=0)
+    with torch.inference_mode():
+        got = _forward(b, x, "cpu", "fp32", tta).softmax(1).numpy()
+        plain = _forward(b, x, "cpu", "fp32").softmax(1).numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert np.abs(plain - expected).max() > 1e-3  # the random model is not flip-invariant
+
+
+def _read(path) -> np.ndarray:
+    with rasterio.open(path) as src:
+        return src.read()
+
+
+def _by_hand(tta: str) -> list[tuple[int, bool]]:
+    if tta == "flips":
+        return [(0, False), (0, True), (2, False), (2, True)]
+    return [(q, f) for q in range(4) for f in (False, True)]
+
+
+def test_test_time_augmentation_on_the_command_line_is_tagged_and_tiles_seamlessly(
+    random_bundle, tmp_path, dask_client
+):
+    from geoseg.provenance import item_path
+    from geoseg.stages.predict import probabilities_path
+
+    a, b, plain = tmp_path / "a.tif", tmp_path / "b.tif", tmp_path / "plain.tif"
+    kw = {"window": 64, "probabilities": True, "client": dask_client}
+    ra = predict_scene(random_bundle, SCENE, a, block=96, tta="d4", **kw)
+    predict_scene(random_bundle, SCENE, b, block=1024, tta="d4", **kw)
+    predict_scene(random_bundle, SCENE, plain, block=1024, **kw)
+    with rasterio.open(a) as ra_, rasterio.open(b) as rb, rasterio.open(plain) as rp:
+        assert ra_.tags()["GEOSEG_TTA"] == "d4" and rp.tags()["GEOSEG_TTA"] == "none"
+        np.testing.assert_array_equal(ra_.read(1), rb.read(1))  # blocks change nothing
+    pa, pb, pp = (_read(probabilities_path(p)) for p in (a, b, plain))
+    np.testing.assert_array_equal(pa, pb)
+    assert np.abs(pa.astype(int) - pp).max() > 2  # and they are not the plain probabilities
+    assert '"tta": "d4"' in item_path(a).read_text().replace("'", '"')
+    assert ra.windows_run > 0
+    with pytest.raises(Exception, match="tta"):
+        predict_scene(random_bundle, SCENE, tmp_path / "x.tif", tta="d8", client=dask_client)

@@ -41,6 +41,11 @@ COMPOSITES = ("mean", "max-confidence", "first", "last")
 """How scenes that overlap give one class per pixel: the mean of their class probabilities
 (over the scenes with valid data there), the scene most confident there, the first or the last
 scene (in the order given) with valid data there."""
+TTAS = ("none", "flips", "d4")
+"""Test-time augmentation: the model runs on each window as it is (``none``); also flipped
+left-right, turned 180 degrees and flipped top-bottom (``flips``: 4 passes); or under all 8
+flips and quarter turns of the square (``d4``). The class probabilities of the passes, turned
+back, are averaged."""
 _BUNDLES: dict[tuple[str, float, str], Bundle] = {}
 
 
@@ -144,6 +149,7 @@ def predict_windows(
     grid: WindowGrid | None = None,
     probabilities: bool = False,
     raw: bool = False,
+    tta: str = "none",
 ) -> WindowsPrediction:
     """Run the model over ``windows`` (in scene pixels) of the array ``x``, whose top-left pixel
     is ``origin`` (row, col), and blend them. Windows with no valid pixel are skipped.
@@ -152,7 +158,7 @@ def predict_windows(
     argmax of its logits there, and probabilities are computed only if asked for. Otherwise the
     windows' softmax probabilities are summed with the blend's weights and normalised; with
     ``raw`` the weighted sums and the summed weights are returned as they are, for adding to
-    other blocks' sums (no index then).
+    other blocks' sums (no index then). ``tta``: see :data:`TTAS`.
     """
     k = len(bundle.classes)
     shape = x.shape[1:]
@@ -180,7 +186,7 @@ def predict_windows(
     with torch.inference_mode():
         for batch in _batches(todo, batch_size):
             xb = np.stack([x[:, r : r + size, c : c + size] for _, (r, c) in batch])
-            logits = _forward(bundle, xb, device, precision)
+            logits = _forward(bundle, xb, device, precision, tta)
             for lg, (win, (r, c)) in zip(logits, batch):
                 if trim:
                     (pr0, pr1), (pc0, pc1) = spans(grid.plateau(win))  # type: ignore[union-attr]
@@ -205,14 +211,35 @@ def predict_windows(
     return WindowsPrediction(index, acc if probabilities else None, len(todo))
 
 
-def _forward(bundle: Bundle, xb: np.ndarray, device: str, precision: str) -> torch.Tensor:
+def _forward(
+    bundle: Bundle, xb: np.ndarray, device: str, precision: str, tta: str = "none"
+) -> torch.Tensor:
     """The model's logits (float32) for a batch of normalised windows, channels-last, under
-    autocast at ``precision``."""
+    autocast at ``precision``. With test-time augmentation (:data:`TTAS`), the log of the
+    passes' mean class probabilities: their softmax is that mean, their argmax its class."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     t = torch.from_numpy(xb).to(device).contiguous(memory_format=torch.channels_last)
     with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
-        logits = bundle.model(t)
-    return logits.float()
+        if tta == "none":
+            return bundle.model(t).float()
+        mean = None
+        turns = _tta_turns(tta)
+        for quarter, flip in turns:
+            v = torch.rot90(t.flip(-1) if flip else t, quarter, dims=(-2, -1))
+            p = bundle.model(v.contiguous(memory_format=torch.channels_last)).float().softmax(1)
+            p = torch.rot90(p, -quarter, dims=(-2, -1))
+            p = p.flip(-1) if flip else p
+            mean = p if mean is None else mean + p
+    assert mean is not None
+    return torch.log((mean / len(turns)).clamp_min(1e-30))
+
+
+def _tta_turns(tta: str) -> list[tuple[int, bool]]:
+    """The passes of a test-time augmentation: (quarter turns, flipped left-right first)."""
+    check_choice("tta", tta, TTAS)
+    if tta == "flips":  # as is, left-right, 180 degrees, top-bottom
+        return [(0, False), (0, True), (2, False), (2, True)]
+    return [(q, f) for q in range(4) for f in (False, True)] if tta == "d4" else [(0, False)]
 
 
 def _device_name(device: str) -> str:
@@ -433,6 +460,7 @@ def predict_block(
     device: str = "auto",
     precision: str = "auto",
     probabilities: bool = False,
+    tta: str = "none",
 ) -> BlockResult:
     """Predict the class map of one block's core and write it to ``job.parts`` (a Dask task);
     with ``probabilities``, also each class's probability scaled to 0-254 (255: nodata).
@@ -452,6 +480,7 @@ def predict_block(
         "device": dev,
         "precision": prec,
         "grid": grid,
+        "tta": tta,
     }
     halo = grid.halo_window(core)
     rows, cols = _slices(core, halo)
@@ -494,11 +523,17 @@ def composite_block(job: CompositeJob) -> BlockResult:
     shape = (int(core.height), int(core.width))
     n = len(job.class_ids)
     classes = np.full(shape, NODATA, np.uint8)
-    chosen = np.full((n, *shape), NODATA, np.uint8)  # the probabilities of the chosen scene
-    sums = np.zeros((n, *shape), np.float32) if job.composite == "mean" else None
+    # the probabilities of the chosen scene, where they are written
+    chosen = np.full((n, *shape), NODATA, np.uint8) if job.probabilities else None
+    # the mean's sums of the parts' 0-254 steps, in integers (no rounding on the way)
+    wide = np.uint16 if len(job.sources) <= 257 else np.uint32
+    sums = np.zeros((n, *shape), wide) if job.composite == "mean" else None
     count = np.zeros(shape, np.uint16)  # the scenes that voted
     best = np.full(shape, -1, np.int16)  # max-confidence: the winner's confidence
     have_probs = True
+    # class-by-pixel arrays are masked by multiplying (a part's probabilities times 0 or 1):
+    # boolean indexing and ``where=`` were 10-20x slower, and made compositing a third of a
+    # mosaic's extra time over one scene
     for src in job.sources:
         cls, prob = _scene_parts(src, core, n)
         have_probs &= prob is not None
@@ -507,26 +542,42 @@ def composite_block(job: CompositeJob) -> BlockResult:
             assert prob is not None
             conf = prob.max(axis=0).astype(np.int16)
             take = ok & (conf > best)
-            best[take] = conf[take]
+            np.copyto(best, conf, where=take)
         elif job.composite == "first":
             take = ok & (count == 0)
         else:
             take = ok
-        classes[take] = cls[take]
-        if prob is not None:
-            chosen[:, take] = prob[:, take]
+        np.copyto(classes, cls, where=take)
+        if chosen is not None and prob is not None:
+            chosen *= ~take
+            chosen += prob * take
         if sums is not None and prob is not None:
-            sums[:, ok] += prob[:, ok]
-        count[ok] += 1
-    probs = chosen if job.probabilities and have_probs and job.sources else None
-    if sums is not None:
+            sums += prob * ok
+        count += ok
+    probs = chosen if have_probs and job.sources else None
+    if sums is not None and job.sources:
         several = count > 1
-        mean = sums[:, several] / count[several]
-        classes[several] = np.asarray(job.class_ids, np.uint8)[np.argmax(mean, axis=0)]
-        if probs is not None:
-            probs[:, several] = np.rint(mean).astype(np.uint8)
+        if several.any():
+            # the class of the mean is the class of the sum: the count is the same for each
+            ids = np.asarray(job.class_ids, np.uint8)
+            np.copyto(classes, ids[_argmax_first_axis(sums)], where=several)
+            if probs is not None:
+                mean = np.true_divide(sums, np.maximum(count, 1), dtype=np.float32)
+                np.copyto(probs, np.rint(mean, out=mean).astype(np.uint8), where=several[None])
     path = _write_parts(Path(job.parts), core, job.target, classes, probs)
     return BlockResult(core, path, 0, 0, time.perf_counter() - t0)
+
+
+def _argmax_first_axis(a: np.ndarray) -> np.ndarray:
+    """``np.argmax(a, axis=0)`` (the first of equal maxima), one band at a time: 2.3x faster
+    than numpy's strided argmax for 7 classes of a 2048 px block."""
+    top = a[0].copy()
+    index = np.zeros(a.shape[1:], np.intp)
+    for k in range(1, a.shape[0]):
+        higher = a[k] > top
+        index[higher] = k
+        np.maximum(top, a[k], out=top)
+    return index
 
 
 def _scene_parts(
@@ -587,6 +638,7 @@ def accumulate_block(
     blend: str = "gaussian",
     device: str = "auto",
     precision: str = "auto",
+    tta: str = "none",
 ) -> Accumulated:
     """Run the windows this block owns (:meth:`WindowGrid.owned_windows`), sum their weighted
     probabilities, and cut the sums up by the ``targets`` (cores, this block's among them) they
@@ -611,6 +663,7 @@ def accumulate_block(
         device=dev,
         precision=prec,
         raw=True,
+        tta=tta,
     )
     pieces = {}
     if pred.windows_run:
