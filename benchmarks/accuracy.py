@@ -1,14 +1,15 @@
 """Accuracy on the NC scene with the demo's split: a U-Net trained by geoseg against a
 scikit-learn random forest on the same bands and the same training pixels.
 
-    python benchmarks/accuracy.py [--epochs 40] [--workers 2]
+    python benchmarks/accuracy.py [--epochs 40] [--workers 2] [--tta none flips d4]
 
 Training pixels: every labelled, valid pixel inside the western 60 % (``nc_train_west60.gpkg``);
 the U-Net draws its windows there (``--within``), the forest is fitted on those pixels' six band
 values. Test pixels: every labelled, valid pixel inside the eastern 40 % (``nc_holdout_east40``),
 never seen by either. Both are scored by the same confusion-matrix code
-(:func:`geoseg.stages.evaluate.scores`). Prints per-class IoU and mIoU for both and appends them to
-benchmarks/results/accuracy.json.
+(:func:`geoseg.scoring.scores`). The U-Net's map is predicted once per ``--tta`` (test-time
+augmentation) with the same bundle: each is a row, with its prediction time. Prints per-class IoU
+and mIoU for every row and appends them to benchmarks/results/accuracy.json.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--trees", type=int, default=200)
+    ap.add_argument("--tta", nargs="+", default=["none"], choices=["none", "flips", "d4"])
     args = ap.parse_args()
 
     with rasterio.open(SCENE) as src:
@@ -87,17 +89,21 @@ def main() -> None:
         }
         train(SCENE, LABELS, bundle, within=WEST, workers=args.workers, **settings)
         t_unet = time.perf_counter() - t
-        predict_scene(bundle, SCENE, classes, workers=args.workers, overwrite=True)
+        maps, t_predict = {}, {}
+        for tta in args.tta:
+            t = time.perf_counter()
+            predict_scene(bundle, SCENE, classes, workers=args.workers, tta=tta, overwrite=True)
+            t_predict[tta] = time.perf_counter() - t
+            with rasterio.open(classes) as src:
+                maps[tta] = src.read(1)
         class_list = load_bundle(bundle).classes
-        with rasterio.open(classes) as src:
-            unet_map = src.read(1)
     ids = np.array([c.id for c in class_list])
     index = np.full(256, -1)
     index[ids] = np.arange(len(ids))
     k = len(ids)
     truth = index[codes[test_px]]
-    unet_pred = index[unet_map[test_px]]
-    assert (truth >= 0).all() and (unet_pred >= 0).all()
+    preds = {f"unet tta {tta}": index[m[test_px]] for tta, m in maps.items()}
+    assert (truth >= 0).all() and all((p >= 0).all() for p in preds.values())
 
     t = time.perf_counter()
     forest = RandomForestClassifier(n_estimators=args.trees, n_jobs=-1, random_state=0)
@@ -105,26 +111,28 @@ def main() -> None:
     rf_pred = forest.predict(bands[:, test_px].T)
     t_rf = time.perf_counter() - t
 
-    result = {
+    result: dict = {
         "train_pixels": int(train_px.sum()),
         "test_pixels": int(test_px.sum()),
-        "unet": {**settings, "seconds": round(t_unet, 1)},
+        "unet": {**settings, "train_seconds": round(t_unet, 1)},
         "random_forest": {"trees": args.trees, "seconds": round(t_rf, 1)},
     }
-    for name, pred in (("unet", unet_pred), ("random_forest", rf_pred)):
+    for tta, secs in t_predict.items():
+        result[f"unet tta {tta}"] = {"tta": tta, "predict_seconds": round(secs, 1)}
+    rows = [*preds, "random_forest"]
+    for name, pred in (*preds.items(), ("random_forest", rf_pred)):
         sc = scores(confusion(truth, pred, k), class_list)
-        result[name].update(
-            miou=sc.miou,
-            accuracy=sc.overall_accuracy,
-            iou=sc.iou_by_name(),
-        )
+        result[name].update(miou=sc.miou, accuracy=sc.overall_accuracy, iou=sc.iou_by_name())
     print(f"train pixels {result['train_pixels']}, test pixels {result['test_pixels']}")
-    print(f"{'class':>12} {'U-Net':>8} {'forest':>8}")
+    print(
+        f"U-Net training {t_unet:.1f} s; "
+        + ", ".join(f"predict tta {t}: {v:.1f} s" for t, v in t_predict.items())
+    )
+    print(f"{'class':>12} " + " ".join(f"{r:>16}" for r in rows))
     for c in class_list:
-        u, f = (result[m]["iou"][c.name] for m in ("unet", "random_forest"))
-        print(f"{c.name:>12} {_num(u):8.3f} {_num(f):8.3f}")
-    for key in ("miou", "accuracy", "seconds"):
-        print(f"{key:>12} {result['unet'][key]:8.3f} {result['random_forest'][key]:8.3f}")
+        print(f"{c.name:>12} " + " ".join(f"{_num(result[r]['iou'][c.name]):16.3f}" for r in rows))
+    for key in ("miou", "accuracy"):
+        print(f"{key:>12} " + " ".join(f"{result[r][key]:16.3f}" for r in rows))
     append_result("accuracy", result)
 
 

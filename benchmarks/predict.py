@@ -2,9 +2,13 @@
 workers, and MONAI's sliding_window_inference, on scenes made by tiling the NC Landsat 7 scene.
 
     python benchmarks/predict.py --sizes 2048 [8192 16384] [--window 512 --batch N --base-width 32]
+        [--blend gaussian] [--predict-window auto]
 
 Same model (the default U-Net, 6 bands, 7 classes, random weights: speed does not depend on
-training), window and batch size in every row. Peak memory is the sum of resident memory over this
+training) in every row. geoseg predicts at ``--predict-window`` (default: a fixed 512 px, as in the
+rows recorded before window auto; ``auto`` is what users get) and ``--blend`` (default: the
+bundle's, trim for the U-Net); the model alone runs the window and batch that geoseg ran, as many
+windows as it ran. Peak memory is the sum of resident memory over this
 process and all its children (Dask workers), sampled every 50 ms. Prints a table and appends it to
 benchmarks/results/predict.json. Needs `pip install monai psutil` for row (c).
 
@@ -33,7 +37,7 @@ from geoseg.classes import ClassInfo
 from geoseg.cluster import WORKER_MALLOC_ENV
 from geoseg.models import create_model, receptive_field
 from geoseg.pipeline import demo_workflow
-from geoseg.stages.predict import default_overlap, predict_scene
+from geoseg.stages.predict import predict_scene
 from geoseg.tasks.predict import default_batch_size
 from tests.clusters import loopback_cluster
 
@@ -121,7 +125,9 @@ def monai_run(bundle: Path, scene: Path, out: Path, window: int, batch: int) -> 
     return time.perf_counter() - t
 
 
-def warm_calls(bundle: Path, scene: Path, out: Path, batch: int, calls: int = 3) -> list[float]:
+def warm_calls(
+    bundle: Path, scene: Path, out: Path, window: int | str, fixed: dict, calls: int = 3
+) -> list[float]:
     """Wall times of ``calls`` predictions in a row against an already running cluster of 2
     ``dask worker`` processes (one thread each, half the cores for torch, geoseg's allocator
     settings): what a user with a cluster up pays per scene, without starting one."""
@@ -130,7 +136,9 @@ def warm_calls(bundle: Path, scene: Path, out: Path, batch: int, calls: int = 3)
     with loopback_cluster(2, env=env) as (address, _):
         for _ in range(calls):
             t = time.perf_counter()
-            predict_scene(bundle, scene, out, batch_size=batch, scheduler=address, overwrite=True)
+            predict_scene(
+                bundle, scene, out, window=window, scheduler=address, overwrite=True, **fixed
+            )
             walls.append(time.perf_counter() - t)
     return walls
 
@@ -144,6 +152,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, help="default: geoseg's default on a CPU")
     ap.add_argument("--base-width", type=int, default=32, help="the U-Net's first width")
     ap.add_argument("--no-monai", action="store_true")
+    ap.add_argument("--blend", default=None, help="geoseg's --blend (default: the bundle's)")
+    ap.add_argument(
+        "--predict-window", default=None, help="geoseg's --window (default: --window; or auto)"
+    )
     ap.add_argument(
         "--warm-up-to",
         type=int,
@@ -152,18 +164,25 @@ def main() -> None:
     )
     args = ap.parse_args()
     args.batch = args.batch or default_batch_size("cpu", args.window)
+    predict_window: int | str = (
+        "auto" if args.predict_window == "auto" else int(args.predict_window or args.window)
+    )
+    fixed = {"batch_size": args.batch} if predict_window != "auto" else {}
+    if args.blend:
+        fixed["blend"] = args.blend
     torch.set_num_threads(psutil.cpu_count())
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         bundle = make_bundle(d / "unet.bundle", args.window, args.base_width)
-        overlap = default_overlap(load_bundle(bundle), args.window)
         for size in args.sizes:
             scene = d / f"scene_{size}.tif"
             make_scene(scene, size)
             mpx = size * size / 1e6
             runs = {}
-            limits = []  # the limit is taken after each geoseg run: the machine drifts
+            # the limit is taken after each geoseg run, on the windows that run ran (window auto
+            # may choose another window for 1 worker than for 2); the machine drifts
+            limits = {}
             for workers in (1, 2):
                 gc.collect()
                 with PeakMemory() as mem:
@@ -172,36 +191,40 @@ def main() -> None:
                         bundle,
                         scene,
                         d / f"c{workers}.tif",
-                        batch_size=args.batch,
+                        window=predict_window,
                         workers=workers,
+                        **fixed,
                         overwrite=True,
                     )
                     wall = time.perf_counter() - t
                 runs[workers] = (r, wall, mem.peak)
-                windows = runs[1][0].windows_run
-                limits.append(model_alone(bundle, windows, args.window, args.batch, bf16=True))
-            limit = sum(limits) / len(limits)
+                limits[workers] = model_alone(
+                    bundle, r.windows_run, r.window, r.batch_size, bf16=True
+                )
+            r = runs[2][0]
             # fp32 only sets the scale of MONAI's row: a rate from at most 64 windows
-            fp32_windows = min(windows, 64)
-            limit_fp32 = model_alone(bundle, fp32_windows, args.window, args.batch, bf16=False)
-            win_mpx = windows * args.window**2 / 1e6
+            fp32_windows = min(r.windows_run, 64)
+            limit_fp32 = model_alone(bundle, fp32_windows, r.window, r.batch_size, bf16=False)
             row = {
                 "size": size,
-                "window": args.window,
-                "overlap": overlap,
-                "batch": args.batch,
+                "window_asked": predict_window,
+                "blend": args.blend or "the bundle's",
                 "base_width": args.base_width,
-                "windows": windows,
-                "model_alone_bf16_window_mpx_s": round(win_mpx / limit, 3),
-                "model_alone_bf16_after_each_run_mpx_s": [round(win_mpx / t, 3) for t in limits],
                 "model_alone_fp32_window_mpx_s": round(
-                    fp32_windows * args.window**2 / 1e6 / limit_fp32, 3
+                    fp32_windows * r.window**2 / 1e6 / limit_fp32, 3
                 ),
             }
             for workers, (r, wall, peak) in runs.items():
+                win_mpx = r.windows_run * r.window**2 / 1e6
+                row[f"geoseg_{workers}w_window"] = r.window
+                row[f"geoseg_{workers}w_batch"] = r.batch_size
+                row[f"geoseg_{workers}w_windows"] = r.windows_run
+                row[f"model_alone_{workers}w_bf16_window_mpx_s"] = round(
+                    win_mpx / limits[workers], 3
+                )
                 row[f"geoseg_{workers}w_scene_mpx_s"] = round(mpx / wall, 3)
                 row[f"geoseg_{workers}w_window_mpx_s"] = round(win_mpx / wall, 3)
-                row[f"geoseg_{workers}w_ratio_to_limit"] = round(limit / wall, 3)
+                row[f"geoseg_{workers}w_ratio_to_limit"] = round(limits[workers] / wall, 3)
                 row[f"geoseg_{workers}w_peak_gb"] = round(peak / 1e9, 2)
                 row[f"geoseg_{workers}w_writer_share"] = round(r.seconds["assemble"] / wall, 3)
                 row[f"geoseg_{workers}w_cluster_start_s"] = round(r.seconds["start"], 2)
@@ -210,9 +233,9 @@ def main() -> None:
                     r.seconds["tasks"] / workers / (r.seconds["blocks"] - r.seconds["start"]), 3
                 )
             if size <= args.warm_up_to:
-                walls = warm_calls(bundle, scene, d / "warm.tif", args.batch)
+                walls = warm_calls(bundle, scene, d / "warm.tif", predict_window, fixed)
                 row["geoseg_2w_running_cluster_calls_s"] = [round(w, 2) for w in walls]
-                row["geoseg_2w_running_cluster_ratio_to_limit"] = round(limit / walls[-1], 3)
+                row["geoseg_2w_running_cluster_ratio_to_limit"] = round(limits[2] / walls[-1], 3)
             if not args.no_monai:
                 gc.collect()
                 with PeakMemory() as mem:
