@@ -22,6 +22,7 @@ from rasterio.crs import CRS
 from torch import nn
 
 from geoseg.classes import ClassInfo
+from geoseg.derive import Derived, positions
 from geoseg.errors import BandMismatchError, BundleError
 from geoseg.io import SceneProfile, atomic_output, check_input, crs_equivalent, read_scene
 from geoseg.models import create_model
@@ -56,8 +57,16 @@ class Contract:
     # the smallest overlap at which tiles differ from the whole on < 0.05 % of pixels, measured
     # at training (geoseg.tuning.effective_overlap); None: not found, or an older bundle
     effective_overlap: int | None = None
+    # derived bands (geoseg.derive), computed from ``bands`` and fed to the model after them;
+    # ``mean`` and ``std`` cover them too
+    derived: list[dict[str, str]] = field(default_factory=list)
     geoseg_version: str = ""
     training: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def channels(self) -> int:
+        """The model's input channels: the bands read, then the derived bands."""
+        return len(self.bands) + len(self.derived)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -104,6 +113,12 @@ class Bundle:
     @property
     def band_names(self) -> list[str]:
         return [b.name for b in self.bands]
+
+    @property
+    def derived_pairs(self) -> tuple[tuple[int, int], ...]:
+        """Where each derived band's two bands are among the bands read."""
+        derived = [Derived(**d) for d in self.contract.derived]
+        return positions(derived, self.band_names, [b.index for b in self.bands])
 
     def indexes_in(self, profile: SceneProfile) -> list[int]:
         """The 1-based bands of ``profile`` this model reads, in its order: the bundle's band
@@ -284,7 +299,7 @@ def load_bundle(path: str | os.PathLike[str], *, device: str | torch.device = "c
         raise BundleError(f"bundle {p!r} is damaged: its content does not match its hash")
     contract = Contract.from_json(cj)
     model = create_model(
-        contract.arch, len(contract.bands), len(contract.classes), **contract.arch_args
+        contract.arch, contract.channels, len(contract.classes), **contract.arch_args
     )
     try:
         model.load_state_dict(state)

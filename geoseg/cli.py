@@ -274,6 +274,14 @@ Example:
     "found. Default: the band descriptions, a STAC item's asset keys, else 'band N'.",
 )
 @click.option(
+    "--derive",
+    multiple=True,
+    metavar="NAME=A,B",
+    help="A derived band the model reads after --bands: the normalised difference (A-B)/(A+B) "
+    "of two bands by name or number (ndvi=nir,red or ndvi=4,3); repeat for more. Recorded in "
+    "the bundle and computed on the workers, in training and prediction.",
+)
+@click.option(
     "--classes", "classes", help="YAML class list (id, name, color). Default: from the labels."
 )
 @click.option("--label-field", help="Column of vector labels that holds the class codes.")
@@ -345,6 +353,7 @@ def train(
     arch_args: tuple[str, ...],
     bands: str | None,
     band_names: str | None,
+    derive: tuple[str, ...],
     ignore: str | None,
     no_balance: bool,
     verbose: int,
@@ -373,6 +382,7 @@ def train(
         arch_args=_kv(arch_args),
         bands=_ints(bands),
         band_names=[n.strip() for n in band_names.split(",")] if band_names else None,
+        derive=list(derive) or None,
         ignore=_ints(ignore) or (),
         balance=not no_balance,
         **kw,

@@ -222,3 +222,76 @@ def test_train_and_predict_accept_every_architecture(arch, tmp_path, dask_client
     predict_scene(bundle, SCENE, out, block=256, client=dask_client)
     with rasterio.open(out) as c:
         assert set(np.unique(c.read(1))) <= {1, 2, 3, 4, 5, 6, 7, 255}
+
+
+def test_derived_bands_travel_in_the_bundle_and_are_computed_on_the_workers(tmp_path, dask_client):
+    """train --derive ndvi=4,3: the bundle records NDVI by its bands' names, its statistics
+    are NDVI's over the training pixels (computed here with numpy), the model reads 7 channels,
+    and predicting needs only the scene's 6 bands."""
+    from rasterio.features import rasterize
+
+    from geoseg.stages.predict import predict_scene
+    from geoseg.tasks.predict import normalize
+
+    out = tmp_path / "ndvi.bundle"
+    train(
+        SCENE, LABELS, out, within=WEST, derive="ndvi=4,3", client=dask_client,
+        arch_args={"depth": 2, "base_width": 4}, epochs=1, samples_per_epoch=32,
+    )  # fmt: skip
+    b = load_bundle(out)
+    names = [x.name for x in b.bands]
+    assert b.contract.derived == [{"name": "ndvi", "a": "4", "b": "3"}]
+    assert b.derived_pairs == ((3, 2),) and len(b.contract.mean) == 7
+    assert next(b.model.parameters()).shape[1] == 7  # the first convolution reads 7 channels
+    with rasterio.open(SCENE) as src:
+        data, profile = src.read().astype(np.float64), src.profile
+    west = gpd.read_file(WEST).to_crs(profile["crs"]).geometry
+    inside = rasterize(
+        ((g, 1) for g in west), out_shape=data.shape[1:], transform=profile["transform"]
+    )
+    valid = np.all(data != 0, axis=0) & inside.astype(bool)
+    nir, red = data[3][valid], data[2][valid]
+    ndvi = (nir - red) / (nir + red)
+    assert b.contract.mean[6] == pytest.approx(ndvi.mean(), rel=1e-6)
+    assert b.contract.std[6] == pytest.approx(ndvi.std(), rel=1e-5)
+    # the worker's input: NDVI as the 7th band, scaled with the bundle's statistics
+    cut = (slice(None), slice(200, 220), slice(200, 220))
+    block, ok = data[cut], np.all(data[cut] != 0, axis=0)
+    assert ok.all()
+    x = normalize(block.astype(np.float32), ok, b)
+    nd = (block[3] - block[2]) / (block[3] + block[2])
+    expected = (nd - b.contract.mean[6]) / b.contract.std[6]
+    np.testing.assert_allclose(x[6], expected, rtol=1e-4, atol=1e-4)
+    r = predict_scene(out, SCENE, tmp_path / "c.tif", window=64, client=dask_client)
+    assert r.valid_pixels > 0
+    # by name: a bundle whose bands are named finds them by name
+    named = tmp_path / "named.bundle"
+    train(
+        SCENE, LABELS, named, within=WEST, band_names=list("bgrnms"), derive=["ndvi=n,r"],
+        client=dask_client, arch_args={"depth": 2, "base_width": 4}, epochs=1,
+        samples_per_epoch=32,
+    )  # fmt: skip
+    assert load_bundle(named).derived_pairs == ((3, 2),) and names[3] != "n"
+
+
+@pytest.mark.parametrize(
+    "derive, message",
+    [
+        ("ndvi", "NAME=A,B"),
+        ("ndvi=4", "NAME=A,B"),
+        ("ndvi=4,4", "two different bands"),
+        (["a=4,3", "a=5,3"], "names a band twice"),
+        ("ndvi=nir,red", "needs band 'nir', and the bands read are 1 (lsat7"),
+        ("ndvi=9,3", "needs band '9'"),
+    ],
+)
+def test_bad_derived_bands_are_refused_before_any_work(tmp_path, derive, message, monkeypatch):
+    import geoseg.stages.train as stage
+
+    def no_cluster(*a, **k):
+        raise AssertionError("a cluster was started")
+
+    monkeypatch.setattr(stage, "session", no_cluster)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        train(SCENE, LABELS, tmp_path / "x.bundle", derive=derive)
+    assert not list(tmp_path.iterdir())

@@ -19,7 +19,7 @@ import os
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -34,6 +34,7 @@ from geoseg.bundle import BandInfo, Contract, save_bundle
 from geoseg.catalog import expand_scenes, open_scene
 from geoseg.classes import ClassInfo
 from geoseg.cluster import run_tasks, scheduler_address, session, task_resources, workers_info
+from geoseg.derive import add_derived, parse_derived, positions
 from geoseg.errors import (
     AsCaller,
     BandMismatchError,
@@ -104,6 +105,7 @@ def _measure_overlap(
     nodata: float | None,
     window: int,
     rf: int | None,
+    derived: tuple[tuple[int, int], ...] = (),
 ) -> OverlapMeasure:
     """The trained model's effective overlap (:func:`geoseg.tuning.effective_overlap`) on a
     crop of :data:`MEASURE_SIDE` px around the first validation block (held-out pixels), or
@@ -119,7 +121,7 @@ def _measure_overlap(
     r0 = min(max(0, mid_r - side // 2), p.height - side)
     c0 = min(max(0, mid_c - side // 2), p.width - side)
     data, valid = read_scene(p, Window(c0, r0, side, side), bands, nodata)
-    image = standardize(data, valid, stats[0], stats[1])
+    image = standardize(add_derived(data, valid, derived), valid, stats[0], stats[1])
 
     def classes_of(batch: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
@@ -361,6 +363,7 @@ class TrainConfig:
     ignore: Sequence[int] = ()
     bands: Sequence[int] | None = None
     band_names: Sequence[str] | None = None
+    derive: str | Sequence[str] | None = None
     arch: str = "unet"
     arch_args: dict[str, Any] | None = None
     window: int = 64
@@ -402,6 +405,7 @@ class TrainConfig:
                 f"{option('--val-fraction', None)} must lie between 0 and 1, got {self.val_fraction}"
             )
         make_loss(self.loss)  # the names, before any work
+        parse_derived(self.derive)
 
 
 _D = TrainConfig  # the defaults of train()'s keywords: one place
@@ -425,10 +429,12 @@ def plan_training(
     band_list: Sequence[int],
     config: TrainConfig,
     classes: Sequence[ClassInfo] | None = None,
+    derived: tuple[tuple[int, int], ...] = (),
 ) -> TrainingPlan:
     """Gather statistics over every block of every scene on the cluster, split off the
     validation pixels and describe the epochs (``config``'s paths resolved; ``classes``: the
-    class list, default from the labels)."""
+    class list, default from the labels; ``derived``: where each derived band's two bands are
+    among ``band_list``, :func:`geoseg.derive.positions`)."""
     c = config
     area = None if c.within is None else str(c.within)
     region = None if c.val_region is None else str(c.val_region)
@@ -452,6 +458,7 @@ def plan_training(
         nodata,
         region,
         window,
+        derived,
     )
     val_cells: list[set[tuple[int, int]]] = [set() for _ in profiles]
     if val_fraction is not None:
@@ -512,6 +519,7 @@ def plan_training(
             SampleSpec(
                 scene=profile,
                 bands=tuple(band_list),
+                derived=derived,
                 labels=spec,
                 class_ids=tuple(c.id for c in class_list),
                 mean=tuple(mean),
@@ -556,6 +564,7 @@ def train(
     ignore: Sequence[int] = _D.ignore,
     bands: Sequence[int] | None = _D.bands,
     band_names: Sequence[str] | None = _D.band_names,
+    derive: str | Sequence[str] | None = _D.derive,
     arch: str = _D.arch,
     arch_args: dict[str, Any] | None = _D.arch_args,
     window: int = _D.window,
@@ -603,6 +612,11 @@ def train(
         The names the bundle records for those bands, by which a STAC item's assets are found
         when predicting; default: the scene's band descriptions, a STAC item's asset keys, else
         ``band N``.
+    derive
+        Derived bands the model reads after ``bands``: normalised differences ``NAME=A,B``,
+        ``(A - B) / (A + B)`` of two bands by name or number (``ndvi=nir,red``; several as a
+        list or joined by ``;``). Recorded in the bundle and computed on the workers, in
+        training and in prediction (:mod:`geoseg.derive`).
     window, predict_window
         Training window, and the default window stored for prediction.
     batch_size
@@ -705,14 +719,21 @@ def train(
                 f"window {window} px is larger than the training area of {p.path!r} "
                 f"({b.width} x {b.height} px); pass a smaller {option('--window', None)}"
             )
+    descriptions = profiles[0].descriptions
+    names = list(band_names or [descriptions[i - 1] or f"band {i}" for i in band_list])
+    derived = parse_derived(derive)
+    derived_at = positions(derived, names, band_list)
+    channels = len(band_list) + len(derived)
     arch_args = dict(arch_args or {})
-    create_model(arch, len(band_list), 2, **arch_args)  # validate architecture arguments early
+    create_model(arch, channels, 2, **arch_args)  # validate architecture arguments early
     with folders_for(out):
         with session(workers, scheduler, client=client, gpu=device != "cpu") as client:
             resolved = replace(
                 config, within=area, val_region=region, augment=augment, arch_args=arch_args
             )
-            plan = plan_training(client, profiles, label_specs, band_list, resolved, class_list)
+            plan = plan_training(
+                client, profiles, label_specs, band_list, resolved, class_list, derived=derived_at
+            )
             cfg, class_list, total, worker_list = plan.cfg, plan.classes, plan.stats, plan.workers
             world = len(worker_list)
             labelled = sum(total.codes.values())
@@ -805,23 +826,30 @@ def train(
                 ) from None
 
         assert best is not None
-        model = create_model(arch, len(band_list), len(class_list), **arch_args)
+        model = create_model(arch, channels, len(class_list), **arch_args)
         model.load_state_dict(best["model"])
         model.eval()
-        rf = receptive_field(model, len(band_list))
+        rf = receptive_field(model, channels)
         # enough overlap that every pixel is predicted with its whole receptive field in one window;
         # models that see the whole window (attention, image pooling) get a quarter of it
         overlap = predict_window // 4 if rf is None else min(rf + rf % 2, predict_window // 2)
         measured = _measure_overlap(
-            model, profiles, val_windows, band_list, (mean, std), nodata, predict_window, rf
+            model,
+            profiles,
+            val_windows,
+            band_list,
+            (mean, std),
+            nodata,
+            predict_window,
+            rf,
+            derived_at,
         )
-        descriptions = profiles[0].descriptions
-        names = list(band_names or [descriptions[i - 1] or f"band {i}" for i in band_list])
         best_row = next(h for h in history if h["epoch"] == best["epoch"])
         contract = Contract(
             arch=arch,
             arch_args=arch_args,
             bands=[BandInfo(i, n) for i, n in zip(band_list, names)],
+            derived=[asdict(d) for d in derived],
             mean=mean,
             std=std,
             classes=list(class_list),

@@ -29,6 +29,7 @@ from rasterio.windows import intersection as window_intersection
 from geoseg.blending import window_weights
 from geoseg.bundle import Bundle, load_bundle
 from geoseg.classes import NODATA
+from geoseg.derive import add_derived
 from geoseg.errors import ConfigError, check_choice, option
 from geoseg.io import Grid, SceneProfile, read_scene, standardize
 from geoseg.tasks import torch_threads
@@ -98,7 +99,9 @@ def cached_bundle(path: str, device: str) -> Bundle:
 
 
 def normalize(data: np.ndarray, valid: np.ndarray, bundle: Bundle) -> np.ndarray:
-    """Scale bands with the bundle's statistics; invalid pixels become 0 (the mean)."""
+    """The bundle's derived bands added (:mod:`geoseg.derive`), then every band scaled with
+    the bundle's statistics; invalid pixels become 0 (the mean)."""
+    data = add_derived(data, valid, bundle.derived_pairs)
     return standardize(data, valid, bundle.contract.mean, bundle.contract.std)
 
 
@@ -170,6 +173,7 @@ def predict_windows(
     wsum = None if trim else np.zeros(shape, dtype=np.float32)
     size = int(windows[0].height) if windows else 0
     fixed = None if trim or not windows else window_weights(size, blend)
+    weights_t: torch.Tensor | None = None  # ``fixed`` on the model's device
     # (window, its top-left in x) for the windows holding any valid pixel where their output
     # is used: with trim blending only on the plateau (a window whose plateau is all nodata,
     # say a scene's edge seen only by a window's margin in a mosaic, would write nothing)
@@ -199,15 +203,22 @@ def predict_windows(
                         acc[:, rows, cols] = torch.softmax(part, 0).cpu().numpy()
                 else:
                     assert acc is not None and wsum is not None and fixed is not None
-                    p = torch.softmax(lg, 0).cpu().numpy()
-                    acc[:, r : r + size, c : c + size] += p * fixed
-                    wsum[r : r + size, c : c + size] += fixed
+                    if weights_t is None:
+                        weights_t = torch.from_numpy(fixed).to(lg.device)
+                    # weighted in place, added in place: no temporaries of the window's size
+                    p = torch.softmax(lg, 0).mul_(weights_t).cpu().numpy()
+                    into = acc[:, r : r + size, c : c + size]
+                    np.add(into, p, out=into)
+                    w_into = wsum[r : r + size, c : c + size]
+                    np.add(w_into, fixed, out=w_into)
     if raw:
         return WindowsPrediction(index, acc, len(todo), wsum)
     if wsum is not None and acc is not None:
         covered = wsum > 0
-        np.divide(acc, wsum, out=acc, where=covered)
-        index[covered] = np.argmax(acc[:, covered], axis=0)
+        # the class of the weighted mean is the class of the weighted sum
+        index = np.where(covered, _argmax_first_axis(acc), -1).astype(np.int16)
+        if probabilities:
+            np.divide(acc, np.where(covered, wsum, 1), out=acc)
     return WindowsPrediction(index, acc if probabilities else None, len(todo))
 
 
@@ -279,7 +290,7 @@ def window_rates(
     if not todo:
         return [r for r in have if r.window in sizes and r.px_per_s > 0]
     rng = np.random.default_rng(0)
-    bands = len(bundle.contract.bands)
+    bands = bundle.contract.channels
     new: list[Rate] = []
     t_start = time.perf_counter()
     overlaps = dict(windows)
@@ -718,8 +729,9 @@ def finish_block(
         sums[:, rows, cols] += p.sums
         weights[rows, cols] += p.weights
     covered = weights > 0
-    np.divide(sums, weights, out=sums, where=covered)
-    index = np.argmax(sums, axis=0)
+    index = _argmax_first_axis(sums)  # the class of the weighted mean: of the weighted sum
+    if probabilities:
+        np.divide(sums, np.where(covered, weights, 1), out=sums)
     _, valid = _read_block(job, core, bundle)
     path = _write_block(job, bundle, valid & covered, index, sums if probabilities else None)
     return BlockResult(core, path, 0, 0, time.perf_counter() - t0)

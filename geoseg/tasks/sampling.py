@@ -17,6 +17,7 @@ from rasterio.windows import Window
 
 from geoseg.augment import build_augmenter
 from geoseg.classes import NODATA
+from geoseg.derive import add_derived
 from geoseg.errors import LabelError, option
 from geoseg.io import (
     SceneProfile,
@@ -116,15 +117,23 @@ def _counts(codes: np.ndarray) -> dict[int, int]:
 
 
 def _read(
-    src: Any, profile: SceneProfile, window: Window, bands: Sequence[int], nodata: float | None
+    src: Any,
+    profile: SceneProfile,
+    window: Window,
+    bands: Sequence[int],
+    nodata: float | None,
+    derived: Sequence[tuple[int, int]] = (),
 ) -> tuple[np.ndarray, np.ndarray]:
     """A window of a training scene: from the open file ``src``, or for a scene of several
-    files (band files, a STAC item) each band read onto the scene's grid."""
+    files (band files, a STAC item) each band read onto the scene's grid; then the derived
+    bands (:func:`geoseg.derive.add_derived`) after them."""
     from geoseg.io import read_scene, read_window
 
     if src is None:
-        return read_scene(profile, window, bands, nodata)
-    return read_window(src, window, bands, nodata)
+        data, valid = read_scene(profile, window, bands, nodata)
+    else:
+        data, valid = read_window(src, window, bands, nodata)
+    return add_derived(data, valid, derived), valid
 
 
 def block_stats(
@@ -136,13 +145,14 @@ def block_stats(
     nodata: float | None = None,
     val_region: str | None = None,
     train_window: int = 64,
+    derived: Sequence[tuple[int, int]] = (),
 ) -> BlockStats:
     """Statistics of one block (a Dask task); float64 sums so blocks add up exactly. Pixels
     inside ``val_region`` count as validation and give no anchors or cells."""
     profile = scene
     with contextlib.ExitStack() as stack:
         src = None if scene.sources else stack.enter_context(rasterio.open(scene.path))
-        data, valid = _read(src, scene, window, bands, nodata)
+        data, valid = _read(src, scene, window, bands, nodata, derived)
     valid &= area_mask(within, window, profile)
     d = data[:, valid].astype(np.float64)
     codes = read_codes(labels, window, profile)
@@ -165,7 +175,7 @@ def block_stats(
         np.column_stack([(rows + r0) // train_window, (cols + c0) // train_window]), axis=0
     )
     return BlockStats(
-        count=np.full(len(bands), d.shape[1], dtype=np.float64),
+        count=np.full(len(d), d.shape[1], dtype=np.float64),
         total=d.sum(axis=1),
         total_sq=(d * d).sum(axis=1),
         codes=_counts(codes[train]),
@@ -195,6 +205,7 @@ class SampleSpec:
     augment: str = "light"
     nodata: float | None = None
     val: ValSplit | None = None
+    derived: tuple[tuple[int, int], ...] = ()  # places of each derived band's two bands
 
 
 @dataclass(frozen=True)
@@ -247,7 +258,8 @@ class SceneReader:
     def read(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
         """``(image, mask)``: image ``(bands, h, w)`` float32 normalised (0 where invalid),
         mask ``(h, w)`` uint8 class indexes, NODATA where unlabelled or invalid."""
-        data, valid = _read(self.src, self.profile, window, self.spec.bands, self.spec.nodata)
+        spec = self.spec
+        data, valid = _read(self.src, self.profile, window, spec.bands, spec.nodata, spec.derived)
         codes = read_codes(self.spec.labels, window, self.profile, self.label_src)
         mask = np.where(codes >= 0, self.lut[np.clip(codes, 0, 255)], NODATA).astype(np.uint8)
         mask[~valid] = NODATA

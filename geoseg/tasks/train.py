@@ -131,7 +131,8 @@ def train_epoch(
     amp_dtype, scaled = _amp(device)
     with _process_group(rendezvous, rank, world, device):
         torch.manual_seed(cfg.seed * 1000 + epoch)  # the same initial weights on every rank
-        model = create_model(cfg.arch, len(cfg.specs[0].bands), cfg.num_classes, **cfg.arch_args)
+        channels = len(cfg.specs[0].bands) + len(cfg.specs[0].derived)
+        model = create_model(cfg.arch, channels, cfg.num_classes, **cfg.arch_args)
         model = model.to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
         if state is not None:
@@ -278,8 +279,9 @@ def stats_task(
     nodata: float | None,
     val_region: str | None,
     window: int,
+    derived: tuple[tuple[int, int], ...] = (),
 ) -> BlockStats:
     scene, block = item
     return block_stats(
-        block, scenes[scene], bands, specs[scene], within, nodata, val_region, window
+        block, scenes[scene], bands, specs[scene], within, nodata, val_region, window, derived
     )
