@@ -274,6 +274,13 @@ Example:
     "found. Default: the band descriptions, a STAC item's asset keys, else 'band N'.",
 )
 @click.option(
+    "--init-weights",
+    metavar="PATH",
+    help="A ResNet state dict in the torchvision/timm layout (ImageNet, SSL4EO-S12, ...) "
+    "loaded into DeepLabV3+'s backbone first (--arch deeplabv3plus --arch-arg "
+    "backbone=resnet50); the first convolution is adapted to the band count.",
+)
+@click.option(
     "--derive",
     multiple=True,
     metavar="NAME=A,B",

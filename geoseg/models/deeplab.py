@@ -12,6 +12,7 @@ from torch import nn
 
 from geoseg.errors import ConfigError
 from geoseg.models.common import conv_bn_relu, norm_layer, pad_to_multiple
+from geoseg.models.resnet import RESNETS, ResNetEncoder
 
 
 @dataclass
@@ -27,8 +28,16 @@ class DeepLabV3PlusConfig:
     low_level_width: int = 48
     decoder_width: int = 128
     norm: str = "batch"
+    # "native": the stem and stages above (base_width, blocks, norm); or a ResNet in the
+    # torchvision/timm layout ("resnet18", "resnet34", "resnet50", "resnet101"), whose
+    # published weights load by name (train --init-weights)
+    backbone: str = "native"
 
     def __post_init__(self) -> None:
+        if self.backbone != "native" and self.backbone not in RESNETS:
+            raise ConfigError(
+                f"backbone must be native or one of {', '.join(RESNETS)}, got {self.backbone!r}"
+            )
         if self.output_stride not in (8, 16):
             raise ConfigError(f"output_stride must be 8 or 16, got {self.output_stride}")
         if len(self.blocks) != 4:
@@ -90,6 +99,13 @@ class DeepLabV3Plus(nn.Module):
         self.stride = cfg.output_stride
         self.global_context = cfg.image_pooling
         w = cfg.base_width
+        scale = 16 // cfg.output_stride
+        rates = tuple(r * scale for r in cfg.aspp_rates)
+        self.backbone: ResNetEncoder | None = None
+        if cfg.backbone != "native":
+            self.backbone = ResNetEncoder(cfg.backbone, cfg.in_channels, cfg.output_stride)
+            self._head(cfg, self.backbone.out_channels, self.backbone.low_channels, rates)
+            return
         self.stem = nn.Sequential(
             conv_bn_relu(cfg.in_channels, w, stride=2, norm=cfg.norm),
             conv_bn_relu(w, w, norm=cfg.norm),
@@ -106,10 +122,13 @@ class DeepLabV3Plus(nn.Module):
             stages.append(nn.Sequential(*blocks))
             cin = cout
         self.stages = nn.ModuleList(stages)
-        scale = 16 // cfg.output_stride
-        rates = tuple(r * scale for r in cfg.aspp_rates)
-        self.aspp = ASPP(widths[3], cfg.aspp_width, rates, cfg.image_pooling, cfg.norm)
-        self.low = conv_bn_relu(widths[0], cfg.low_level_width, kernel=1, norm=cfg.norm)
+        self._head(cfg, widths[3], widths[0], rates)
+
+    def _head(self, cfg: DeepLabV3PlusConfig, deep: int, low: int, rates: tuple[int, ...]) -> None:
+        """ASPP over the backbone's last features (``deep`` channels), the decoder that joins
+        them with its stride-4 features (``low`` channels), and the classifier."""
+        self.aspp = ASPP(deep, cfg.aspp_width, rates, cfg.image_pooling, cfg.norm)
+        self.low = conv_bn_relu(low, cfg.low_level_width, kernel=1, norm=cfg.norm)
         self.decoder = nn.Sequential(
             conv_bn_relu(cfg.aspp_width + cfg.low_level_width, cfg.decoder_width, norm=cfg.norm),
             conv_bn_relu(cfg.decoder_width, cfg.decoder_width, norm=cfg.norm),
@@ -119,10 +138,13 @@ class DeepLabV3Plus(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
         x = pad_to_multiple(x, self.stride)
-        x = self.stem(x)
-        low = x = self.stages[0](x)  # stride 4
-        for stage in self.stages[1:]:
-            x = stage(x)  # ends at the output stride
+        if self.backbone is not None:
+            low, x = self.backbone(x)
+        else:
+            x = self.stem(x)
+            low = x = self.stages[0](x)  # stride 4
+            for stage in self.stages[1:]:
+                x = stage(x)  # ends at the output stride
         x = F.interpolate(self.aspp(x), size=low.shape[-2:], mode="bilinear", align_corners=False)
         x = self.decoder(torch.cat([x, self.low(low)], dim=1))
         x = F.interpolate(self.head(x), scale_factor=4, mode="bilinear", align_corners=False)

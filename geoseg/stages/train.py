@@ -133,6 +133,50 @@ def _measure_overlap(
     return effective_overlap(classes_of, image, window, step, exact)
 
 
+def _encoder_weights(
+    path: str, arch: str, channels: int, arch_args: dict[str, Any]
+) -> dict[str, torch.Tensor]:
+    """The backbone's weights after loading ``path`` into it (checked and adapted here, before
+    any work; :func:`geoseg.models.resnet.load_encoder_weights`), with a log line naming the
+    keys that did not load."""
+    from geoseg.models.resnet import load_encoder_weights
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a pickle with code in it, or not a torch file at all
+        raise ConfigError(
+            f"encoder weights {path!r} could not be read as a plain state dict ({exc}); save "
+            "them with torch.save(model.state_dict(), path)",
+            filename=path,
+        ) from None
+    if not isinstance(state, dict):
+        raise ConfigError(f"encoder weights {path!r} hold no state dict", filename=path)
+    model = create_model(arch, channels, 2, **arch_args)
+    missing, unexpected = load_encoder_weights(model, state, source=f"encoder weights {path!r}")
+    log.info(
+        "loaded encoder weights %s: %d backbone tensors%s%s",
+        path,
+        len(model.backbone.state_dict()) - len(missing),  # type: ignore[union-attr]
+        f"; not in the weights (trained from scratch): {', '.join(missing)}" if missing else "",
+        f"; in the weights but not the backbone (ignored): {', '.join(unexpected)}"
+        if unexpected
+        else "",
+    )
+    return dict(model.backbone.state_dict())  # type: ignore[union-attr]
+
+
+def _initial_state(
+    cfg: EpochConfig, num_classes: int, channels: int, encoder: dict[str, torch.Tensor]
+) -> dict[str, Any]:
+    """The first epoch's starting state: the model every rank would build (the same seed),
+    with the encoder weights in its backbone, and a fresh optimiser."""
+    torch.manual_seed(cfg.seed * 1000)  # as train_epoch seeds epoch 0
+    model = create_model(cfg.arch, channels, num_classes, **cfg.arch_args)
+    model.backbone.load_state_dict(encoder)  # type: ignore[union-attr]
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    return {"model": model.state_dict(), "optimizer": opt.state_dict()}
+
+
 def _class_weights(counts: dict[int, int], classes: Sequence[ClassInfo]) -> tuple[float, ...]:
     """Inverse square-root frequency, scaled to a median of 1 and clipped to [0.2, 5]."""
     freq = np.array([max(counts.get(c.id, 0), 1) for c in classes], dtype=np.float64)
@@ -383,6 +427,7 @@ class TrainConfig:
     nodata: float | None = None
     seed: int = 0
     device: str = "auto"
+    init_weights: str | os.PathLike[str] | None = None
 
     def __post_init__(self) -> None:
         check_range("--window", self.window, MIN_WINDOW)
@@ -584,6 +629,7 @@ def train(
     nodata: float | None = _D.nodata,
     seed: int = _D.seed,
     device: str = _D.device,
+    init_weights: str | os.PathLike[str] | None = _D.init_weights,
     resume: str | os.PathLike[str] | None = None,
     client: Any = None,
     workers: int | None = None,
@@ -640,6 +686,11 @@ def train(
         best validation mIoU; without, the last epoch.
     nodata
         The scenes' fill value, where they do not declare one; stored in the bundle.
+    init_weights
+        A ResNet state dict in the torchvision/timm layout (ImageNet, SSL4EO-S12 and other
+        published ResNets) loaded into DeepLabV3+'s backbone before the first epoch (with
+        ``arch_args={"backbone": "resnet50"}`` or the ResNet the weights are); the first
+        convolution is adapted to the band count, and the keys that did not load are logged.
     resume
         A checkpoint of an earlier run with the same settings: training continues after its
         last finished epoch.
@@ -669,7 +720,8 @@ def train(
     classes_file = resolve_path(classes) if isinstance(classes, (str, os.PathLike)) else None
     augment_file = None if augment in PRESETS else resolve_path(augment)
     files = [f for p in profiles for f in p.files]
-    inputs = [*files, *label_list, area, region, classes_file, augment_file]
+    weights_in = resolve_path(init_weights) if init_weights is not None else None
+    inputs = [*files, *label_list, area, region, classes_file, augment_file, weights_in]
     ckpt = _read_checkpoint(ckpt_in) if ckpt_in is not None else None
     out = check_output(output, overwrite, inputs=[*inputs, ckpt_in], what="bundle")
     ckpt_path = out.with_name(out.name + ".checkpoint")
@@ -726,6 +778,10 @@ def train(
     channels = len(band_list) + len(derived)
     arch_args = dict(arch_args or {})
     create_model(arch, channels, 2, **arch_args)  # validate architecture arguments early
+    encoder = None
+    if weights_in is not None:
+        check_input(weights_in, "encoder weights")
+        encoder = _encoder_weights(weights_in, arch, channels, arch_args)
     with folders_for(out):
         with session(workers, scheduler, client=client, gpu=device != "cpu") as client:
             resolved = replace(
@@ -744,6 +800,8 @@ def train(
             state: dict[str, Any] | None = None
             best: dict[str, Any] | None = None  # epoch, miou, model weights
             start = 0
+            if encoder is not None and ckpt is None:
+                state = _initial_state(cfg, len(class_list), channels, encoder)
             if ckpt is not None:
                 _check_checkpoint(ckpt, str(resume), meta)
                 state, history, best = ckpt["state"], ckpt["history"], ckpt["best"]
