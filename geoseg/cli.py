@@ -314,7 +314,12 @@ Example:
 @click.option(
     "--nodata", type=float, help="The scene's fill value, if the scene does not declare one."
 )
-@click.option("--window", default=64, show_default=True, help="Training window, px.")
+@click.option(
+    "--window",
+    default="auto",
+    show_default=True,
+    help="Training window, px; auto: 64, or less for a training area smaller than that.",
+)
 @click.option(
     "--predict-window",
     default=256,
@@ -361,6 +366,7 @@ def train(
     bands: str | None,
     band_names: str | None,
     derive: tuple[str, ...],
+    window: str,
     ignore: str | None,
     no_balance: bool,
     verbose: int,
@@ -390,6 +396,7 @@ def train(
         bands=_ints(bands),
         band_names=[n.strip() for n in band_names.split(",")] if band_names else None,
         derive=list(derive) or None,
+        window=_window(window),
         ignore=_ints(ignore) or (),
         balance=not no_balance,
         **kw,

@@ -295,3 +295,45 @@ def test_bad_derived_bands_are_refused_before_any_work(tmp_path, derive, message
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         train(SCENE, LABELS, tmp_path / "x.bundle", derive=derive)
     assert not list(tmp_path.iterdir())
+
+
+def test_a_scene_smaller_than_the_default_window_trains_and_predicts(tmp_path, dask_client):
+    """A 50 x 50 px crop in float reflectance (0-1) with 3 bands: the default window shrinks
+    to what the scene holds (48 px, a multiple of 16), and the map covers every pixel."""
+    from rasterio.windows import Window
+
+    from geoseg.stages.predict import predict_scene
+
+    paths = _float_crop(tmp_path, Window(200, 200, 50, 50), "")
+    out = tmp_path / "m.bundle"
+    train(paths["scene"], paths["labels"], out, epochs=1, samples_per_epoch=16, client=dask_client)
+    b = load_bundle(out)
+    assert b.contract.training["window"] == 48
+    assert 0 < b.contract.mean[0] < 1  # reflectance, normalised on its own scale
+    r = predict_scene(out, paths["scene"], tmp_path / "c.tif", client=dask_client)
+    assert r.valid_pixels == 50 * 50
+    with rasterio.open(tmp_path / "c.tif") as src:
+        assert set(np.unique(src.read(1))) <= {c.id for c in b.classes}
+    tiny = _float_crop(tmp_path, Window(200, 200, 7, 7), "tiny_")
+    with pytest.raises(ConfigError, match="smaller than the smallest window"):
+        train(tiny["scene"], tiny["labels"], tmp_path / "t.bundle", client=dask_client)
+
+
+def _float_crop(folder, crop, prefix: str) -> dict:
+    """The NC scene's bands 3-5 over ``crop`` as float reflectance (0-1), and its labels."""
+    paths = {}
+    for name, path in (("scene", SCENE), ("labels", LABELS)):
+        with rasterio.open(path) as src:
+            data = src.read(window=crop)
+            prof = {
+                **src.profile, "width": int(crop.width), "height": int(crop.height),
+                "transform": src.window_transform(crop), "tiled": False,
+            }  # fmt: skip
+        prof.pop("blockxsize", None), prof.pop("blockysize", None)
+        if name == "scene":
+            data = data[[2, 3, 4]].astype("float32") / 255
+            prof.update(count=3, dtype="float32", nodata=None)
+        paths[name] = folder / f"{prefix}{name}.tif"
+        with rasterio.open(paths[name], "w", **prof) as dst:
+            dst.write(data)
+    return paths

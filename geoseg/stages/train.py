@@ -133,6 +133,31 @@ def _measure_overlap(
     return effective_overlap(classes_of, image, window, step, exact)
 
 
+AUTO_WINDOW = 64
+"""The training window when none is given (``window="auto"``), unless a training area is
+smaller."""
+
+
+def _auto_window(bounds: Sequence[Window], profiles: Sequence[SceneProfile]) -> int:
+    """:data:`AUTO_WINDOW`, or for a training area smaller than that (a 100 px scene), the
+    largest multiple of 16 px that fits in every one, with a log line saying so."""
+    small = min(zip(bounds, profiles), key=lambda bp: min(bp[0].height, bp[0].width))
+    side = int(min(small[0].height, small[0].width))
+    window = min(AUTO_WINDOW, side // 16 * 16)
+    if window < MIN_WINDOW:
+        raise ConfigError(
+            f"the training area of {small[1].path!r} is {int(small[0].width)} x "
+            f"{int(small[0].height)} px, smaller than the smallest window ({MIN_WINDOW} px); "
+            "train on a larger scene or area"
+        )
+    if window < AUTO_WINDOW:
+        log.info(
+            "window %d px: the training area of %s is %d x %d px, smaller than the default %d",
+            window, small[1].path, int(small[0].width), int(small[0].height), AUTO_WINDOW,
+        )  # fmt: skip
+    return window
+
+
 def _encoder_weights(
     path: str, arch: str, channels: int, arch_args: dict[str, Any]
 ) -> dict[str, torch.Tensor]:
@@ -410,7 +435,7 @@ class TrainConfig:
     derive: str | Sequence[str] | None = None
     arch: str = "unet"
     arch_args: dict[str, Any] | None = None
-    window: int = 64
+    window: int | str = "auto"
     predict_window: int = 256
     epochs: int = 20
     batch_size: int = 16
@@ -430,7 +455,13 @@ class TrainConfig:
     init_weights: str | os.PathLike[str] | None = None
 
     def __post_init__(self) -> None:
-        check_range("--window", self.window, MIN_WINDOW)
+        if self.window != "auto":
+            if not isinstance(self.window, int):
+                raise ConfigError(
+                    f"{option('--window', None)} must be a number of pixels or auto, "
+                    f"got {self.window!r}"
+                )
+            check_range("--window", self.window, MIN_WINDOW)
         check_range("--predict-window", self.predict_window, MIN_WINDOW)
         check_range("--epochs", self.epochs, 1)
         check_range("--batch-size", self.batch_size, 1)
@@ -484,6 +515,8 @@ def plan_training(
     area = None if c.within is None else str(c.within)
     region = None if c.val_region is None else str(c.val_region)
     window, val_fraction, seed, nodata = c.window, c.val_fraction, c.seed, c.nodata
+    if not isinstance(window, int):
+        raise ConfigError("plan_training needs the window resolved (train() resolves 'auto')")
     arch_args = dict(c.arch_args or {})
     cell = split_cell(window)
     bounds = [pixel_bounds(p, area) for p in profiles]
@@ -612,7 +645,7 @@ def train(
     derive: str | Sequence[str] | None = _D.derive,
     arch: str = _D.arch,
     arch_args: dict[str, Any] | None = _D.arch_args,
-    window: int = _D.window,
+    window: int | str = _D.window,
     predict_window: int = _D.predict_window,
     epochs: int = _D.epochs,
     batch_size: int = _D.batch_size,
@@ -664,7 +697,9 @@ def train(
         list or joined by ``;``). Recorded in the bundle and computed on the workers, in
         training and in prediction (:mod:`geoseg.derive`).
     window, predict_window
-        Training window, and the default window stored for prediction.
+        Training window (``"auto"``: :data:`AUTO_WINDOW` px, or the largest multiple of 16 px
+        that fits the smallest training area when that is smaller), and the default window
+        stored for prediction.
     batch_size
         Windows per step on each worker (the step's batch is this times the workers).
     loss, label_smoothing
@@ -756,7 +791,6 @@ def train(
                 expected=band_list,
                 found=profile.count,
             )
-    build_augmenter(augment, window)
     if augment_file is not None:  # a pipeline file: workers need its absolute path
         augment = augment_file
     label_specs = [
@@ -765,6 +799,11 @@ def train(
     ]
     class_list = load_classes(classes) if classes is not None else None
     bounds = [pixel_bounds(p, area) for p in profiles]
+    if window == "auto":
+        window = _auto_window(bounds, profiles)
+        config = replace(config, window=window)
+    assert isinstance(window, int)
+    build_augmenter(augment, window)
     for b, p in zip(bounds, profiles):
         if b.height < window or b.width < window:
             raise ConfigError(
