@@ -401,6 +401,7 @@ def run_tasks(
     running = as_completed(loop=client.loop)  # the client given, not the default one
     task = AsCaller(fn)  # messages raised on a worker name options as the caller does
     waiting = {j: set(n) for j, n in enumerate(then.needs)} if then else {}
+    then_where = cpu_workers(client) if then else None  # asked once, not per follow-up
 
     def release(done: int | None) -> None:
         """Submit the follow-ups whose items are all done (``done`` just finished)."""
@@ -414,7 +415,7 @@ def run_tasks(
         for j in ready:
             del waiting[j]
             fut = client.submit(
-                AsCaller(then.fn), extra[j], pure=False, workers=cpu_workers(client), **then.kwargs
+                AsCaller(then.fn), extra[j], pure=False, workers=then_where, **then.kwargs
             )
             follow[fut.key] = len(items) + j
             running.add(fut)
