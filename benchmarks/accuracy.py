@@ -122,6 +122,30 @@ def iguazu_split(tmp: Path) -> Split:
     return Split(scene, labels, None, bands, codes, valid & (west > 0), valid & (east > 0))
 
 
+SPACENET = IGUAZU.parent / "spacenet4-atlanta-buildings"
+
+
+def spacenet_split(tmp: Path) -> Split:
+    """SpaceNet 4's Atlanta tile (0.5 m panchromatic, 900 x 900 px) with its building mask
+    (43 buildings, 4 % of the pixels): the western 60 % of the columns to train, the eastern
+    40 % to score, every pixel labelled (0 background, 1 building)."""
+    scene, labels = SPACENET / "sample_geotiff.tif", SPACENET / "buildings_mask_DERIVED.tif"
+    with rasterio.open(scene) as src:
+        bands, profile = src.read(), src.profile
+    with rasterio.open(labels) as src:
+        codes = src.read(1).astype(int)
+    cut = int(profile["width"] * 0.6)
+    x0, y0 = profile["transform"] * (0, profile["height"])
+    xc, y1 = profile["transform"] * (cut, 0)
+    import shapely
+
+    west = tmp / "spacenet_west60.gpkg"
+    gpd.GeoDataFrame(geometry=[shapely.box(x0, y0, xc, y1)], crs=profile["crs"]).to_file(west)
+    valid = np.all(bands != 0, axis=0)
+    cols = np.arange(profile["width"])[None, :]
+    return Split(scene, labels, west, bands, codes, valid & (cols < cut), valid & (cols >= cut))
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -131,11 +155,12 @@ def main() -> None:
     ap.add_argument("--tta", nargs="+", default=["none"], choices=["none", "flips", "d4"])
     ap.add_argument("--recipe", default="benchmark", choices=["benchmark", "defaults"])
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--scene", default="nc", choices=["nc", "iguazu"])
+    ap.add_argument("--scene", default="nc", choices=["nc", "iguazu", "spacenet"])
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        split = nc_split() if args.scene == "nc" else iguazu_split(Path(tmp))
+        splits = {"nc": nc_split, "iguazu": iguazu_split, "spacenet": spacenet_split}
+        split = splits[args.scene](Path(tmp)) if args.scene != "nc" else nc_split()
         scene, bands, codes = split.scene, split.bands, split.codes
         train_px, test_px = split.train_px, split.test_px
         assert not (train_px & test_px).any()
@@ -158,6 +183,11 @@ def main() -> None:
             settings["classes"] = [
                 {"id": c, "name": n, "color": colours[i]}
                 for i, (n, c) in enumerate(IGUAZU_CLASSES.items())
+            ]
+        if args.scene == "spacenet":
+            settings["classes"] = [
+                {"id": 0, "name": "background", "color": "#cccccc"},
+                {"id": 1, "name": "building", "color": "#e31a1c"},
             ]
         for item in args.set:
             key, _, value = item.partition("=")

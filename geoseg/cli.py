@@ -353,7 +353,13 @@ Example:
     show_default=True,
     help="none, light, strong, or a YAML pipeline file.",
 )
-@click.option("--no-balance", is_flag=True, help="Do not weight the loss by class frequency.")
+@click.option(
+    "--balance/--no-balance",
+    default=False,
+    show_default=True,
+    help="Weight the loss by inverse square-root class frequency (off: measured better on "
+    "held-out data).",
+)
 @click.option("--seed", default=0, show_default=True)
 @click.option(
     "--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"])
@@ -368,7 +374,7 @@ def train(
     derive: tuple[str, ...],
     window: str,
     ignore: str | None,
-    no_balance: bool,
+    balance: bool,
     verbose: int,
     quiet: bool,
     **kw: Any,
@@ -398,7 +404,7 @@ def train(
         derive=list(derive) or None,
         window=_window(window),
         ignore=_ints(ignore) or (),
-        balance=not no_balance,
+        balance=balance,
         **kw,
     )
     click.echo(f"wrote {result.path}")
