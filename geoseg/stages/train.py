@@ -72,7 +72,14 @@ from geoseg.tasks.sampling import (
     ValSplit,
     pixel_bounds,
 )
-from geoseg.tasks.train import EpochConfig, EpochResult, free_port, stats_task, train_epoch
+from geoseg.tasks.train import (
+    EpochConfig,
+    EpochResult,
+    free_port,
+    fresh_model,
+    stats_task,
+    train_epoch,
+)
 from geoseg.tiling import MIN_WINDOW, block_windows
 from geoseg.tuning import OverlapMeasure, effective_overlap
 
@@ -190,15 +197,11 @@ def _encoder_weights(
     return dict(model.backbone.state_dict())  # type: ignore[union-attr]
 
 
-def _initial_state(
-    cfg: EpochConfig, num_classes: int, channels: int, encoder: dict[str, torch.Tensor]
-) -> dict[str, Any]:
-    """The first epoch's starting state: the model every rank would build (the same seed),
-    with the encoder weights in its backbone, and a fresh optimiser."""
-    torch.manual_seed(cfg.seed * 1000)  # as train_epoch seeds epoch 0
-    model = create_model(cfg.arch, channels, num_classes, **cfg.arch_args)
+def _initial_state(cfg: EpochConfig, encoder: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The first epoch's starting state: the model and optimiser every rank would build
+    (:func:`geoseg.tasks.train.fresh_model`), with the encoder weights in its backbone."""
+    model, opt = fresh_model(cfg, 0)
     model.backbone.load_state_dict(encoder)  # type: ignore[union-attr]
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     return {"model": model.state_dict(), "optimizer": opt.state_dict()}
 
 
@@ -843,7 +846,7 @@ def train(
             best: dict[str, Any] | None = None  # epoch, miou, model weights
             start = 0
             if encoder is not None and ckpt is None:
-                state = _initial_state(cfg, len(class_list), channels, encoder)
+                state = _initial_state(cfg, encoder)
             if ckpt is not None:
                 _check_checkpoint(ckpt, str(resume), meta)
                 state, history, best = ckpt["state"], ckpt["history"], ckpt["best"]

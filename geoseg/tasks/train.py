@@ -130,11 +130,7 @@ def train_epoch(
     device = resolve_device(cfg.device)
     amp_dtype, scaled = _amp(device)
     with _process_group(rendezvous, rank, world, device):
-        torch.manual_seed(cfg.seed * 1000 + epoch)  # the same initial weights on every rank
-        channels = len(cfg.specs[0].bands) + len(cfg.specs[0].derived)
-        model = create_model(cfg.arch, channels, cfg.num_classes, **cfg.arch_args)
-        model = model.to(device)
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
+        model, opt = fresh_model(cfg, epoch, device)
         if state is not None:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
@@ -206,6 +202,17 @@ def train_epoch(
         pixels,
         where,
     )
+
+
+def fresh_model(
+    cfg: EpochConfig, epoch: int, device: str = "cpu"
+) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The model and optimiser an epoch starts from before any state is loaded: seeded by
+    the epoch, so every rank (and the client, for encoder weights) builds the same weights."""
+    torch.manual_seed(cfg.seed * 1000 + epoch)
+    channels = len(cfg.specs[0].bands) + len(cfg.specs[0].derived)
+    model = create_model(cfg.arch, channels, cfg.num_classes, **cfg.arch_args).to(device)
+    return model, torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
 
 
 def _mean_over_ranks(loss: torch.Tensor, world: int) -> tuple[float, bool]:
