@@ -21,8 +21,8 @@ import psutil
 import rasterio
 from rasterio.windows import Window
 
+from geoseg.allocator import WORKER_MALLOC_ENV
 from geoseg.classes import ClassInfo
-from geoseg.cluster import WORKER_MALLOC_ENV
 from geoseg.io import write_class_metadata
 from geoseg.pipeline import demo_workflow
 

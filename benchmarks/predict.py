@@ -32,9 +32,9 @@ import torch
 from _results import PeakMemory, finish, under_worker_malloc
 
 from geoseg import load_bundle
+from geoseg.allocator import WORKER_MALLOC_ENV
 from geoseg.bundle import BandInfo, Contract, save_bundle
 from geoseg.classes import ClassInfo
-from geoseg.cluster import WORKER_MALLOC_ENV
 from geoseg.models import create_model, receptive_field
 from geoseg.pipeline import demo_workflow
 from geoseg.stages.predict import predict_scene

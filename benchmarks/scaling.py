@@ -25,7 +25,7 @@ import torch
 from _results import finish, under_worker_malloc
 from predict import make_bundle, make_scene, model_alone
 
-from geoseg.cluster import WORKER_MALLOC_ENV
+from geoseg.allocator import WORKER_MALLOC_ENV
 from geoseg.stages.predict import predict_scene
 from geoseg.tasks.predict import default_batch_size
 from tests.clusters import loopback_cluster

@@ -2,16 +2,18 @@
 the calling process) and with 2 worker processes (`workers=2`, the local cluster), against the
 model alone on the same windows.
 
-    python benchmarks/small.py [--sizes 2048 4096] [--repeats 3]
+    python benchmarks/small.py [--sizes 2048 4096] [--repeats 3] [--only-default]
 
 Every timed call runs in a fresh Python process, as a command would: geoseg and torch imported,
-no cluster, nothing loaded. The wall time is that of the `predict_scene` call, from the call to
-the finished COG (the imports are the same for every way of running it, so they are left out).
-The window chosen for throughput is measured once per setting first, untimed, so the timed calls
-find it cached, as every call after a user's first does. The model alone runs the same number of
-windows of the same size from memory, all cores, bf16, in its own fresh process. The default
-U-Net (width 32, random weights), the NC sample tiled to the size. Prints a table and appends it to
-benchmarks/results/small.json; the figure per row is the median of the repeats.
+no cluster, nothing loaded, started without the allocator settings of geoseg's workers, which
+it then sets first thing, as the `geoseg` command does (the model alone runs under them). The wall time is that of the
+`predict_scene` call, from the call to the finished COG (the imports are the same for every way
+of running it, so they are left out). The window chosen for throughput is measured once per
+setting first, untimed, so the timed calls find it cached, as every call after a user's first
+does. The model alone runs the same number of windows of the same size from memory, all cores,
+bf16, in its own fresh process. The default U-Net (width 32, random weights), the NC sample
+tiled to the size. Prints a table and appends it to benchmarks/results/small.json; the figure
+per row is the median of the repeats.
 """
 
 from __future__ import annotations
@@ -28,17 +30,22 @@ from pathlib import Path
 
 from _results import finish, under_worker_malloc
 
+from geoseg.allocator import WORKER_MALLOC_ENV
+
 HERE = Path(__file__).resolve().parent
 
 CALL = """
 import json, sys, time
+from geoseg.allocator import set_worker_malloc
+set_worker_malloc()  # as the geoseg command does first
 sys.path.insert(0, {here!r})
 from geoseg.stages.predict import predict_scene
 t = time.perf_counter()
 r = predict_scene({bundle!r}, {scene!r}, {out!r}, overwrite=True, workers={workers})
 wall = time.perf_counter() - t
 print(json.dumps({{"wall": wall, "window": r.window, "batch": r.batch_size,
-                   "windows": r.windows_run, "start": r.seconds["start"]}}))
+                   "windows": r.windows_run, "start": r.seconds["start"],
+                   "assemble": r.seconds["assemble"]}}))
 """
 
 ALONE = """
@@ -51,9 +58,13 @@ print(json.dumps({{"alone": model_alone(__import__("pathlib").Path({bundle!r}), 
 """
 
 
-def fresh(code: str) -> dict[str, float]:
-    """Run ``code`` in a new Python process; its last line of output, as JSON."""
+def fresh(code: str, *, as_user: bool = False) -> dict[str, float]:
+    """Run ``code`` in a new Python process; its last line of output, as JSON. ``as_user``:
+    without the workers' allocator settings that this script runs under, as a user's command
+    starts (geoseg sets them itself where it runs a worker in its process)."""
     env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
+    if as_user:
+        env = {k: v for k, v in env.items() if k not in WORKER_MALLOC_ENV}
     run = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False
     )
@@ -69,6 +80,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--only-default", action="store_true", help="skip the 2-process runs")
     args = ap.parse_args()
     from predict import make_bundle, make_scene
 
@@ -81,7 +93,8 @@ def main() -> None:
             scene = d / f"scene_{size}.tif"
             make_scene(scene, size)
             row: dict[str, object] = {"size": size}
-            for name, workers in (("default", None), ("2 processes", 2)):
+            ways = [("default", None)] + ([] if args.only_default else [("2 processes", 2)])
+            for name, workers in ways:
                 code = CALL.format(
                     here=str(HERE),
                     bundle=str(bundle),
@@ -89,8 +102,8 @@ def main() -> None:
                     out=str(d / "c.tif"),
                     workers=workers,
                 )
-                fresh(code)  # fills the window cache
-                calls = [fresh(code) for _ in range(args.repeats)]
+                fresh(code, as_user=True)  # fills the window cache
+                calls = [fresh(code, as_user=True) for _ in range(args.repeats)]
                 walls = [c["wall"] for c in calls]
                 last = calls[-1]
                 alone = [
@@ -112,6 +125,7 @@ def main() -> None:
                 row[f"{name}: model alone s"] = [round(a, 2) for a in alone]
                 row[f"{name}: of the model alone (median)"] = round(statistics.median(ratios), 2)
                 row[f"{name}: cluster start s"] = round(last["start"], 2)
+                row[f"{name}: assemble s"] = round(last["assemble"], 2)
             rows.append(row)
             print(row, flush=True)
     finish("small", rows)

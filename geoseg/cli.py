@@ -780,4 +780,10 @@ def demo(output: str, verbose: int, quiet: bool, **kw: Any) -> None:
     _summary(run_workflow(demo_workflow(), output, **kw))
 
 
-main = cli
+def main() -> None:
+    """The ``geoseg`` command: the workers' allocator settings first (a small scene's worker
+    runs in this process, :mod:`geoseg.allocator`), then the command line."""
+    from geoseg.allocator import set_worker_malloc
+
+    set_worker_malloc()
+    cli()

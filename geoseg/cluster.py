@@ -26,6 +26,7 @@ from distributed.comm import parse_address
 from distributed.comm.registry import backends
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from geoseg.allocator import worker_malloc
 from geoseg.errors import AsCaller, ClusterError, again, option
 from geoseg.io import describe_window
 from geoseg.progress import Progress
@@ -38,10 +39,6 @@ log = logging.getLogger("geoseg")
 # each: the defaults of its local cluster, and a config file for clusters started by hand.
 DASK_CONFIG = Path(__file__).with_name("dask.yaml")
 _DASK_DEFAULTS: dict[str, Any] = yaml.safe_load(DASK_CONFIG.read_text())
-# the allocator settings the workers start with (benchmarks run their own processes under them)
-WORKER_MALLOC_ENV: dict[str, str] = dict(
-    _DASK_DEFAULTS["distributed"]["nanny"]["pre-spawn-environ"]
-)
 _defaults_applied = False
 
 
@@ -117,7 +114,8 @@ def in_process() -> Iterator[Any]:
     threads are restored after). It starts in a fraction of a second, and the tasks share this process's imports
     and model. Torch releases the GIL while it computes, so the threads run the model side by
     side: measured on 2 cores, a 4096² scene ran at 0.98 of the model alone, as 2 worker
-    processes do (one thread with both cores for torch: 0.75)."""
+    processes do (one thread with both cores for torch: 0.75). The allocator is set as the
+    workers' is while it runs (:func:`worker_malloc`)."""
     use_geoseg_defaults()
     saved = os.environ.get(TORCH_THREADS)
     torch = sys.modules.get("torch")  # the tasks set its threads for the whole process
@@ -125,7 +123,7 @@ def in_process() -> Iterator[Any]:
     threads = default_workers()
     os.environ[TORCH_THREADS] = str(max(1, (os.cpu_count() or 1) // threads))
     try:
-        with dask.config.set({"logging.distributed": "error"}):
+        with worker_malloc(), dask.config.set({"logging.distributed": "error"}):
             cluster = LocalCluster(
                 processes=False,
                 n_workers=1,
