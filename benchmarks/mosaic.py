@@ -15,6 +15,12 @@ the call):
   folder, then ``rasterio.merge.merge`` the class maps (first scene wins; no compositing, and
   every crop's own edges stay in the map).
 
+Each run is also set against the model alone on its own windows (their count, size and batch,
+bf16, all cores): the mosaic's windows cover the crops, and the overlaps between crops are
+predicted once per crop, since the mean composite needs each crop's probabilities there; the
+ratio of the two runs' shares of that limit is the mosaic's cost over one scene with the same
+windows.
+
 Peak memory is the sum of resident memory over this process and its children (Dask workers),
 sampled every 50 ms. Prints the figures and appends them to benchmarks/results/mosaic.json.
 """
@@ -29,14 +35,16 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import rasterio
 from _results import PeakMemory, finish, under_worker_malloc
-from predict import make_bundle, make_scene
+from predict import make_bundle, make_scene, model_alone
 from rasterio.merge import merge
 from rasterio.windows import Window
 
 from geoseg.stages.predict import predict_scene, predict_scenes
+from geoseg.tasks.predict import default_batch_size
 
 
 def cut(scene: Path, k: int, overlap: int, folder: Path) -> list[Path]:
@@ -70,6 +78,13 @@ def timed(fn, *args, **kwargs) -> tuple[object, float, int]:  # type: ignore[no-
         result = fn(*args, **kwargs)
         wall = time.perf_counter() - t
     return result, wall, mem.peak
+
+
+def _alone(bundle: Path, result: object) -> float:
+    """Seconds for the model alone on the windows a run computed (its count, size and batch)."""
+    r: Any = result
+    batch = r.batch_size or default_batch_size("cpu", r.window)
+    return model_alone(bundle, r.windows_run, r.window, batch, bf16=True)
 
 
 def per_scene_merge(bundle: Path, crops: list[Path], folder: Path, out: Path) -> None:
@@ -108,6 +123,7 @@ def main() -> None:
         whole, t_one, mem_one = timed(predict_scene, bundle, union, d / "one.tif")
         with rasterio.open(whole.path) as src:  # type: ignore[attr-defined]
             one = src.read(1)
+        alone_one = _alone(bundle, whole)
         for n in args.counts:
             k = round(math.sqrt(n))
             crops = cut(union, k, args.overlap, d / f"crops{n}")
@@ -118,6 +134,10 @@ def main() -> None:
             _, t_merge, mem_merge = timed(per_scene_merge, bundle, crops, d / f"maps{n}", merged)
             with rasterio.open(m.path) as a, rasterio.open(merged) as b:
                 mosaic, naive = a.read(1), b.read(1)
+            alone_mosaic = _alone(bundle, m)
+            # each run against the model alone on its own windows: the mosaic's windows cover
+            # the crops, whose overlaps are predicted once per crop (the mean needs them)
+            of_limit_one, of_limit_mosaic = alone_one / t_one, alone_mosaic / t_mosaic
             rows.append(
                 {
                     "scenes": n,
@@ -128,6 +148,11 @@ def main() -> None:
                     "per_scene_merge_s": round(t_merge, 2),
                     "mosaic_over_one_scene": round(t_mosaic / t_one, 2),
                     "per_scene_merge_over_mosaic": round(t_merge / t_mosaic, 2),
+                    "one_scene_model_alone_s": round(alone_one, 2),
+                    "mosaic_model_alone_s": round(alone_mosaic, 2),
+                    "one_scene_of_model_alone": round(of_limit_one, 2),
+                    "mosaic_of_model_alone": round(of_limit_mosaic, 2),
+                    "mosaic_over_one_scene_same_windows": round(of_limit_one / of_limit_mosaic, 2),
                     "one_scene_peak_gb": round(mem_one / 1e9, 2),
                     "mosaic_peak_gb": round(mem_mosaic / 1e9, 2),
                     "per_scene_merge_peak_gb": round(mem_merge / 1e9, 2),

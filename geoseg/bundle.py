@@ -217,20 +217,33 @@ def _sample_stats(
 ) -> list[tuple[float, float]] | None:
     """Per band, the mean and deviation of the valid pixels of up to ``samples`` windows of
     128 px spread over the scene (None if none is valid)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from rasterio.windows import Window
 
     side = 128
     n = max(1, int(np.sqrt(samples)))
-    rows = np.linspace(0, max(0, profile.height - side), n).astype(int)
-    cols = np.linspace(0, max(0, profile.width - side), n).astype(int)
+
+    def starts(length: int) -> np.ndarray:
+        # centred in n equal strips: inside the scene, away from fill along its edges
+        centre = (np.arange(n) + 0.5) / n * length - side / 2
+        return np.clip(centre, 0, max(0, length - side)).astype(int)
+
+    rows, cols = starts(profile.height), starts(profile.width)
     indexes = bundle.indexes_in(profile)
-    values = []
-    for r in sorted(set(rows)):
-        for col in sorted(set(cols)):
-            win = Window(col, r, min(side, profile.width), min(side, profile.height))
-            data, valid = read_scene(profile, win, indexes, bundle.contract.nodata)
-            values.append(data[:, valid].astype(np.float64))
-    d = np.concatenate(values, axis=1)
+    windows = [
+        Window(col, r, min(side, profile.width), min(side, profile.height))
+        for r in sorted(set(rows))
+        for col in sorted(set(cols))
+    ]
+
+    def values(win: Window) -> np.ndarray:
+        data, valid = read_scene(profile, win, indexes, bundle.contract.nodata)
+        return data[:, valid].astype(np.float64)
+
+    # in threads (GDAL decodes outside the GIL): 0.14 s one after another for a 2048² scene
+    with ThreadPoolExecutor(4) as pool:
+        d = np.concatenate(list(pool.map(values, windows)), axis=1)
     if d.shape[1] == 0:
         return None
     return [(float(m), float(s)) for m, s in zip(d.mean(axis=1), d.std(axis=1))]

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import platform
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ left-right, turned 180 degrees and flipped top-bottom (``flips``: 4 passes); or 
 flips and quarter turns of the square (``d4``). The class probabilities of the passes, turned
 back, are averaged."""
 _BUNDLES: dict[tuple[str, float, str], Bundle] = {}
+_BUNDLES_LOCK = threading.RLock()
 
 
 def resolve_device(device: str) -> str:
@@ -90,12 +92,21 @@ def default_batch_size(device: str, window: int) -> int:
 def cached_bundle(path: str, device: str) -> Bundle:
     """The bundle at ``path``, loaded once per process and device, in channels-last layout."""
     key = (path, os.path.getmtime(path), device)
-    if key not in _BUNDLES:
-        _BUNDLES.clear()  # one model per worker at a time
-        bundle = load_bundle(path, device=device)
-        bundle.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-        _BUNDLES[key] = bundle
-    return _BUNDLES[key]
+    with _BUNDLES_LOCK:  # the threads of an in-process worker load it once between them
+        if key not in _BUNDLES:
+            share_bundle(path, load_bundle(path, device=device), device)
+        return _BUNDLES[key]
+
+
+def share_bundle(path: str, bundle: Bundle, device: str = "cpu") -> None:
+    """Make ``bundle`` (loaded from ``path`` on ``device``) this process's cached one: the
+    caller's own copy then serves the tasks a worker in its process runs (a small scene)."""
+    with _BUNDLES_LOCK:
+        key = (path, os.path.getmtime(path), device)
+        if key not in _BUNDLES:
+            _BUNDLES.clear()  # one model per worker at a time
+            bundle.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+            _BUNDLES[key] = bundle
 
 
 def normalize(data: np.ndarray, valid: np.ndarray, bundle: Bundle) -> np.ndarray:
@@ -628,6 +639,7 @@ class Piece:
     area: Window  # in scene pixels
     sums: np.ndarray  # (classes, h, w) float32
     weights: np.ndarray  # (h, w) float32
+    valid: np.ndarray  # (h, w) bool: the scene's validity there, as read for the windows
 
 
 @dataclass
@@ -690,6 +702,7 @@ def accumulate_block(
                 area,
                 np.ascontiguousarray(pred.probabilities[:, rows, cols]),
                 np.ascontiguousarray(pred.weights[rows, cols]),
+                np.ascontiguousarray(valid[rows, cols]),
             )
     run = pred.windows_run
     return Accumulated(pieces, run, len(owned) - run, time.perf_counter() - t0)
@@ -722,17 +735,18 @@ def finish_block(
     h, w = int(core.height), int(core.width)
     sums = np.zeros((len(bundle.classes), h, w), dtype=np.float32)
     weights = np.zeros((h, w), dtype=np.float32)
+    valid = np.zeros((h, w), dtype=bool)  # the pieces carry it: the block is not read again
     for p in pieces:
         if p is None:
             continue
         rows, cols = _slices(p.area, core)
         sums[:, rows, cols] += p.sums
         weights[rows, cols] += p.weights
+        valid[rows, cols] |= p.valid
     covered = weights > 0
     index = _argmax_first_axis(sums)  # the class of the weighted mean: of the weighted sum
     if probabilities:
         np.divide(sums, np.where(covered, weights, 1), out=sums)
-    _, valid = _read_block(job, core, bundle)
     path = _write_block(job, bundle, valid & covered, index, sums if probabilities else None)
     return BlockResult(core, path, 0, 0, time.perf_counter() - t0)
 
