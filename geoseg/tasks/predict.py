@@ -216,10 +216,14 @@ def predict_windows(
                     assert acc is not None and wsum is not None and fixed is not None
                     if weights_t is None:
                         weights_t = torch.from_numpy(fixed).to(lg.device)
-                    # weighted in place, added in place: no temporaries of the window's size
-                    p = torch.softmax(lg, 0).mul_(weights_t).cpu().numpy()
                     into = acc[:, r : r + size, c : c + size]
-                    np.add(into, p, out=into)
+                    if lg.device.type == "cpu":
+                        # weighted and added in one pass, in place: 2 passes over the
+                        # window's probabilities instead of 3, no temporary beside them
+                        torch.from_numpy(into).addcmul_(torch.softmax(lg, 0), weights_t)
+                    else:
+                        p = torch.softmax(lg, 0).mul_(weights_t).cpu().numpy()
+                        np.add(into, p, out=into)
                     w_into = wsum[r : r + size, c : c + size]
                     np.add(w_into, fixed, out=w_into)
     if raw:
