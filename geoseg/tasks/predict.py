@@ -756,6 +756,8 @@ def finish_block(
 
 
 def _write_part(path: Path, data: np.ndarray, crs: Any, transform: Any) -> None:
+    """A part file, band by band as the array lies (GeoTIFF's default for several bands
+    interleaves them by pixel: a 7-band part took 1.7x as long to write, 1.8x to read)."""
     tmp = path.with_name(path.name + ".tmp")
     with rasterio.open(
         tmp,
@@ -768,6 +770,7 @@ def _write_part(path: Path, data: np.ndarray, crs: Any, transform: Any) -> None:
         nodata=NODATA,
         crs=crs,
         transform=transform,
+        interleave="band",
     ) as dst:
         dst.write(data)
     os.replace(tmp, path)
