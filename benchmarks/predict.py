@@ -156,6 +156,10 @@ def main() -> None:
     ap.add_argument(
         "--predict-window", default=None, help="geoseg's --window (default: --window; or auto)"
     )
+    ap.add_argument("--block", type=int, default=None, help="geoseg's --block (default: auto)")
+    ap.add_argument(
+        "--overlap", type=int, default=None, help="geoseg's --overlap in px (default: exact)"
+    )
     ap.add_argument(
         "--warm-up-to",
         type=int,
@@ -170,6 +174,10 @@ def main() -> None:
     fixed = {"batch_size": args.batch} if predict_window != "auto" else {}
     if args.blend:
         fixed["blend"] = args.blend
+    if args.block:
+        fixed["block"] = args.block
+    if args.overlap is not None:
+        fixed["overlap"] = args.overlap
     torch.set_num_threads(psutil.cpu_count())
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -209,6 +217,8 @@ def main() -> None:
                 "size": size,
                 "window_asked": predict_window,
                 "blend": args.blend or "the bundle's",
+                "block": args.block or "auto",
+                "overlap": "exact" if args.overlap is None else args.overlap,
                 "base_width": args.base_width,
                 "model_alone_fp32_window_mpx_s": round(
                     fp32_windows * r.window**2 / 1e6 / limit_fp32, 3

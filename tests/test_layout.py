@@ -4,7 +4,7 @@ The layers, bottom up (the README's developer section has the map):
 
 - pure: ``classes``, ``errors``, ``io``, ``tiling``, ``blending``, ``bundle``, ``models``,
   ``losses``, ``augment``, ``labels``, ``scoring``, ``progress``, ``report``, ``catalog``,
-  ``mosaic``, ``provenance``, ``tuning``, ``accuracy``, ``derive``;
+  ``mosaic``, ``provenance``, ``tuning``, ``accuracy``, ``derive``, ``allocator``;
 - ``tasks``: what runs on a worker, one module per stage;
 - ``cluster``: sessions and ``run_tasks``;
 - ``stages``: the client drivers, one per stage;
@@ -27,7 +27,7 @@ import geoseg
 PACKAGE = Path(geoseg.__file__).parent
 PURE = {"classes", "errors", "io", "tiling", "blending", "bundle", "models", "losses", "augment"}
 PURE |= {"labels", "scoring", "progress", "report", "catalog", "mosaic", "provenance", "tuning"}
-PURE |= {"accuracy", "derive"}
+PURE |= {"accuracy", "derive", "allocator"}
 # the package itself is the face: it re-exports the stages (lazily); every module may read its
 # __version__, as Python loads it first anyway
 LAYERS = [PURE, {"tasks"}, {"cluster"}, {"stages"}, {"pipeline"}, {"cli", "geoseg"}]
