@@ -13,6 +13,7 @@ set at the start, 3.6-4.0 s set only around the run (``benchmarks/README.md``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,11 +21,13 @@ from typing import Any
 
 import yaml
 
-WORKER_MALLOC_ENV: dict[str, str] = dict(
-    yaml.safe_load(Path(__file__).with_name("dask.yaml").read_text())["distributed"]["nanny"][
-        "pre-spawn-environ"
-    ]
-)
+# geoseg's Dask settings (worker allocator, profiler, lost-worker retries), with the reasons for
+# each: the defaults of its local cluster (geoseg.cluster), and a config file for clusters
+# started by hand; read here, below the cluster layer, because the allocator's part is needed
+# before any cluster exists
+DASK_CONFIG = Path(__file__).with_name("dask.yaml")
+DASK_DEFAULTS: dict[str, Any] = yaml.safe_load(DASK_CONFIG.read_text())
+WORKER_MALLOC_ENV: dict[str, str] = dict(DASK_DEFAULTS["distributed"]["nanny"]["pre-spawn-environ"])
 """The allocator settings the workers start with (benchmarks run their own processes under
 them)."""
 
@@ -34,6 +37,7 @@ _DEFAULTS = {"MALLOC_TRIM_THRESHOLD_": 128 * 1024, "MALLOC_MMAP_THRESHOLD_": 128
              "MALLOC_ARENA_MAX": 0}  # fmt: skip
 
 
+@functools.cache
 def _mallopt() -> Any:
     import ctypes
 

@@ -16,17 +16,17 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import dask
-import yaml
 from distributed import Client, KilledWorker, LocalCluster, as_completed, get_client
 from distributed.comm import parse_address
 from distributed.comm.registry import backends
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from geoseg.allocator import worker_malloc
+# the config file of geoseg's Dask settings, for clusters started by hand (docs/cluster.md)
+from geoseg.allocator import DASK_CONFIG as DASK_CONFIG
+from geoseg.allocator import DASK_DEFAULTS, worker_malloc
 from geoseg.errors import AsCaller, ClusterError, again, option
 from geoseg.io import describe_window
 from geoseg.progress import Progress
@@ -35,10 +35,6 @@ from geoseg.tasks import TORCH_THREADS
 log = logging.getLogger("geoseg")
 
 
-# geoseg's Dask settings (worker allocator, profiler, lost-worker retries), with the reasons for
-# each: the defaults of its local cluster, and a config file for clusters started by hand.
-DASK_CONFIG = Path(__file__).with_name("dask.yaml")
-_DASK_DEFAULTS: dict[str, Any] = yaml.safe_load(DASK_CONFIG.read_text())
 _defaults_applied = False
 
 
@@ -48,7 +44,7 @@ def use_geoseg_defaults() -> None:
     global _defaults_applied
     # distributed, imported above, has set its own defaults: geoseg's go over them
     if not _defaults_applied:
-        dask.config.update_defaults(_DASK_DEFAULTS)
+        dask.config.update_defaults(DASK_DEFAULTS)
         _defaults_applied = True
 
 

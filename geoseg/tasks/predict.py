@@ -15,7 +15,7 @@ import os
 import platform
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,7 +49,7 @@ left-right, turned 180 degrees and flipped top-bottom (``flips``: 4 passes); or 
 flips and quarter turns of the square (``d4``). The class probabilities of the passes, turned
 back, are averaged."""
 _BUNDLES: dict[tuple[str, float, str], Bundle] = {}
-_BUNDLES_LOCK = threading.RLock()
+_BUNDLES_LOCK = threading.Lock()
 
 
 def resolve_device(device: str) -> str:
@@ -91,22 +91,25 @@ def default_batch_size(device: str, window: int) -> int:
 
 def cached_bundle(path: str, device: str) -> Bundle:
     """The bundle at ``path``, loaded once per process and device, in channels-last layout."""
-    key = (path, os.path.getmtime(path), device)
-    with _BUNDLES_LOCK:  # the threads of an in-process worker load it once between them
-        if key not in _BUNDLES:
-            share_bundle(path, load_bundle(path, device=device), device)
-        return _BUNDLES[key]
+    return _kept(path, device, lambda: load_bundle(path, device=device))
 
 
 def share_bundle(path: str, bundle: Bundle, device: str = "cpu") -> None:
     """Make ``bundle`` (loaded from ``path`` on ``device``) this process's cached one: the
     caller's own copy then serves the tasks a worker in its process runs (a small scene)."""
-    with _BUNDLES_LOCK:
-        key = (path, os.path.getmtime(path), device)
+    _kept(path, device, lambda: bundle)
+
+
+def _kept(path: str, device: str, load: Callable[[], Bundle]) -> Bundle:
+    """The cached bundle of ``path`` on ``device``; without one, ``load()``'s becomes it."""
+    key = (path, os.path.getmtime(path), device)
+    with _BUNDLES_LOCK:  # the threads of an in-process worker load it once between them
         if key not in _BUNDLES:
-            _BUNDLES.clear()  # one model per worker at a time
+            _BUNDLES.clear()  # one model per worker at a time: the old one goes first
+            bundle = load()
             bundle.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
             _BUNDLES[key] = bundle
+        return _BUNDLES[key]
 
 
 def normalize(data: np.ndarray, valid: np.ndarray, bundle: Bundle) -> np.ndarray:
