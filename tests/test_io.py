@@ -11,7 +11,14 @@ from geoseg.errors import (
     OutputError,
     OutputExistsError,
 )
-from geoseg.io import atomic_output, check_same_grid, open_raster, read_profile, read_window
+from geoseg.io import (
+    atomic_output,
+    check_same_grid,
+    open_raster,
+    read_profile,
+    read_window,
+    standardize,
+)
 
 from .conftest import LABELS, SCENE
 
@@ -39,6 +46,31 @@ def test_read_window_nodata_override_for_undeclared_fill(make_raster):
     with rasterio.open(path) as src:
         assert read_window(src, Window(0, 0, 4, 4))[1].all()
         assert read_window(src, Window(0, 0, 4, 4), nodata=0)[1].sum() == 15
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "float32", "float64"])
+def test_standardize_scales_each_band_and_zeroes_invalid_pixels(dtype):
+    # the model's input at training and prediction: (x - mean) / std per band, 0 where invalid
+    rng = np.random.default_rng(0)
+    data = rng.integers(1, 200, (3, 40, 50)).astype(dtype)
+    valid = rng.random((40, 50)) > 0.3
+    mean, std = [10.0, 50.0, 120.0], [2.0, 8.0, 40.0]
+    expected = (data.astype(np.float64) - np.array(mean)[:, None, None]) / np.array(std)[
+        :, None, None
+    ]
+    expected[:, ~valid] = 0
+    for inplace in (False, True):
+        given = data.copy()
+        out = standardize(given, valid, mean, std, inplace=inplace)
+        assert out.dtype == np.float32
+        np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)
+        assert (out is given) == (inplace and dtype == "float32")
+    # a float32 view that is not contiguous is not written over: a new array, still right
+    wide = np.zeros((3, 40, 100), np.float32)
+    wide[:, :, ::2] = data
+    out = standardize(wide[:, :, ::2], valid, mean, std, inplace=True)
+    np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)
+    assert not np.shares_memory(out, wide)
 
 
 def test_atomic_output_leaves_nothing_behind_on_error(tmp_path):

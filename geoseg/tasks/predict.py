@@ -114,9 +114,10 @@ def _kept(path: str, device: str, load: Callable[[], Bundle]) -> Bundle:
 
 def normalize(data: np.ndarray, valid: np.ndarray, bundle: Bundle) -> np.ndarray:
     """The bundle's derived bands added (:mod:`geoseg.derive`), then every band scaled with
-    the bundle's statistics; invalid pixels become 0 (the mean)."""
+    the bundle's statistics; invalid pixels become 0 (the mean). ``data`` is used up: a
+    float32 block is scaled in place."""
     data = add_derived(data, valid, bundle.derived_pairs)
-    return standardize(data, valid, bundle.contract.mean, bundle.contract.std)
+    return standardize(data, valid, bundle.contract.mean, bundle.contract.std, inplace=True)
 
 
 @dataclass(frozen=True)
@@ -514,7 +515,7 @@ def predict_block(
     halo = grid.halo_window(core)
     rows, cols = _slices(core, halo)
     windows = grid.windows_for(core)
-    pred, read_valid, _ = _predicted(job, bundle, halo, windows, probabilities, settings)
+    pred, read_valid = _predicted(job, bundle, halo, windows, probabilities, settings)
     index = pred.index[rows, cols]
     valid = read_valid[rows, cols] & (index >= 0)
     probs = None if pred.probabilities is None else pred.probabilities[:, rows, cols]
@@ -530,16 +531,16 @@ def _predicted(
     windows: list[Window],
     probabilities: bool,
     settings: dict[str, Any],
-) -> tuple[WindowsPrediction, np.ndarray, np.ndarray]:
+) -> tuple[WindowsPrediction, np.ndarray]:
     """The scene read over ``area`` (on the job's target grid) and predicted in ``windows``:
-    the prediction, the validity, and the scene's data read."""
+    the prediction and the validity."""
     data, valid = _read_block(job, area, bundle)
     x = normalize(data, valid, bundle)
     origin = (int(area.row_off), int(area.col_off))
     pred = predict_windows(
         bundle, x, valid, origin, windows, probabilities=probabilities, **settings
     )
-    return pred, valid, data
+    return pred, valid
 
 
 def composite_block(job: CompositeJob) -> BlockResult:
