@@ -302,10 +302,11 @@ Example:
 )
 @click.option(
     "--sampler",
-    default="random",
+    default="balanced",
     show_default=True,
-    type=click.Choice(["random", "balanced", "grid"]),
-    help="Windows around random labelled pixels, with classes equally likely, or on a grid.",
+    type=click.Choice(["balanced", "random", "grid"]),
+    help="Windows around labelled pixels with every class equally likely, around random "
+    "labelled pixels, or on a grid.",
 )
 @click.option(
     "--resume",

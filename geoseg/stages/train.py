@@ -448,7 +448,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     augment: str = "light"
     balance: bool = False  # measured: class weights cost NC 0.03 mIoU (benchmarks/README)
-    sampler: str = "random"
+    sampler: str = "balanced"  # measured: finds SpaceNet's buildings, NC as before
     within: str | os.PathLike[str] | None = None
     val_region: str | os.PathLike[str] | None = None
     val_fraction: float | None = None
@@ -716,8 +716,13 @@ def train(
         accuracy 0.672-0.708, the plain loss 0.270-0.295 and 0.732-0.738 (the rare classes'
         false alarms cost more than they win).
     sampler
-        ``random`` (windows around random labelled pixels), ``balanced`` (each class equally
-        likely) or ``grid`` (every labelled cell of a window-size grid, shuffled).
+        ``balanced`` (the default: windows around labelled pixels, each class equally likely),
+        ``random`` (each labelled pixel equally likely) or ``grid`` (every labelled cell of a
+        window-size grid, shuffled). Balanced by default: on SpaceNet's Atlanta tile (buildings
+        4 % of the pixels) the random sampler's U-Net found no building (mIoU 0.483, a tie
+        with a random forest), the balanced one 0.632 and 0.619 over two seeds (accuracy 0.973
+        against the forest's 0.967); on NC's held-out east, three seeds each, 0.261-0.297
+        (mean 0.283) against 0.270-0.295 (mean 0.285).
     within
         A polygon file: windows lie wholly inside it, statistics are computed inside it.
     val_region, val_fraction
