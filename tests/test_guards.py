@@ -398,7 +398,7 @@ def test_the_warning_is_one_line_and_the_map_is_written(tmp_path, nc_run, unlike
     warned = [ln for ln in r.stderr.splitlines() if ln.startswith("geoseg: warning:")]
     assert len(warned) == 1 and "another scale" in warned[0] and "--strict" in warned[0]
     assert ".py:" not in r.stderr and "warnings.warn" not in r.stderr
-    # the samples are read beside the planning, but the warning still comes before any block
+    # the scene's samples are checked before the planning: the warning comes before any block
     assert r.stderr.index(warned[0]) < r.stderr.index("predict:"), r.stderr
     assert out.exists()
 
