@@ -3,6 +3,7 @@ scikit-learn random forest on the same bands and the same training pixels.
 
     python benchmarks/accuracy.py [--epochs 40] [--workers 2] [--tta none flips d4]
         [--recipe benchmark|defaults] [--set loss=ce+dice --set epochs=30 ...]
+        [--scene nc|iguazu|spacenet|neon]
 
 Training pixels: every labelled, valid pixel inside the western 60 % (``nc_train_west60.gpkg``);
 the U-Net draws its windows there (``--within``), the forest is fitted on those pixels' six band
@@ -13,7 +14,8 @@ never seen by either. Both are scored by the same confusion-matrix code
 settings this script has always used; ``--set KEY=VALUE`` changes one of train()'s keywords
 (a lever), its value read as YAML. The U-Net's map is predicted once per ``--tta`` (test-time
 augmentation) with the same bundle: each is a row, with its prediction time. Prints per-class IoU
-and mIoU for every row and appends them to benchmarks/results/accuracy.json.
+and mIoU for every row and appends them to benchmarks/results/accuracy.json. ``--scene`` picks
+another labelled scene of ``../shared/data`` (each split is described by its function below).
 """
 
 from __future__ import annotations
@@ -123,13 +125,15 @@ def iguazu_split(tmp: Path) -> Split:
 
 
 SPACENET = IGUAZU.parent / "spacenet4-atlanta-buildings"
+NEON = IGUAZU.parent / "neon-osbs-treecrowns"
 
 
-def spacenet_split(tmp: Path) -> Split:
-    """SpaceNet 4's Atlanta tile (0.5 m panchromatic, 900 x 900 px) with its building mask
-    (43 buildings, 4 % of the pixels): the western 60 % of the columns to train, the eastern
-    40 % to score, every pixel labelled (0 background, 1 building)."""
-    scene, labels = SPACENET / "sample_geotiff.tif", SPACENET / "buildings_mask_DERIVED.tif"
+def columns_split(scene: Path, labels: Path, tmp: Path) -> Split:
+    """A scene with a dense mask of labels: the western 60 % of the columns to train, the
+    eastern 40 % to score, every valid pixel labelled (a pixel is valid when no band holds the
+    scene's nodata value)."""
+    import shapely
+
     with rasterio.open(scene) as src:
         bands, profile = src.read(), src.profile
     with rasterio.open(labels) as src:
@@ -137,13 +141,26 @@ def spacenet_split(tmp: Path) -> Split:
     cut = int(profile["width"] * 0.6)
     x0, y0 = profile["transform"] * (0, profile["height"])
     xc, y1 = profile["transform"] * (cut, 0)
-    import shapely
-
-    west = tmp / "spacenet_west60.gpkg"
+    west = tmp / f"{scene.stem}_west60.gpkg"
     gpd.GeoDataFrame(geometry=[shapely.box(x0, y0, xc, y1)], crs=profile["crs"]).to_file(west)
-    valid = np.all(bands != 0, axis=0)
+    valid = np.all(bands != (profile["nodata"] or 0), axis=0)
     cols = np.arange(profile["width"])[None, :]
     return Split(scene, labels, west, bands, codes, valid & (cols < cut), valid & (cols >= cut))
+
+
+def spacenet_split(tmp: Path) -> Split:
+    """SpaceNet 4's Atlanta tile (0.5 m panchromatic, 900 x 900 px) with its building mask
+    (43 buildings, 4 % of the pixels), split by columns."""
+    return columns_split(
+        SPACENET / "sample_geotiff.tif", SPACENET / "buildings_mask_DERIVED.tif", tmp
+    )
+
+
+def neon_split(tmp: Path) -> Split:
+    """NEON's OSBS aerial crop (0.1 m RGB, 400 x 400 px) with its 61 tree boxes as a mask (54 %
+    of the pixels, 1 tree box, 0 the rest), split by columns. The boxes over-cover the crowns
+    and overlap, so the scores say how well each model draws boxes, not crowns."""
+    return columns_split(NEON / "OSBS_029.tif", NEON / "OSBS_029_crowns_mask_DERIVED.tif", tmp)
 
 
 def main() -> None:
@@ -155,11 +172,16 @@ def main() -> None:
     ap.add_argument("--tta", nargs="+", default=["none"], choices=["none", "flips", "d4"])
     ap.add_argument("--recipe", default="benchmark", choices=["benchmark", "defaults"])
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--scene", default="nc", choices=["nc", "iguazu", "spacenet"])
+    ap.add_argument("--scene", default="nc", choices=["nc", "iguazu", "spacenet", "neon"])
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        splits = {"nc": nc_split, "iguazu": iguazu_split, "spacenet": spacenet_split}
+        splits = {
+            "nc": nc_split,
+            "iguazu": iguazu_split,
+            "spacenet": spacenet_split,
+            "neon": neon_split,
+        }
         split = splits[args.scene](Path(tmp)) if args.scene != "nc" else nc_split()
         scene, bands, codes = split.scene, split.bands, split.codes
         train_px, test_px = split.train_px, split.test_px
@@ -184,10 +206,14 @@ def main() -> None:
                 {"id": c, "name": n, "color": colours[i]}
                 for i, (n, c) in enumerate(IGUAZU_CLASSES.items())
             ]
-        if args.scene == "spacenet":
+        if args.scene in ("spacenet", "neon"):
             settings["classes"] = [
                 {"id": 0, "name": "background", "color": "#cccccc"},
-                {"id": 1, "name": "building", "color": "#e31a1c"},
+                {
+                    "id": 1,
+                    "name": "building" if args.scene == "spacenet" else "tree box",
+                    "color": "#e31a1c" if args.scene == "spacenet" else "#33a02c",
+                },
             ]
         for item in args.set:
             key, _, value = item.partition("=")
