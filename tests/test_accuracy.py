@@ -100,7 +100,9 @@ def olofsson_by_hand(mapped, reference, pixels_by_class, pixel_m2, ids):
         oa = np.trace(p)
         ua = np.diag(p) / p.sum(1)
         pa = np.diag(p) / p.sum(0)
-        v_oa = np.sum(np.where(keep, w**2 * ua * (1 - ua) / (ni - 1), 0))
+        # a stratum with no correct point adds nothing (as in t2 below: the convention for a
+        # quantity that is zero at every point of a stratum); else one point: NaN
+        v_oa = np.sum(np.where(keep & (np.diag(n) > 0), w**2 * ua * (1 - ua) / (ni - 1), 0))
         v_ua = ua * (1 - ua) / (ni - 1)
         n_hat = (
             np.where(keep, area, 0)[:, None] * np.where(keep[:, None], n / ni[:, None], 0)
@@ -114,7 +116,9 @@ def olofsson_by_hand(mapped, reference, pixels_by_class, pixel_m2, ids):
                 for i in range(k)
                 if i != j and keep[i] and n[i, j] > 0
             )
-            t1 = t1 if keep[j] else 0.0  # (a stratum of one point: no variance, NaN)
+            # as in t2, a stratum with no point of reference class j adds nothing, also when it
+            # is class j's own stratum; otherwise a stratum of one point: no variance, NaN
+            t1 = t1 if keep[j] and n[j, j] > 0 else 0.0
             v_pa[j] = (t1 + pa[j] ** 2 * t2) / n_hat[j] ** 2
         share = p.sum(0)
         se_share = np.sqrt(
@@ -420,6 +424,24 @@ def test_a_class_without_a_reference_point_has_an_area_of_zero_and_no_interval()
     assert "no sample point" in c.area_share.note and c.users.value is None
 
 
+def test_a_stratum_of_one_point_gives_the_formulas_answer_right_or_wrong():
+    """Found when a test map trained at new defaults held a class with one drawn point, and
+    that point wrong: geoseg gave the overall accuracy a standard error, the formulas written
+    out by hand gave NaN (0/0). One convention for both: a stratum of one point has no
+    variance where the quantity occurs in it (its point right: no interval), and adds nothing
+    where it does not (its point wrong), as a stratum without a point of a class adds nothing
+    to that class's area."""
+    area = {1: 100.0, 2: 50.0, 3: 10.0}
+    classes = [(1, "a"), (2, "b"), (3, "c")]
+    for ref3, has_se in ((3, False), (1, True)):  # the single point of stratum 3 right, wrong
+        m, r = [1, 1, 1, 2, 2, 3], [1, 1, 2, 2, 1, ref3]
+        e = estimate(m, m, r, area, classes, area)
+        hand = olofsson_by_hand(np.array(m), np.array(r), area, 1.0, [1, 2, 3])
+        _compare(e, hand)
+        assert (e.overall.se is not None) == has_se
+        assert any("single point" in n for n in e.notes)
+
+
 def test_geodesic_pixel_areas_in_a_geographic_crs():
     """A 0.01° pixel's area on the WGS 84 ellipsoid, per row, against the closed form for a
     cell between two parallels (from the authalic latitude's q function), to 1e-6."""
@@ -610,7 +632,8 @@ def test_samples_estimate_the_dense_truths_figures_without_bias(nc_run, tmp_path
         f = s.per_class[4].area_m2  # forest
         oa.append(s.overall.value)
         forest.append(f.value)
-        held_oa += s.overall.low <= true_oa <= s.overall.high
+        # a draw whose strata keep a single labelled point has no interval: not held
+        held_oa += s.overall.low is not None and s.overall.low <= true_oa <= s.overall.high
         held_forest += f.low <= true_forest <= f.high
     # (the estimates cover the map's labelled pixels: the points on unlabelled pixels are
     # left out, as their area is in so small a share)
