@@ -328,7 +328,7 @@ Example:
     help="Prediction window stored in the bundle, px (predict chooses its own for throughput "
     "unless given --window).",
 )
-@click.option("--epochs", default=20, show_default=True)
+@click.option("--epochs", default=10, show_default=True)
 @click.option("--batch-size", default=16, show_default=True)
 @click.option(
     "--samples-per-epoch",
@@ -338,7 +338,7 @@ Example:
 @click.option("--lr", default=2e-3, show_default=True, help="Learning rate (AdamW, cosine decay).")
 @click.option(
     "--loss",
-    default="ce",
+    default="ce+lovasz",
     show_default=True,
     help="ce, dice, focal, lovasz, or a weighted sum such as ce+0.5*dice.",
 )

@@ -440,11 +440,11 @@ class TrainConfig:
     arch_args: dict[str, Any] | None = None
     window: int | str = "auto"
     predict_window: int = 256
-    epochs: int = 20
+    epochs: int = 10  # measured: NC and SpaceNet (benchmarks/README)
     batch_size: int = 16
     samples_per_epoch: int | None = None
     lr: float = 2e-3
-    loss: str = "ce"
+    loss: str = "ce+lovasz"  # measured: NC mIoU 0.304 over 5 seeds against 0.294 for ce
     label_smoothing: float = 0.0
     augment: str = "light"
     balance: bool = False  # measured: class weights cost NC 0.03 mIoU (benchmarks/README)
@@ -705,9 +705,18 @@ def train(
         stored for prediction.
     batch_size
         Windows per step on each worker (the step's batch is this times the workers).
+    epochs
+        Passes of the sampler, each of ``samples_per_epoch`` windows, under one cosine decay of
+        the learning rate. 10 by default: on the NC scene's held-out east, three seeds each,
+        10 epochs gave mIoU 0.290-0.297 (mean 0.294) in 73 s, 20 epochs 0.261-0.297 (mean
+        0.283) in 140 s, 6 epochs mean 0.287; on SpaceNet 20 epochs scored higher (0.619-0.632
+        against 0.589-0.590), both beating a random forest's 0.483.
     loss, label_smoothing
         Loss names joined by ``+`` with optional weights (``ce+0.5*dice``); cross-entropy label
-        smoothing.
+        smoothing. ``ce+lovasz`` by default (cross-entropy plus the Lovasz-softmax surrogate of
+        IoU): on NC's held-out east at 10 epochs, five seeds each, mIoU 0.290-0.316 (mean
+        0.304) against 0.288-0.301 (mean 0.294) for ``ce`` alone, accuracy 0.721-0.728 against
+        0.734-0.740; on SpaceNet 0.605-0.621 against 0.589-0.590.
     augment
         ``none``, ``light``, ``strong``, or a YAML pipeline file (see :mod:`geoseg.augment`).
     balance
