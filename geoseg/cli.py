@@ -738,10 +738,16 @@ def _summary(result: Any) -> None:
     est = report.sample
     if est is not None and est.overall.value is not None:
         hw = est.overall.half_width
-        pm = "" if hw is None else f" ± {hw:.3f}"
+        interval = (
+            f" ± {hw:.3f} (95 %)"
+            if hw is not None
+            else ", no 95 % interval ("
+            + ("; ".join(n for n in est.notes if "single point" in n) or "no standard error")
+            + ")"
+        )
         click.echo(
             f"reference points: {report.sample_points}; estimated overall accuracy "
-            f"{est.overall.value:.3f}{pm} (95 %), areas with intervals in the report\n"
+            f"{est.overall.value:.3f}{interval}; areas and their intervals in the report\n"
         )
     width = max(len(k) for k in result.outputs)
     for k, v in result.outputs.items():
