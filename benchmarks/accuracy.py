@@ -163,6 +163,10 @@ def neon_split(tmp: Path) -> Split:
     return columns_split(NEON / "OSBS_029.tif", NEON / "OSBS_029_crowns_mask_DERIVED.tif", tmp)
 
 
+# the class a scene's 0/1 mask marks with 1, and its colour
+MASK_CLASS = {"spacenet": ("building", "#e31a1c"), "neon": ("tree box", "#33a02c")}
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -206,14 +210,11 @@ def main() -> None:
                 {"id": c, "name": n, "color": colours[i]}
                 for i, (n, c) in enumerate(IGUAZU_CLASSES.items())
             ]
-        if args.scene in ("spacenet", "neon"):
+        if args.scene in MASK_CLASS:  # a mask of 0 and 1: name the class it marks
+            name, colour = MASK_CLASS[args.scene]
             settings["classes"] = [
                 {"id": 0, "name": "background", "color": "#cccccc"},
-                {
-                    "id": 1,
-                    "name": "building" if args.scene == "spacenet" else "tree box",
-                    "color": "#e31a1c" if args.scene == "spacenet" else "#33a02c",
-                },
+                {"id": 1, "name": name, "color": colour},
             ]
         for item in args.set:
             key, _, value = item.partition("=")
