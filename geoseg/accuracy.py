@@ -162,6 +162,7 @@ class _Design:
     weights: np.ndarray  # (H,) W_h over the strata that hold points, summing to 1
     counts: np.ndarray  # (H,) points per stratum
     single: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # n_h == 1, W_h > 0
+    codes: Sequence[int] = ()  # the stratum (map class) code of each index, for notes
 
     def _means(self, v: np.ndarray) -> np.ndarray:
         return np.bincount(self.stratum, v, minlength=len(self.weights)) / self.counts
@@ -172,20 +173,23 @@ class _Design:
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.bincount(self.stratum, dev, minlength=len(self.weights)) / (self.counts - 1)
 
-    def _se(self, terms: np.ndarray, where: np.ndarray) -> float | None:
-        """sqrt(sum_h W_h² terms_h / n_h); ``None`` if a stratum ``where`` the quantity is
-        not zero everywhere holds a single point (its variance is unknown)."""
-        if np.any(self.single & where):
-            return None
+    def _se(self, terms: np.ndarray, where: np.ndarray) -> tuple[float | None, str | None]:
+        """sqrt(sum_h W_h² terms_h / n_h), or ``None`` and a note naming the strata if a
+        stratum ``where`` the quantity is not zero everywhere holds a single point (its
+        variance is unknown)."""
+        single = self.single & where
+        if np.any(single):
+            names = [self.codes[i] for i in np.flatnonzero(single)] if self.codes else []
+            return None, f"strata {names} hold a single point: no standard error"
         t = np.where(where, terms, 0.0)
-        return math.sqrt(max(float(np.sum(self.weights**2 * t / self.counts)), 0.0))
+        return math.sqrt(max(float(np.sum(self.weights**2 * t / self.counts)), 0.0)), None
 
     def mean(self, y: np.ndarray) -> Estimate:
         """The stratified mean of the indicator ``y``: sum_h W_h ybar_h."""
         y = y.astype(np.float64)
         value = float(np.sum(self.weights * self._means(y)))
         var = np.nan_to_num(self._cov(y, y))
-        return Estimate(value, self._se(var, self._touches(y)))
+        return Estimate(value, *self._se(var, self._touches(y)))
 
     def ratio(self, y: np.ndarray, x: np.ndarray, empty: str) -> Estimate:
         """The ratio estimator sum_h W_h ybar_h / sum_h W_h xbar_h, with its variance
@@ -197,8 +201,8 @@ class _Design:
             return Estimate(None, None, empty)
         r = float(np.sum(self.weights * self._means(y))) / big_x
         terms = np.nan_to_num(self._cov(y, y) + r * r * self._cov(x, x) - 2 * r * self._cov(x, y))
-        se = self._se(terms, self._touches(y) | self._touches(x))
-        return Estimate(r, None if se is None else se / big_x)
+        se, note = self._se(terms, self._touches(y) | self._touches(x))
+        return Estimate(r, None if se is None else se / big_x, note)
 
     def _touches(self, v: np.ndarray) -> np.ndarray:
         """Strata where ``v`` is not zero everywhere: the estimate depends on them."""
@@ -267,6 +271,7 @@ def estimate(
         stratum=np.array([slot[c] for c in s[keep].tolist()], dtype=np.int64),
         weights=np.array([strata_area[c] / covered for c in used]) if used else np.zeros(0),
         counts=np.array([npoints[c] for c in used], dtype=np.float64),
+        codes=used,
     )
     d.single = (d.counts == 1) & (d.weights > 0)
     if np.any(d.single):

@@ -741,9 +741,7 @@ def _summary(result: Any) -> None:
         interval = (
             f" ± {hw:.3f} (95 %)"
             if hw is not None
-            else ", no 95 % interval ("
-            + ("; ".join(n for n in est.notes if "single point" in n) or "no standard error")
-            + ")"
+            else f", no 95 % interval ({est.overall.note or 'no standard error'})"
         )
         click.echo(
             f"reference points: {report.sample_points}; estimated overall accuracy "

@@ -440,6 +440,10 @@ def test_a_stratum_of_one_point_gives_the_formulas_answer_right_or_wrong():
         _compare(e, hand)
         assert (e.overall.se is not None) == has_se
         assert any("single point" in n for n in e.notes)
+        # the estimate says itself which stratum left it without an interval
+        assert e.overall.note == (
+            None if has_se else "strata [3] hold a single point: no standard error"
+        )
 
 
 def test_geodesic_pixel_areas_in_a_geographic_crs():
