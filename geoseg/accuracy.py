@@ -179,7 +179,7 @@ class _Design:
         variance is unknown)."""
         single = self.single & where
         if np.any(single):
-            names = [self.codes[i] for i in np.flatnonzero(single)] if self.codes else []
+            names = [self.codes[int(i)] for i in np.flatnonzero(single)] if self.codes else []
             return None, f"strata {names} hold a single point: no standard error"
         t = np.where(where, terms, 0.0)
         return math.sqrt(max(float(np.sum(self.weights**2 * t / self.counts)), 0.0)), None
