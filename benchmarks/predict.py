@@ -8,7 +8,8 @@ Same model (the default U-Net, 6 bands, 7 classes, random weights: speed does no
 training) in every row. geoseg predicts at ``--predict-window`` (default: a fixed 512 px, as in the
 rows recorded before window auto; ``auto`` is what users get) and ``--blend`` (default: the
 bundle's, trim for the U-Net); the model alone runs the window and batch that geoseg ran, as many
-windows as it ran. Peak memory is the sum of resident memory over this
+windows as it ran, two ways (one process with a torch thread per core; a process of one thread
+per core, all at once), and the faster is the limit. Peak memory is the sum of resident memory over this
 process and all its children (Dask workers), sampled every 50 ms. Prints a table and appends it to
 benchmarks/results/predict.json. Needs `pip install monai psutil` for row (c).
 
@@ -21,9 +22,11 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import multiprocessing
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psutil
@@ -92,16 +95,49 @@ def make_bundle(path: Path, window: int, base_width: int = 32, arch: str = "unet
     return path
 
 
-def model_alone(bundle: Path, windows: int, window: int, batch: int, bf16: bool) -> float:
-    """Seconds for the model on ``windows`` windows from memory, all cores."""
+def model_alone(
+    bundle: Path, windows: int, window: int, batch: int, bf16: bool, start: Any = None
+) -> float:
+    """Seconds for the model on ``windows`` windows from memory, all cores (torch's threads
+    as set); ``start``: a barrier to pass after the warm-up, before the clock starts."""
     model = load_bundle(bundle).model.to(memory_format=torch.channels_last)
     x = torch.randn(batch, 6, window, window).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         model(x)  # warm-up
+        if start is not None:
+            start.wait()
         t = time.perf_counter()
         for _ in range(-(-windows // batch)):
             model(x)
     return time.perf_counter() - t
+
+
+def _alone_in_process(
+    bundle: Path, windows: int, window: int, batch: int, start: Any, out: Any
+) -> None:
+    torch.set_num_threads(1)
+    out.put(model_alone(bundle, windows, window, batch, bf16=True, start=start))
+
+
+def model_alone_processes(
+    bundle: Path, windows: int, window: int, batch: int, processes: int
+) -> float:
+    """Seconds for the model on ``windows`` windows from memory split over ``processes``
+    processes of one torch thread each, all running at once (bf16): on this machine's two
+    cores faster than one process of two threads at some windows (benchmarks/README)."""
+    ctx = multiprocessing.get_context("spawn")
+    start, out = ctx.Barrier(processes), ctx.Queue()
+    share = -(-windows // processes)
+    procs = [
+        ctx.Process(target=_alone_in_process, args=(bundle, share, window, batch, start, out))
+        for _ in range(processes)
+    ]
+    for p in procs:
+        p.start()
+    seconds = max(out.get() for _ in procs)
+    for p in procs:
+        p.join()
+    return seconds
 
 
 def monai_run(bundle: Path, scene: Path, out: Path, window: int, batch: int) -> float:
@@ -190,7 +226,9 @@ def main() -> None:
             runs = {}
             # the limit is taken after each geoseg run, on the windows that run ran (window auto
             # may choose another window for 1 worker than for 2); the machine drifts
-            limits = {}
+            # the limit is the faster of two ways to run the model alone: one process with a
+            # torch thread per core, or a process of one thread per core
+            limits, limit_ways = {}, {}
             for workers in (1, 2):
                 gc.collect()
                 with PeakMemory() as mem:
@@ -206,9 +244,13 @@ def main() -> None:
                     )
                     wall = time.perf_counter() - t
                 runs[workers] = (r, wall, mem.peak)
-                limits[workers] = model_alone(
-                    bundle, r.windows_run, r.window, r.batch_size, bf16=True
+                alone = model_alone(bundle, r.windows_run, r.window, r.batch_size, bf16=True)
+                apart = model_alone_processes(
+                    bundle, r.windows_run, r.window, r.batch_size, psutil.cpu_count()
                 )
+                torch.set_num_threads(psutil.cpu_count())
+                limits[workers] = min(alone, apart)
+                limit_ways[workers] = (alone, apart)
             r = runs[2][0]
             # fp32 only sets the scale of MONAI's row: a rate from at most 64 windows
             fp32_windows = min(r.windows_run, 64)
@@ -232,6 +274,9 @@ def main() -> None:
                 row[f"model_alone_{workers}w_bf16_window_mpx_s"] = round(
                     win_mpx / limits[workers], 3
                 )
+                alone, apart = limit_ways[workers]
+                row[f"model_alone_{workers}w_one_process_mpx_s"] = round(win_mpx / alone, 3)
+                row[f"model_alone_{workers}w_process_per_core_mpx_s"] = round(win_mpx / apart, 3)
                 row[f"geoseg_{workers}w_scene_mpx_s"] = round(mpx / wall, 3)
                 row[f"geoseg_{workers}w_window_mpx_s"] = round(win_mpx / wall, 3)
                 row[f"geoseg_{workers}w_ratio_to_limit"] = round(limits[workers] / wall, 3)
