@@ -17,8 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import rasterio
 import torch
 from rasterio.crs import CRS
+from rasterio.errors import RasterioError
+from rasterio.windows import Window
 from torch import nn
 
 from geoseg.classes import ClassInfo
@@ -213,35 +216,45 @@ def compare_scene(bundle: Bundle, profile: SceneProfile, *, samples: int = 16) -
     return lines
 
 
-def _sample_stats(
-    bundle: Bundle, profile: SceneProfile, samples: int
-) -> list[tuple[float, float]] | None:
-    """Per band, the mean and deviation of the valid pixels of up to ``samples`` windows of
-    128 px spread over the scene (None if none is valid). A small scene gets fewer: one
-    window per :data:`SAMPLE_AREA` px, at least four. Each window decodes a whole internal
-    tile of every band (12 ms for 512² px of 6 deflated bands), so 16 windows decoded all of a
-    2048² scene before its blocks read it again: 0.15 s of a 3 s call; 4 windows tell a
-    band on another scale as well."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from rasterio.windows import Window
-
+def sample_windows(profile: SceneProfile, samples: int) -> list[Window]:
+    """Up to ``samples`` windows of 128 px spread over the scene, for the scale check. A small
+    scene gets fewer: one window per :data:`SAMPLE_AREA` px, at least four. Each window
+    decodes every internal tile it touches, of every band (12 ms for a 512² px tile of 6
+    deflated bands), so 16 windows decoded all of a 2048² scene before its blocks read it
+    again: 0.15 s of a 3 s call; 4 windows tell a band on another scale as well. In a tiled
+    file each window lies inside one tile: centred on tile corners, as they fell in a 2048²
+    scene of 512 px tiles, each decoded four."""
     side = 128
     samples = min(samples, max(4, profile.width * profile.height // SAMPLE_AREA))
     n = max(1, int(np.sqrt(samples)))
+    tile = _tile_shape(profile)
 
-    def starts(length: int) -> np.ndarray:
+    def starts(length: int, block: int) -> np.ndarray:
         # centred in n equal strips: inside the scene, away from fill along its edges
-        centre = (np.arange(n) + 0.5) / n * length - side / 2
-        return np.clip(centre, 0, max(0, length - side)).astype(int)
+        centre = (np.arange(n) + 0.5) / n * length
+        start = centre - side / 2
+        if side <= block < length:  # in the middle of the tile that holds the centre
+            first = centre // block * block
+            start = first + (np.minimum(block, length - first) - side) / 2
+        return np.clip(start, 0, max(0, length - side)).astype(int)
 
-    rows, cols = starts(profile.height), starts(profile.width)
-    indexes = bundle.indexes_in(profile)
-    windows = [
+    rows, cols = starts(profile.height, tile[0]), starts(profile.width, tile[1])
+    return [
         Window(col, r, min(side, profile.width), min(side, profile.height))
-        for r in sorted(set(rows))
-        for col in sorted(set(cols))
+        for r in sorted(set(rows.tolist()))
+        for col in sorted(set(cols.tolist()))
     ]
+
+
+def _sample_stats(
+    bundle: Bundle, profile: SceneProfile, samples: int
+) -> list[tuple[float, float]] | None:
+    """Per band, the mean and deviation of the valid pixels of :func:`sample_windows` (None if
+    none is valid)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    indexes = bundle.indexes_in(profile)
+    windows = sample_windows(profile, samples)
 
     def values(win: Window) -> np.ndarray:
         data, valid = read_scene(profile, win, indexes, bundle.contract.nodata)
@@ -253,6 +266,19 @@ def _sample_stats(
     if d.shape[1] == 0:
         return None
     return [(float(m), float(s)) for m, s in zip(d.mean(axis=1), d.std(axis=1))]
+
+
+def _tile_shape(profile: SceneProfile) -> tuple[int, int]:
+    """The internal tile (rows, cols) of a scene that is one file; (0, 0) for band files or
+    a file that cannot be opened here (reading it will say why)."""
+    if profile.sources:
+        return (0, 0)
+    try:
+        with rasterio.open(profile.path) as src:
+            rows, cols = src.block_shapes[0]
+    except RasterioError:
+        return (0, 0)
+    return (int(rows), int(cols))
 
 
 def _same_crs(crs: CRS, profile: SceneProfile) -> bool:

@@ -391,6 +391,34 @@ def test_a_scene_on_another_scale_pixel_size_or_crs_is_said(tmp_path, nc_run, un
         assert not out.exists()
 
 
+@pytest.mark.parametrize("tiled", [True, False])
+def test_the_scale_check_reads_one_tile_per_window(tmp_path, tiled):
+    """The check's windows lay centred on a 2048² scene's 512 px tile corners, so each decoded
+    four tiles of every band: the whole scene, before its blocks read it again. In a tiled
+    file each window now lies inside one tile; a striped file keeps the even spread."""
+    from geoseg.bundle import sample_windows
+
+    path = tmp_path / "s.tif"
+    layout = {"tiled": True, "blockxsize": 512, "blockysize": 512} if tiled else {}
+    with rasterio.open(
+        path, "w", driver="GTiff", width=2048, height=2048, count=1, dtype="uint8",
+        crs="EPSG:32617", transform=rasterio.Affine(30, 0, 0, 0, -30, 0), **layout,
+    ) as dst:  # fmt: skip
+        dst.write(np.ones((1, 2048, 2048), "uint8"))
+    windows = sample_windows(read_profile(path), 16)
+    assert len(windows) == 4  # one per 1024² px of scene
+    rows = sorted({int(w.row_off) for w in windows})
+    cols = sorted({int(w.col_off) for w in windows})
+    assert len(rows) == len(cols) == 2 and rows[0] < 1024 <= rows[1] and cols[0] < 1024 <= cols[1]
+    for w in windows:
+        for off in (int(w.row_off), int(w.col_off)):
+            assert off >= 0 and off + 128 <= 2048
+            if tiled:
+                assert off // 512 == (off + 127) // 512, (off, "spans two tiles")
+    if not tiled:
+        assert rows == cols == [448, 1472]  # centred in each half, as before
+
+
 def test_the_warning_is_one_line_and_the_map_is_written(tmp_path, nc_run, unlike):
     out = tmp_path / "c.tif"
     r = invoke("predict", nc_run["bundle"], unlike["scaled"], "-o", out, *SHARED)
