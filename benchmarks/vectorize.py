@@ -1,5 +1,5 @@
-"""Polygonizing class maps: geoseg vectorize on 1 and 2 workers against one call of
-rasterio.features.shapes on the whole raster, time and peak memory.
+"""Polygonizing class maps: geoseg vectorize at its defaults and on 1 and 2 workers against one
+call of rasterio.features.shapes on the whole raster, time and peak memory.
 
     python benchmarks/vectorize.py [--sizes 4096 16384] [--block 2048]
 
@@ -55,22 +55,22 @@ def main() -> None:
             make_class_map(classes, size)
             mpx = size * size / 1e6
             row: dict[str, object] = {"size": size, "block": args.block}
-            for workers in (1, 2):
+            # "default": what `geoseg vectorize` gives with no options (no --workers, the default
+            # block): a map up to 8192² px runs in this process, a larger one on a local cluster
+            for workers in ("default", 1, 2):
                 gc.collect()
+                chosen = {} if workers == "default" else {"block": args.block, "workers": workers}
+                name = workers if workers == "default" else f"{workers}w"
                 with PeakMemory() as mem:
                     t = time.perf_counter()
                     n = vectorize(
-                        classes,
-                        d / f"g{workers}.gpkg",
-                        block=args.block,
-                        workers=workers,
-                        overwrite=True,
+                        classes, d / f"g{workers}.gpkg", overwrite=True, **chosen
                     ).polygons
                     wall = time.perf_counter() - t
                 row["polygons"] = n
-                row[f"geoseg_{workers}w_s"] = round(wall, 2)
-                row[f"geoseg_{workers}w_mpx_s"] = round(mpx / wall, 2)
-                row[f"geoseg_{workers}w_peak_gb"] = round(mem.peak / 1e9, 2)
+                row[f"geoseg_{name}_s"] = round(wall, 2)
+                row[f"geoseg_{name}_mpx_s"] = round(mpx / wall, 2)
+                row[f"geoseg_{name}_peak_gb"] = round(mem.peak / 1e9, 2)
             gc.collect()
             with PeakMemory() as mem:
                 t = time.perf_counter()
@@ -80,7 +80,8 @@ def main() -> None:
             row["shapes_s"] = round(wall, 2)
             row["shapes_mpx_s"] = round(mpx / wall, 2)
             row["shapes_peak_gb"] = round(mem.peak / 1e9, 2)
-            row["geoseg_2w_speedup"] = round(wall / row["geoseg_2w_s"], 2)  # type: ignore[operator]
+            for name in ("default", "2w"):
+                row[f"geoseg_{name}_speedup"] = round(wall / row[f"geoseg_{name}_s"], 2)  # type: ignore[operator]
             rows.append(row)
             print(row, flush=True)
     finish("vectorize", rows)
