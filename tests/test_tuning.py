@@ -113,6 +113,33 @@ def test_window_auto_measures_on_a_worker_once_and_keeps_the_speeds(
         assert np.array_equal(x.read(1), y.read(1))
 
 
+def test_window_auto_counts_the_threads_of_an_in_process_worker(
+    random_bundle, tmp_path, monkeypatch, caplog
+):
+    """A small scene's worker in the calling process runs a block on each of its threads (one
+    per core, one torch thread each, as the speeds are measured), but window auto counted
+    workers: it chose for one slot and said "about 4.7 s of model time on 1 worker(s)" for a
+    2048² scene that took 2.4 s on 2 threads."""
+    import logging
+
+    from geoseg.bundle import load_bundle
+    from geoseg.cluster import in_process, workers_info
+    from geoseg.stages.predict import default_overlap, predict_scene
+
+    monkeypatch.setenv("GEOSEG_CACHE", str(tmp_path / "cache"))
+    with in_process() as client, caplog.at_level(logging.INFO, logger="geoseg"):
+        threads = sum(w["nthreads"] for w in workers_info(client).values())
+        r = predict_scene(random_bundle, SCENE, tmp_path / "c.tif", client=client)
+    [key] = json.loads(cache_path().read_text())
+    rates = [x for x in cached_rates(cache_path(), key) if x.px_per_s > 0]
+    bundle = load_bundle(random_bundle)
+    expected = choose(
+        rates, [(443, 489)], overlap_for=lambda w: default_overlap(bundle, w), slots=threads
+    )
+    assert r.window == expected.window
+    assert f"s of model time on {threads} worker thread(s)" in caplog.text
+
+
 @pytest.mark.parametrize(
     "args, needles",
     [

@@ -49,6 +49,7 @@ from geoseg.cluster import (
     session,
     task_resources,
     task_result,
+    worker_slots,
     workers_info,
 )
 from geoseg.errors import (
@@ -302,7 +303,9 @@ def _auto_window(
         resources=resources,
     )
     rates: list[Rate] = task_result(fut, "window auto", windows)
-    slots = max(1, len(workers_info(client)))
+    # every worker thread runs a block at once (a small scene's in-process worker has one per
+    # core, each with one torch thread, as the speeds were measured)
+    slots = worker_slots(client, resources, None)
     try:
         choice = choose(rates, sizes, overlap_for=overlap_for, slots=slots, step=step)
     except ValueError:
@@ -314,7 +317,8 @@ def _auto_window(
     blend = resolve_blend(auto.blend, b.contract.receptive_field, choice.overlap)
     _warn_overlap(b, choice.window, choice.overlap, auto.overlap is not None)
     log.info(
-        "window auto: %d px, batch %d: %d windows, about %.1f s of model time on %d worker(s), "
+        "window auto: %d px, batch %d: %d windows, about %.1f s of model time on %d worker "
+        "thread(s), "
         "from the model's speed on a worker (%s Mpx/s; measured once per model, device and "
         "thread count, kept in %s)",
         choice.window,
