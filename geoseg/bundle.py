@@ -17,10 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import rasterio
 import torch
 from rasterio.crs import CRS
-from rasterio.errors import RasterioError
 from rasterio.windows import Window
 from torch import nn
 
@@ -227,7 +225,7 @@ def sample_windows(profile: SceneProfile, samples: int) -> list[Window]:
     side = 128
     samples = min(samples, max(4, profile.width * profile.height // SAMPLE_AREA))
     n = max(1, int(np.sqrt(samples)))
-    tile = _tile_shape(profile)
+    tile = profile.tile
 
     def starts(length: int, block: int) -> np.ndarray:
         # centred in n equal strips: inside the scene, away from fill along its edges
@@ -266,19 +264,6 @@ def _sample_stats(
     if d.shape[1] == 0:
         return None
     return [(float(m), float(s)) for m, s in zip(d.mean(axis=1), d.std(axis=1))]
-
-
-def _tile_shape(profile: SceneProfile) -> tuple[int, int]:
-    """The internal tile (rows, cols) of a scene that is one file; (0, 0) for band files or
-    a file that cannot be opened here (reading it will say why)."""
-    if profile.sources:
-        return (0, 0)
-    try:
-        with rasterio.open(profile.path) as src:
-            rows, cols = src.block_shapes[0]
-    except RasterioError:
-        return (0, 0)
-    return (int(rows), int(cols))
 
 
 def _same_crs(crs: CRS, profile: SceneProfile) -> bool:

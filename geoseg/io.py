@@ -117,6 +117,7 @@ class SceneProfile:
     mask: BandSource | None = None
     mask_values: tuple[float, ...] = ()
     datetime: str | None = None  # a STAC item's
+    tile: tuple[int, int] = (0, 0)  # a one-file scene's internal block (rows, cols); 0 unknown
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -194,6 +195,7 @@ def read_profile(path: str | os.PathLike[str], what: str = "scene") -> SceneProf
             dtype=src.dtypes[0],
             nodata=src.nodata,
             descriptions=tuple(src.descriptions),
+            tile=(int(src.block_shapes[0][0]), int(src.block_shapes[0][1])),
         )
 
 
