@@ -248,7 +248,6 @@ def main() -> None:
                 apart = model_alone_processes(
                     bundle, r.windows_run, r.window, r.batch_size, psutil.cpu_count()
                 )
-                torch.set_num_threads(psutil.cpu_count())
                 limits[workers] = min(alone, apart)
                 limit_ways[workers] = (alone, apart)
             r = runs[2][0]
