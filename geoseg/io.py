@@ -210,6 +210,21 @@ def window_inside(src: rasterio.DatasetReader, window: Window) -> bool:
     )
 
 
+def _inside_part(
+    src: rasterio.DatasetReader, window: Window
+) -> tuple[Window | None, tuple[slice, slice]]:
+    """The part of ``window`` inside the raster (None if it has none) and where that part
+    lies in ``window``."""
+    r0, c0 = int(window.row_off), int(window.col_off)
+    top, left = max(0, -r0), max(0, -c0)
+    bottom = min(int(window.height), src.height - r0)
+    right = min(int(window.width), src.width - c0)
+    if bottom <= top or right <= left:
+        return None, (slice(0, 0), slice(0, 0))
+    inner = Window(c0 + left, r0 + top, right - left, bottom - top)
+    return inner, (slice(top, bottom), slice(left, right))
+
+
 def read_window(
     src: rasterio.DatasetReader,
     window: Window,
@@ -223,27 +238,36 @@ def read_window(
     the scene's own nodata (for scenes whose fill value is not declared).
     """
     indexes = list(bands) if bands is not None else list(range(1, src.count + 1))
-    r0, c0 = int(window.row_off), int(window.col_off)
     h, w = int(window.height), int(window.width)
-    inside = window_inside(src, window)
-    # boundless reads go through a VRT and cost several times more: only where needed
-    # no fill_value: rasterio would write it over the nodata pixels too, hiding them
-    data = src.read(indexes, window=window, boundless=not inside)
+    inner, (rows, cols) = _inside_part(src, window)
     flags = [src.mask_flag_enums[i - 1] for i in indexes]
+    if nodata is not None:
+        fill: Any = nodata
+    elif all(MaskFlags.nodata in f for f in flags):
+        fill = np.asarray([src.nodatavals[i - 1] for i in indexes])[:, None, None]
+    else:
+        fill = 0
+    # the part inside the scene read plainly and placed in the window: rasterio's boundless
+    # read builds a VRT and took 2-10x as long (each block of a small scene has a side past
+    # its edge); what lies outside holds the fill rasterio's would (nodata, else 0)
+    data = np.empty((len(indexes), h, w), dtype=src.dtypes[indexes[0] - 1])
+    data[...] = np.asarray(fill).astype(data.dtype)
+    if inner is not None:
+        data[:, rows, cols] = src.read(indexes, window=inner)
     if nodata is not None:
         valid = np.all(data != np.asarray(nodata).astype(data.dtype), axis=0)
     elif all(MaskFlags.all_valid in f for f in flags):
         valid = np.ones((h, w), dtype=bool)
     elif all(MaskFlags.nodata in f for f in flags):
-        fills = np.asarray([src.nodatavals[i - 1] for i in indexes], dtype=data.dtype)
-        valid = np.all(data != fills[:, None, None], axis=0)
+        valid = np.all(data != np.asarray(fill).astype(data.dtype), axis=0)
     else:  # internal masks or alpha bands
-        valid = np.all(src.read_masks(indexes, window=window, boundless=not inside) > 0, axis=0)
-    if not inside:
-        valid[: max(0, -r0)] = False
-        valid[:, : max(0, -c0)] = False
-        valid[max(0, src.height - r0) :] = False
-        valid[:, max(0, src.width - c0) :] = False
+        valid = np.zeros((h, w), dtype=bool)
+        if inner is not None:
+            valid[rows, cols] = np.all(src.read_masks(indexes, window=inner) > 0, axis=0)
+    valid[: rows.start] = False  # outside the scene (all of it where inner is None)
+    valid[rows.stop :] = False
+    valid[:, : cols.start] = False
+    valid[:, cols.stop :] = False
     if data.dtype.kind == "f":
         valid &= np.all(np.isfinite(data), axis=0)
     return data.astype("float32", copy=False), valid

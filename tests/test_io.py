@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import rasterio
@@ -37,6 +39,41 @@ def test_read_window_marks_nodata_and_outside_pixels_invalid(make_raster):
         d, valid = read_window(src, Window(0, 0, 12, 10))
     assert not valid[3, 4] and valid.sum() == 119
     np.testing.assert_array_equal(d, data.astype(np.float32))
+
+
+@pytest.mark.parametrize("kind", ["nodata", "no nodata", "internal mask", "float nan"])
+def test_read_window_past_the_edge_reads_what_a_boundless_read_does(make_raster, kind):
+    """Blocks at a scene's edge read only the part inside (no VRT): the values and validity
+    must be those of rasterio's boundless read, for every way a file marks its nodata."""
+    rng = np.random.default_rng(3)
+    data = rng.integers(1, 500, size=(3, 20, 17)).astype("uint16")
+    profile: dict = {}
+    if kind == "nodata":
+        data[1, 4, 5] = 7
+        profile["nodata"] = 7
+    elif kind == "float nan":
+        data = data.astype("float32")
+        data[0, 2, 3] = np.nan
+        profile["nodata"] = float("nan")
+    path = make_raster("s.tif", data, **profile)
+    if kind == "internal mask":
+        with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(path, "r+") as dst:
+            mask = np.full((20, 17), 255, dtype="uint8")
+            mask[6:9, 2:4] = 0
+            dst.write_mask(mask)
+    windows = [Window(-3, -4, 10, 9), Window(10, 15, 12, 8), Window(-5, -5, 30, 30),
+               Window(17, 0, 4, 4), Window(2, 3, 5, 5)]  # fmt: skip
+    with rasterio.open(path) as src:
+        for w in windows:
+            d, valid = read_window(src, w)
+            ref = src.read(window=w, boundless=True).astype(np.float32)
+            masks = src.read_masks(window=w, boundless=True)
+            r, c = np.mgrid[: int(w.height), : int(w.width)]
+            inside = (r + w.row_off >= 0) & (r + w.row_off < 20)
+            inside &= (c + w.col_off >= 0) & (c + w.col_off < 17)
+            want = inside & np.all(masks > 0, axis=0) & np.all(np.isfinite(ref), axis=0)
+            np.testing.assert_array_equal(valid, want)
+            np.testing.assert_array_equal(d[:, valid], ref[:, valid])
 
 
 def test_read_window_nodata_override_for_undeclared_fill(make_raster):
@@ -159,3 +196,34 @@ def test_hints_name_options_as_the_caller_sets_them():
         assert option("--ignore", [1, 2]) == "--ignore 1,2"
         assert option("--class-map", None) == "--class-map"
     assert option("--block", 256) == "block=256"  # outside the command line again
+
+
+def test_the_epsg_code_of_a_crs_without_one_is_found_once_and_kept(tmp_path, monkeypatch):
+    """The NC scene's CRS names no code; GDAL identifies it (EPSG 32119) in about 60 ms that
+    hold the GIL, so the answer is kept in geoseg's cache folder for the next run. A damaged
+    cache is only a cache."""
+    import rasterio.crs
+
+    from geoseg import provenance
+
+    monkeypatch.setenv("GEOSEG_CACHE", str(tmp_path))
+    with rasterio.open(SCENE) as src:
+        crs = src.crs
+    provenance._epsg_of_wkt.cache_clear()
+    assert provenance.epsg_code(crs) == 32119
+    assert list(json.loads((tmp_path / "epsg.json").read_text()).values()) == [32119]
+    provenance._epsg_of_wkt.cache_clear()  # a new process: the file answers, not GDAL
+
+    class NoLookup:
+        @staticmethod
+        def from_wkt(wkt: str) -> None:
+            raise AssertionError("looked up again")
+
+    monkeypatch.setattr(rasterio.crs, "CRS", NoLookup)
+    assert provenance.epsg_code(crs) == 32119
+    monkeypatch.undo()
+    monkeypatch.setenv("GEOSEG_CACHE", str(tmp_path))
+    (tmp_path / "epsg.json").write_text("{not json")
+    provenance._epsg_of_wkt.cache_clear()
+    assert provenance.epsg_code(crs) == 32119
+    provenance._epsg_of_wkt.cache_clear()

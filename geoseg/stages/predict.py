@@ -1114,8 +1114,9 @@ def _compare_scenes(b: Bundle, profiles: list[SceneProfile], *, strict: bool) ->
 
 def _look_up_epsg(grids: list[Grid]) -> None:
     """The EPSG codes of the maps' CRSs, looked up in a thread beside the run for their STAC
-    items (:func:`epsg_code` keeps them; PROJ took 0.1 s for the NC scene's CRS, a tenth of a
-    small scene's overhead). A failure here is left for the item to meet and report."""
+    items (:func:`epsg_code` keeps them, across runs too: GDAL's lookup holds the GIL, so a
+    thread hides it only where the run waits elsewhere). A failure here is left for the item
+    to meet and report."""
 
     def look() -> None:
         for g in grids:
@@ -1250,7 +1251,10 @@ def _plan(
         **settings,
         "scenes": [sc.path for sc in layout.scenes],
         "scene_stamp": [_stamp(f) for sc in layout.scenes for f in sc.files],
-        "grid": [str(target.crs), list(target.transform)[:6], target.width, target.height],
+        # the CRS as WKT: str() of a CRS without an EPSG code asks PROJ to identify it (55-63
+        # ms, holding the GIL, for the NC scene's), on every run
+        "grid": [target.crs.to_wkt() if target.crs else None, list(target.transform)[:6],
+                 target.width, target.height],
         "area": None if layout.area is None else hashlib.sha256(layout.area).hexdigest(),
         "mask": [[sc.mask.path, sc.mask.band, list(sc.mask_values)] for sc in layout.scenes
                  if sc.mask is not None],
