@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -161,8 +161,8 @@ class _Design:
     stratum: np.ndarray  # (n,) index into weights
     weights: np.ndarray  # (H,) W_h over the strata that hold points, summing to 1
     counts: np.ndarray  # (H,) points per stratum
-    single: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # n_h == 1, W_h > 0
-    codes: Sequence[int] = ()  # the stratum (map class) code of each index, for notes
+    single: np.ndarray  # (H,) n_h == 1 and W_h > 0: no variance known
+    codes: Sequence[int]  # the stratum (map class) code of each index, for notes
 
     def _means(self, v: np.ndarray) -> np.ndarray:
         return np.bincount(self.stratum, v, minlength=len(self.weights)) / self.counts
@@ -179,7 +179,7 @@ class _Design:
         variance is unknown)."""
         single = self.single & where
         if np.any(single):
-            names = [self.codes[int(i)] for i in np.flatnonzero(single)] if self.codes else []
+            names = [self.codes[int(i)] for i in np.flatnonzero(single)]
             return None, f"strata {names} hold a single point: no standard error"
         t = np.where(where, terms, 0.0)
         return math.sqrt(max(float(np.sum(self.weights**2 * t / self.counts)), 0.0)), None
@@ -267,13 +267,15 @@ def estimate(
         )
     keep = np.isin(s, used)
     slot = {c: i for i, c in enumerate(used)}
+    weights = np.array([strata_area[c] / covered for c in used]) if used else np.zeros(0)
+    counts = np.array([npoints[c] for c in used], dtype=np.float64)
     d = _Design(
         stratum=np.array([slot[c] for c in s[keep].tolist()], dtype=np.int64),
-        weights=np.array([strata_area[c] / covered for c in used]) if used else np.zeros(0),
-        counts=np.array([npoints[c] for c in used], dtype=np.float64),
+        weights=weights,
+        counts=counts,
+        single=(counts == 1) & (weights > 0),
         codes=used,
     )
-    d.single = (d.counts == 1) & (d.weights > 0)
     if np.any(d.single):
         notes.append(
             f"strata {[c for c in used if npoints[c] == 1]} hold a single point: estimates "
