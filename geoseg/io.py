@@ -250,10 +250,13 @@ def read_window(
     # the part inside the scene read plainly and placed in the window: rasterio's boundless
     # read builds a VRT and took 2-10x as long (each block of a small scene has a side past
     # its edge); what lies outside holds the fill rasterio's would (nodata, else 0)
-    data = np.empty((len(indexes), h, w), dtype=src.dtypes[indexes[0] - 1])
-    data[...] = np.asarray(fill).astype(data.dtype)
-    if inner is not None:
-        data[:, rows, cols] = src.read(indexes, window=inner)
+    if inner is not None and (inner.height, inner.width) == (h, w):
+        data = src.read(indexes, window=inner)
+    else:
+        data = np.empty((len(indexes), h, w), dtype=src.dtypes[indexes[0] - 1])
+        data[...] = np.asarray(fill).astype(data.dtype)
+        if inner is not None:
+            data[:, rows, cols] = src.read(indexes, window=inner)
     if nodata is not None:
         valid = np.all(data != np.asarray(nodata).astype(data.dtype), axis=0)
     elif all(MaskFlags.all_valid in f for f in flags):
