@@ -248,8 +248,9 @@ def read_window(
     else:
         fill = 0
     # the part inside the scene read plainly and placed in the window: rasterio's boundless
-    # read builds a VRT and took 2-10x as long (each block of a small scene has a side past
-    # its edge); what lies outside holds the fill rasterio's would (nodata, else 0)
+    # read builds a VRT and took about 3x as long (36 against 12-13 ms for an edge block of a
+    # 2048² scene, each of whose blocks has a side past its edge); what lies outside holds
+    # the fill rasterio's would (nodata, else 0)
     if inner is not None and (inner.height, inner.width) == (h, w):
         data = src.read(indexes, window=inner)
     else:
