@@ -241,12 +241,16 @@ def read_window(
     h, w = int(window.height), int(window.width)
     inner, (rows, cols) = _inside_part(src, window)
     flags = [src.mask_flag_enums[i - 1] for i in indexes]
+    # a value marks nodata: the one given, else every band's own (a band's flags hold either
+    # nodata or all_valid, never both)
+    by_value = nodata is not None or all(MaskFlags.nodata in f for f in flags)
+    dtype = np.dtype(src.dtypes[indexes[0] - 1])
     if nodata is not None:
-        fill: Any = nodata
-    elif all(MaskFlags.nodata in f for f in flags):
-        fill = np.asarray([src.nodatavals[i - 1] for i in indexes])[:, None, None]
+        fill = np.asarray(nodata).astype(dtype)
+    elif by_value:
+        fill = np.asarray([src.nodatavals[i - 1] for i in indexes]).astype(dtype)[:, None, None]
     else:
-        fill = 0
+        fill = np.zeros((), dtype)
     # the part inside the scene read plainly and placed in the window: rasterio's boundless
     # read builds a VRT and took about 3x as long (36 against 12-13 ms for an edge block of a
     # 2048² scene, each of whose blocks has a side past its edge); what lies outside holds
@@ -254,16 +258,14 @@ def read_window(
     if inner is not None and (inner.height, inner.width) == (h, w):
         data = src.read(indexes, window=inner)
     else:
-        data = np.empty((len(indexes), h, w), dtype=src.dtypes[indexes[0] - 1])
-        data[...] = np.asarray(fill).astype(data.dtype)
+        data = np.empty((len(indexes), h, w), dtype=dtype)
+        data[...] = fill
         if inner is not None:
             data[:, rows, cols] = src.read(indexes, window=inner)
-    if nodata is not None:
-        valid = np.all(data != np.asarray(nodata).astype(data.dtype), axis=0)
+    if by_value:
+        valid = np.all(data != fill, axis=0)
     elif all(MaskFlags.all_valid in f for f in flags):
         valid = np.ones((h, w), dtype=bool)
-    elif all(MaskFlags.nodata in f for f in flags):
-        valid = np.all(data != np.asarray(fill).astype(data.dtype), axis=0)
     else:  # internal masks or alpha bands
         valid = np.zeros((h, w), dtype=bool)
         if inner is not None:
