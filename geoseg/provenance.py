@@ -9,7 +9,6 @@ index the product.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import functools
 import hashlib
@@ -78,20 +77,16 @@ def _epsg_of_wkt(wkt: str) -> int | None:
     import rasterio
     from rasterio.crs import CRS
 
-    from geoseg.tuning import cache_path, load_cache
+    from geoseg.tuning import cache_path, load_cache, update_cache
 
-    path = cache_path().with_name("epsg.json")
+    path = cache_path("epsg.json")
     key = hashlib.sha256(f"{rasterio.__gdal_version__}\n{wkt}".encode()).hexdigest()[:32]
     known = load_cache(path)
     if key in known and (known[key] is None or isinstance(known[key], int)):
         return known[key]
     code = CRS.from_wkt(wkt).to_epsg()
     found = int(code) if code is not None else None
-    with contextlib.suppress(OSError):  # a cache that cannot be written is only a cache
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({**load_cache(path), key: found}))
-        os.replace(tmp, path)
+    update_cache(path, key, lambda _: found)
     return found
 
 

@@ -160,13 +160,13 @@ def choose(
     return best
 
 
-def cache_path() -> Path:
-    """Where measured speeds are kept between runs."""
+def cache_path(name: str = "throughput.json") -> Path:
+    """Where geoseg keeps ``name`` between runs (measured speeds by default)."""
     base = os.environ.get(CACHE_ENV)
     if base:
-        return Path(base) / "throughput.json"
+        return Path(base) / name
     xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(xdg) / "geoseg" / "throughput.json"
+    return Path(xdg) / "geoseg" / name
 
 
 def load_cache(path: Path) -> dict[str, Any]:
@@ -177,19 +177,28 @@ def load_cache(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def save_cache(path: Path, key: str, rates: Sequence[Rate], about: dict[str, Any]) -> None:
-    """Add ``rates`` under ``key`` (written to a temporary name, then renamed; a cache that
-    cannot be written is only a cache)."""
+def update_cache(path: Path, key: str, entry: Callable[[Any], Any]) -> None:
+    """Set ``key`` to ``entry(what it holds now, or None)`` (written to a temporary name, then
+    renamed; a cache that cannot be written is only a cache)."""
     with contextlib.suppress(OSError):
         path.parent.mkdir(parents=True, exist_ok=True)
         data = load_cache(path)
-        entry = data.get(key) or {}
-        known = {(int(r[0]), int(r[1])): float(r[2]) for r in entry.get("rates", [])}
-        known.update({(r.window, r.batch): r.px_per_s for r in rates})
-        data[key] = {**about, "rates": [[w, b, v] for (w, b), v in sorted(known.items())]}
+        data[key] = entry(data.get(key))
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(data, indent=1))
         os.replace(tmp, path)
+
+
+def save_cache(path: Path, key: str, rates: Sequence[Rate], about: dict[str, Any]) -> None:
+    """Add ``rates`` under ``key`` to those kept there."""
+
+    def merged(entry: Any) -> dict[str, Any]:
+        old = (entry or {}).get("rates", [])
+        known = {(int(r[0]), int(r[1])): float(r[2]) for r in old}
+        known.update({(r.window, r.batch): r.px_per_s for r in rates})
+        return {**about, "rates": [[w, b, v] for (w, b), v in sorted(known.items())]}
+
+    update_cache(path, key, merged)
 
 
 def cached_rates(path: Path, key: str) -> list[Rate]:
