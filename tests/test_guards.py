@@ -677,10 +677,13 @@ def _interrupt(args: list[str], after: bytes, tmp_path: Path) -> tuple[int, str]
 def test_ctrl_c_in_predict_says_what_was_kept(tmp_path, random_bundle, where):
     with rasterio.open(SCENE) as src:
         data, profile = src.read(), src.profile
+    # large enough that the run lasts well past the first progress line (a line every 5 s off
+    # a terminal): at 2048² a quiet machine finished 253 of 256 blocks before that line came,
+    # and the Ctrl-C found the run already writing its map
     big = tmp_path / "big.tif"
-    profile.update(width=2048, height=2048)
+    profile.update(width=3072, height=3072)
     with rasterio.open(big, "w", **profile) as dst:
-        dst.write(np.tile(data, (1, 5, 5))[:, :2048, :2048])
+        dst.write(np.tile(data, (1, 7, 7))[:, :3072, :3072])
     out = tmp_path / "c.tif"
     args = [
         "predict",
