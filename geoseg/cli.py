@@ -785,6 +785,72 @@ def demo(output: str, verbose: int, quiet: bool, **kw: Any) -> None:
     _summary(run_workflow(demo_workflow(), output, **kw))
 
 
+@cli.group()
+def cluster() -> None:
+    """A local Dask cluster kept between commands (start, status, stop).
+
+    \b
+    Commands that name no cluster (no --scheduler, --workers or DASK_SCHEDULER_ADDRESS) use it,
+    with torch, the model and its kernels already warm in its workers: a small scene no longer
+    pays for starting them. It stops itself after --idle-timeout without work.
+    """
+
+
+@cluster.command("start")
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Worker processes (default: one per core, at most 8).",
+)
+@click.option(
+    "--idle-timeout",
+    default="15m",
+    show_default=True,
+    help="Stop after this long without work (seconds, or a time such as 90s, 15m, 2h).",
+)
+@common
+def cluster_start(workers: int | None, idle_timeout: str, verbose: int, quiet: bool) -> None:
+    """Start the kept cluster on 127.0.0.1 (if none runs) and print its address."""
+    from geoseg import resident
+    from geoseg.cluster import default_workers
+
+    _setup_logging(verbose, quiet)
+    r, new = resident.start(workers or default_workers(), idle_timeout)
+    said = "started" if new else "already running"
+    click.echo(
+        f"geoseg cluster {said} at {r.address}: {r.workers} worker processes, stops after "
+        f"{r.idle_timeout} without work; 'geoseg cluster stop' stops it"
+    )
+
+
+@cluster.command("status")
+@common
+def cluster_status(verbose: int, quiet: bool) -> None:
+    """Say whether a kept cluster runs, where, and with how many workers."""
+    from geoseg import resident
+    from geoseg.cluster import count_workers
+
+    _setup_logging(verbose, quiet)
+
+    r = resident.find()
+    if r is None:
+        click.echo("no kept cluster runs ('geoseg cluster start')")
+    else:
+        click.echo(resident.describe(r, count_workers(r.address)))
+
+
+@cluster.command("stop")
+@common
+def cluster_stop(verbose: int, quiet: bool) -> None:
+    """Stop the kept cluster and its workers."""
+    from geoseg import resident
+
+    _setup_logging(verbose, quiet)
+    r = resident.stop()
+    click.echo(f"geoseg cluster at {r.address} stopped" if r else "no kept cluster runs")
+
+
 def main() -> None:
     """The ``geoseg`` command: the workers' allocator settings first (a small scene's worker
     runs in this process, :mod:`geoseg.allocator`), then the command line."""

@@ -79,7 +79,7 @@ def session(
     for it, and no GPU is asked for, it runs in this process instead (:func:`in_process`). Starting worker processes, importing torch
     in each and loading the model there would cost more than the work.
     """
-    address = scheduler_address(scheduler)
+    address = scheduler_address(scheduler, workers) if client is None else None
     client = chosen_client(client, workers, address)
     if client is not None:
         if workers is not None or scheduler:
@@ -219,10 +219,30 @@ def _local_cluster(n: int, gpus: int) -> Any:
     return LocalCluster(processes=True, **common)
 
 
-def scheduler_address(scheduler: str | None) -> str | None:
-    """The running cluster to use: ``scheduler``, else ``DASK_SCHEDULER_ADDRESS``, else None
-    (a local cluster)."""
-    return scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS") or None
+def scheduler_address(scheduler: str | None, workers: int | None = None) -> str | None:
+    """The running cluster to use: ``scheduler``, else ``DASK_SCHEDULER_ADDRESS``, else the
+    cluster kept by ``geoseg cluster start`` (unless ``workers`` asks for a local cluster or
+    this process has a client of its own), else None (a local cluster)."""
+    address = scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS")
+    if address or workers is not None or current_client() is not None:
+        return address or None
+    from geoseg import resident
+
+    kept = resident.find()
+    if kept is None:
+        return None
+    if kept.address not in _told:
+        _told.add(kept.address)
+        log.info(
+            "on the cluster kept at %s by 'geoseg cluster start' (%d workers); "
+            "'geoseg cluster stop' stops it",
+            kept.address,
+            kept.workers,
+        )
+    return kept.address
+
+
+_told: set[str] = set()  # the kept clusters whose use was said in a log line
 
 
 CONNECT_TIMEOUT = "geoseg.connect-timeout"

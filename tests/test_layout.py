@@ -6,7 +6,7 @@ The layers, bottom up (the README's developer section has the map):
   ``losses``, ``augment``, ``labels``, ``scoring``, ``progress``, ``report``, ``catalog``,
   ``mosaic``, ``provenance``, ``tuning``, ``accuracy``, ``derive``, ``allocator``;
 - ``tasks``: what runs on a worker, one module per stage;
-- ``cluster``: sessions and ``run_tasks``;
+- ``cluster``: sessions and ``run_tasks``; ``resident``: the cluster kept between commands;
 - ``stages``: the client drivers, one per stage;
 - ``pipeline``, then ``cli`` and the package's ``__init__`` (lazy re-exports) on top (``worker_preload`` stands apart: Dask loads it on workers).
 
@@ -30,7 +30,7 @@ PURE |= {"labels", "scoring", "progress", "report", "catalog", "mosaic", "proven
 PURE |= {"accuracy", "derive", "allocator"}
 # the package itself is the face: it re-exports the stages (lazily); every module may read its
 # __version__, as Python loads it first anyway
-LAYERS = [PURE, {"tasks"}, {"cluster"}, {"stages"}, {"pipeline"}, {"cli", "geoseg"}]
+LAYERS = [PURE, {"tasks"}, {"cluster", "resident"}, {"stages"}, {"pipeline"}, {"cli", "geoseg"}]
 ALONE = {"worker_preload"}
 # third-party packages each layer may not import
 NOT_BELOW_CLUSTER = ("distributed", "dask", "click")

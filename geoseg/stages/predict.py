@@ -505,7 +505,7 @@ def predict_scenes(
         raise ConfigError("no scene to predict")
     b = load_bundle(bundle)
     overlap = _overlap_asked(b, overlap)
-    if device == "cuda" and client is None and not scheduler_address(scheduler):
+    if device == "cuda" and client is None and not scheduler_address(scheduler, workers):
         resolve_device("cuda")  # a local cluster: fail here, not on every worker
     resolve_precision(precision, "cuda" if device == "cuda" else "cpu")
     check_range("--batch-size", batch_size, 1)
@@ -722,7 +722,7 @@ def _run(
         _check_touching(layout, out)
         _lock_parts(out, locks)  # before any cluster starts: a second run is refused at once
     # one connection to a running cluster serves both counting its workers and the run
-    address = scheduler_address(scheduler)
+    address = scheduler_address(scheduler, workers)
     client = chosen_client(client, workers, address)
     opened = connect(address) if client is None and address else contextlib.nullcontext(client)
     with opened as remote:
@@ -1355,7 +1355,7 @@ def default_block(
     if scheduler is not None and not isinstance(scheduler, str):
         n = max(1, sum(int(w.get("nthreads", 1)) for w in workers_info(scheduler).values()))
     else:
-        address = scheduler_address(scheduler)
+        address = scheduler_address(scheduler, workers)
         n = max(1, count_workers(address)) if address else (workers or default_workers())
     largest = max(p.height * p.width for p in profiles)
     side = (largest / (2 * n)) ** 0.5

@@ -767,7 +767,7 @@ def train(
     profiles = [_training_scene(s) for s, _ in pairs]
     scene_list = [p.path for p in profiles]
     label_list = [resolve_path(lb) for _, lb in pairs]
-    if device != "cuda" or (client is None and not scheduler_address(scheduler)):
+    if device != "cuda" or (client is None and not scheduler_address(scheduler, workers)):
         resolve_device(device)  # a local cluster: no GPU for --device cuda fails here
     area = resolve_path(within) if within is not None else None
     region = resolve_path(val_region) if val_region is not None else None
