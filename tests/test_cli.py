@@ -89,6 +89,7 @@ def test_commands_chain_on_the_real_scene(tmp_path, dask_client):
     r = invoke("vectorize", classes, "-o", polygons, *cluster)
     n = vectorize(classes, tmp_path / "lib.geojson", client=dask_client).polygons
     assert r.exit_code == 0 and r.stdout.strip() == f"wrote {n} polygons to {polygons}"
+    assert "wrote" not in r.stderr  # said once, not again by a log line
     assert_same_polygons(polygons, tmp_path / "lib.geojson")
     r = invoke(
         "evaluate", classes, LABELS, "-o", tmp_path / "r.md", "--within", EAST,

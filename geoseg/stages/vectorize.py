@@ -503,7 +503,7 @@ def vectorize(
             f"class map {str(class_map)!r} gave no polygons (all nodata?); wrote an empty file",
             stacklevel=2,
         )
-    log.info("wrote %d polygons to %s", writer.count, out)
+    log.debug("wrote %d polygons to %s", writer.count, out)
     return VectorizeResult(
         out, writer.count, len(cores), CRS.from_user_input(out_crs) if out_crs else src_crs
     )
