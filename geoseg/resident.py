@@ -175,8 +175,10 @@ def start(workers: int, idle_timeout: str = IDLE_TIMEOUT) -> tuple[Resident, boo
                 for w in names
             ]
             client.gather([waiting, *warm])
-    except Exception as exc:
+    except BaseException as exc:  # Ctrl-C too: nothing is left running without a record
         _terminate(r)
+        if not isinstance(exc, Exception):
+            raise
         raise ClusterError(
             f"the kept cluster did not start ({exc}); see {folder / 'workers.log'}"
         ) from None
