@@ -104,13 +104,13 @@ def find() -> Resident | None:
 def start(workers: int, idle_timeout: str = IDLE_TIMEOUT) -> tuple[Resident, bool]:
     """Start the kept cluster (``workers`` processes of one thread each) unless one runs;
     return it and whether it was started now."""
+    running = find()
+    if running is not None:
+        return running, False
     import torch
     from dask.utils import parse_timedelta
     from distributed import Client
 
-    running = find()
-    if running is not None:
-        return running, False
     if torch.cuda.is_available() and torch.cuda.device_count():
         raise ClusterError(
             "'geoseg cluster start' keeps CPU workers, and this machine has CUDA GPUs; "
@@ -128,12 +128,11 @@ def start(workers: int, idle_timeout: str = IDLE_TIMEOUT) -> tuple[Resident, boo
             f"--idle-timeout {idle_timeout!r} is not a duration; expected a number of seconds "
             "or a time such as 90s, 15m or 2h"
         ) from None
-    n = workers
     folder = state_file().parent / "cluster"
     folder.mkdir(parents=True, exist_ok=True)
     scheduler_file = folder / "scheduler.json"
     scheduler_file.unlink(missing_ok=True)
-    env = {**os.environ, TORCH_THREADS: str(max(1, (os.cpu_count() or 1) // n))}
+    env = {**os.environ, TORCH_THREADS: str(max(1, (os.cpu_count() or 1) // workers))}
     env.pop("DASK_SCHEDULER_ADDRESS", None)
     common: dict[str, Any] = {"env": env, "start_new_session": True, "stdin": subprocess.DEVNULL}
     with open(folder / "scheduler.log", "w") as out:
@@ -152,8 +151,9 @@ def start(workers: int, idle_timeout: str = IDLE_TIMEOUT) -> tuple[Resident, boo
         work = subprocess.Popen(
             [
                 *(sys.executable, "-c", _LAUNCH.format("dask_worker"), address),
-                *("--nworkers", str(n), "--nthreads", "1", "--preload", "geoseg.worker_preload"),
-                *("--death-timeout", "30", "--host", "127.0.0.1"),
+                *("--nworkers", str(workers), "--nthreads", "1"),
+                *("--preload", "geoseg.worker_preload", "--death-timeout", "30"),
+                *("--host", "127.0.0.1"),
                 *("--dashboard-address", "127.0.0.1:0", "--name", str(folder)),
             ],
             stdout=out,
@@ -161,13 +161,13 @@ def start(workers: int, idle_timeout: str = IDLE_TIMEOUT) -> tuple[Resident, boo
             **common,
         )
     r = Resident(
-        address, n, sched.pid, work.pid, __version__, time.time(), idle_timeout, str(folder)
+        address, workers, sched.pid, work.pid, __version__, time.time(), idle_timeout, str(folder)
     )
     try:
         with Client(address, timeout="10s") as client:
             # a task waiting for workers keeps the scheduler from counting as idle meanwhile
             waiting = client.submit(_warm_imports, pure=False)
-            client.wait_for_workers(n, timeout=120)
+            client.wait_for_workers(workers, timeout=120)
             # each worker's first real task then finds torch and geoseg imported
             names = list(client.scheduler_info(n_workers=-1)["workers"])
             warm = [

@@ -118,6 +118,7 @@ def test_a_kept_cluster_of_another_version_is_not_used(cache, caplog):
     """A record left by another geoseg version (its workers would run other code) is not used,
     and the line says how to replace it."""
     r, _ = resident.start(1)
+    pids = _pids(r)
     data = json.loads(resident.state_file().read_text())
     resident.state_file().write_text(json.dumps({**data, "version": "0.0.1"}))
     from geoseg.cluster import scheduler_address
@@ -126,11 +127,7 @@ def test_a_kept_cluster_of_another_version_is_not_used(cache, caplog):
         assert scheduler_address(None) is None
     assert "started by geoseg 0.0.1" in caplog.text and "geoseg cluster stop" in caplog.text
     assert resident.stop() is not None  # stop ends it whatever version started it
-    assert _gone(_pids_of(r), 15)
-
-
-def _pids_of(r: resident.Resident) -> list[int]:
-    return [r.scheduler_pid, r.workers_pid]
+    assert _gone(pids, 15)
 
 
 def test_a_bad_idle_timeout_is_one_clear_line(cache):
