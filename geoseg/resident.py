@@ -14,12 +14,14 @@ stop`` stops it at once. A cluster started by another geoseg version is not used
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -103,10 +105,33 @@ def find() -> Resident | None:
 
 def start(workers: int, idle_timeout: str = IDLE_TIMEOUT) -> tuple[Resident, bool]:
     """Start the kept cluster (``workers`` processes of one thread each) unless one runs;
-    return it and whether it was started now."""
+    return it and whether it was started now. Two starts at once make one cluster: the
+    second waits for the first and returns its cluster."""
     running = find()
     if running is not None:
         return running, False
+    folder = state_file().parent / "cluster"
+    folder.mkdir(parents=True, exist_ok=True)
+    with _start_lock(folder):
+        running = find()
+        if running is not None:
+            return running, False
+        return _start(folder, workers, idle_timeout), True
+
+
+@contextlib.contextmanager
+def _start_lock(folder: Path) -> Iterator[None]:
+    """Hold ``folder``'s start lock (an advisory lock, released when the process ends)."""
+    with open(folder / "start.lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another 'geoseg cluster start' is starting the kept cluster; waiting for it")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def _start(folder: Path, workers: int, idle_timeout: str) -> Resident:
     import torch
     from dask.utils import parse_timedelta
     from distributed import Client
@@ -128,42 +153,40 @@ def start(workers: int, idle_timeout: str = IDLE_TIMEOUT) -> tuple[Resident, boo
             f"--idle-timeout {idle_timeout!r} is not a duration; expected a number of seconds "
             "or a time such as 90s, 15m or 2h"
         ) from None
-    folder = state_file().parent / "cluster"
-    folder.mkdir(parents=True, exist_ok=True)
     scheduler_file = folder / "scheduler.json"
     scheduler_file.unlink(missing_ok=True)
     env = {**os.environ, TORCH_THREADS: str(max(1, (os.cpu_count() or 1) // workers))}
     env.pop("DASK_SCHEDULER_ADDRESS", None)
     common: dict[str, Any] = {"env": env, "start_new_session": True, "stdin": subprocess.DEVNULL}
-    with open(folder / "scheduler.log", "w") as out:
-        sched = subprocess.Popen(
-            [
-                *(sys.executable, "-c", _LAUNCH.format("dask_scheduler"), "--host", "127.0.0.1"),
-                *("--port", "0", "--dashboard-address", "127.0.0.1:0", "--idle-timeout"),
-                *(idle_timeout, "--scheduler-file", str(scheduler_file)),
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            **common,
-        )
-    address = _wait_for_address(scheduler_file, sched, folder)
-    with open(folder / "workers.log", "w") as out:
-        work = subprocess.Popen(
-            [
-                *(sys.executable, "-c", _LAUNCH.format("dask_worker"), address),
-                *("--nworkers", str(workers), "--nthreads", "1"),
-                *("--preload", "geoseg.worker_preload", "--death-timeout", "30"),
-                *("--host", "127.0.0.1"),
-                *("--dashboard-address", "127.0.0.1:0", "--name", str(folder)),
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            **common,
-        )
-    r = Resident(
-        address, workers, sched.pid, work.pid, __version__, time.time(), idle_timeout, str(folder)
-    )
+    started: list[int] = []
     try:
+        with open(folder / "scheduler.log", "w") as out:
+            sched = subprocess.Popen(
+                [
+                    *(sys.executable, "-c", _LAUNCH.format("dask_scheduler"), "--host"),
+                    *("127.0.0.1", "--port", "0", "--dashboard-address", "127.0.0.1:0"),
+                    *("--idle-timeout", idle_timeout, "--scheduler-file", str(scheduler_file)),
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                **common,
+            )
+        started.append(sched.pid)
+        address = _wait_for_address(scheduler_file, sched, folder)
+        with open(folder / "workers.log", "w") as out:
+            work = subprocess.Popen(
+                [
+                    *(sys.executable, "-c", _LAUNCH.format("dask_worker"), address),
+                    *("--nworkers", str(workers), "--nthreads", "1"),
+                    *("--preload", "geoseg.worker_preload", "--death-timeout", "30"),
+                    *("--host", "127.0.0.1"),
+                    *("--dashboard-address", "127.0.0.1:0", "--name", str(folder)),
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                **common,
+            )
+        started.append(work.pid)
         with Client(address, timeout="10s") as client:
             # a task waiting for workers keeps the scheduler from counting as idle meanwhile
             waiting = client.submit(_warm_imports, pure=False)
@@ -175,17 +198,34 @@ def start(workers: int, idle_timeout: str = IDLE_TIMEOUT) -> tuple[Resident, boo
                 for w in names
             ]
             client.gather([waiting, *warm])
+        r = Resident(
+            address, workers, sched.pid, work.pid, __version__, time.time(), idle_timeout,
+            str(folder),
+        )  # fmt: skip
+        _record(r)
     except BaseException as exc:  # Ctrl-C too: nothing is left running without a record
-        _terminate(r)
-        if not isinstance(exc, Exception):
+        _terminate(started, str(folder))
+        if not isinstance(exc, Exception) or isinstance(exc, ClusterError):
             raise
         raise ClusterError(
             f"the kept cluster did not start ({exc}); see {folder / 'workers.log'}"
         ) from None
+    return r
+
+
+def _record(r: Resident) -> None:
     tmp = state_file().with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(asdict(r), indent=1))
-    tmp.replace(state_file())
-    return r, True
+    try:
+        tmp.write_text(json.dumps(asdict(r), indent=1))
+        tmp.replace(state_file())
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise ClusterError(
+            f"could not record the kept cluster in {state_file()} ({exc.strerror}), so it was "
+            "stopped; expected a writable cache folder: free some space there or set "
+            "GEOSEG_CACHE to another folder"
+        ) from None
 
 
 def _warm_imports() -> None:
@@ -223,16 +263,17 @@ def stop() -> Resident | None:
                 client.shutdown()
         except Exception as exc:  # a scheduler that does not answer is stopped below
             log.debug("the kept cluster did not shut down when asked (%s)", exc)
-    _terminate(r)
+    _terminate([r.workers_pid, r.scheduler_pid], r.folder)
     state_file().unlink(missing_ok=True)
     return r
 
 
-def _terminate(r: Resident) -> None:
-    """End the processes geoseg started for ``r`` (and their children), waiting up to 10 s."""
+def _terminate(pids: Iterable[int], marker: str) -> None:
+    """End the processes geoseg started (the ``pids`` whose command line holds ``marker``)
+    and their children, waiting up to 10 s."""
     procs = []
-    for pid in (r.workers_pid, r.scheduler_pid):
-        if _alive(pid, r.folder):
+    for pid in pids:
+        if _alive(pid, marker):
             try:
                 p = psutil.Process(pid)
                 procs += [p, *p.children(recursive=True)]

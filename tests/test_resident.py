@@ -17,6 +17,7 @@ import pytest
 import rasterio
 
 from geoseg import resident
+from geoseg.errors import ClusterError
 from geoseg.stages.predict import predict_scene
 
 from .conftest import SCENE
@@ -137,4 +138,45 @@ def test_a_bad_idle_timeout_is_one_clear_line(cache):
         "geoseg: error: --idle-timeout 'soon' is not a duration; expected a number of seconds "
         "or a time such as 90s, 15m or 2h"
     )
+    assert resident.find() is None
+
+
+def _schedulers(folder: str) -> list[psutil.Process]:
+    """The running scheduler processes started for the kept cluster in ``folder``."""
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        line = " ".join(p.info["cmdline"] or [])
+        if "dask_scheduler" in line and folder in line and _running(p.pid):
+            found.append(p)
+    return found
+
+
+def test_two_starts_at_once_make_one_cluster(cache):
+    """Two ``cluster start`` commands run together (two terminals, a script started twice):
+    one starts the cluster, the other waits for it and reports it; no second scheduler is
+    left running unrecorded."""
+    cmd = [GEOSEG, "cluster", "start", "--workers", "1"]
+    procs = [
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cache)
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    kept = resident.find()
+    assert kept is not None
+    said = sorted(o.split(" at ")[0] for o, _ in outs)
+    assert said == ["geoseg cluster already running", "geoseg cluster started"]
+    assert all(f" at {kept.address}:" in o for o, _ in outs)
+    assert [p.pid for p in _schedulers(kept.folder)] == [kept.scheduler_pid]
+
+
+def test_a_cluster_that_cannot_be_recorded_is_not_left_running(cache):
+    """If the record cannot be written (a full or broken cache folder), later commands could
+    never find the cluster: start stops what it started and says why in one line."""
+    resident.state_file().parent.mkdir(parents=True, exist_ok=True)
+    resident.state_file().with_suffix(".json.tmp").mkdir()  # writing the record fails
+    with pytest.raises(ClusterError, match=r"could not record the kept cluster in .*GEOSEG_CACHE"):
+        resident.start(1)
+    folder = str(resident.state_file().parent / "cluster")
+    assert _gone([p.pid for p in _schedulers(folder)], 15)
     assert resident.find() is None
