@@ -119,6 +119,15 @@ def computes(f: Callable[..., Any]) -> Callable[..., Any]:
     return common(f)
 
 
+def _may_run_here(kw: dict[str, Any]) -> None:
+    """A command that may run a small scene's worker in this process (no cluster named) has
+    the memory that worker will use backed while it imports (:func:`geoseg.allocator.warm_heap`)."""
+    if kw.get("scheduler") is None and kw.get("workers") is None:
+        from geoseg.allocator import warm_heap
+
+        warm_heap()
+
+
 def polygon_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """--min-area and --simplify, for the commands that write polygons."""
     f = click.option(
@@ -540,6 +549,7 @@ def predict(
 ) -> None:
     """Predict the class maps of SCENES with the model BUNDLE, all in one Dask graph, or with
     --mosaic one class map of them all."""
+    _may_run_here(kw)
     from geoseg.stages.predict import predict_scenes
 
     _setup_logging(verbose, quiet)
@@ -763,6 +773,7 @@ Example:
 @computes
 def run(workflow: str, output: str | None, verbose: int, quiet: bool, **kw: Any) -> None:
     """Run a whole pipeline (train, predict, vectorize, evaluate) from a YAML WORKFLOW."""
+    _may_run_here(kw)
     from geoseg.pipeline import run_workflow
 
     _setup_logging(verbose, quiet)
@@ -779,6 +790,7 @@ Example:
 @computes
 def demo(output: str, verbose: int, quiet: bool, **kw: Any) -> None:
     """Train, predict, vectorize and evaluate on the NC Landsat 7 scene shipped with geoseg."""
+    _may_run_here(kw)
     from geoseg.pipeline import demo_workflow, run_workflow
 
     _setup_logging(verbose, quiet)

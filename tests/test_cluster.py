@@ -468,6 +468,13 @@ class Info(ctypes.Structure):
 libc = ctypes.CDLL("libc.so.6")
 libc.mallinfo2.restype = Info
 
+def faults_for(nbytes):
+    # the pages the process faults in while it makes and fills arrays of nbytes in all
+    import resource
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    arrays = [np.ones(4 << 20, np.uint8) for _ in range(nbytes // (4 << 20))]
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
 def mapped_for(nbytes):
     # bytes glibc mapped afresh for one array of nbytes: all of them, or none (from its heap)
     before = libc.mallinfo2().hblkhd
@@ -516,3 +523,17 @@ def test_the_command_and_an_in_process_worker_allocate_as_the_workers_do():
         "print(mapped_for(24 << 20))"  # more than the heap kept free: the threshold decides
     )
     assert inside == 0 and after >= 3 * mib8
+
+
+@pytest.mark.skipif(
+    __import__("platform").libc_ver()[0] != "glibc", reason="glibc's allocator settings"
+)
+def test_a_command_that_may_run_here_backs_its_workers_memory_while_it_imports():
+    """``warm_heap`` (which predict, run and demo start first when no cluster is named) leaves
+    memory the allocator hands out later already backed: a small scene's worker threads then
+    do not fault it in page by page while the model runs."""
+    setup = "from geoseg.allocator import set_worker_malloc, warm_heap\nset_worker_malloc()\n"
+    (cold,) = _allocator_run(setup + "print(faults_for(128 << 20))")
+    (warm,) = _allocator_run(setup + "warm_heap().join()\nprint(faults_for(128 << 20))")
+    assert cold > 10_000  # 32768 pages of 4 KiB, less any glibc had already
+    assert warm < cold / 10
