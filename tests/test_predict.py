@@ -402,8 +402,8 @@ def test_test_time_augmentation_averages_the_turned_windows(random_bundle, tmp_p
     ]
     expected = np.mean(back, axis=0)
     with torch.inference_mode():
-        got = _forward(b, x, "cpu", "fp32", tta).softmax(1).numpy()
-        plain = _forward(b, x, "cpu", "fp32").softmax(1).numpy()
+        got = _forward(b, torch.from_numpy(x), "cpu", "fp32", tta).softmax(1).numpy()
+        plain = _forward(b, torch.from_numpy(x), "cpu", "fp32").softmax(1).numpy()
     np.testing.assert_allclose(got, expected, atol=1e-5)
     assert np.abs(plain - expected).max() > 1e-3  # the random model is not flip-invariant
 

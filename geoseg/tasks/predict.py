@@ -183,12 +183,14 @@ def predict_windows(
     trim = blend == "trim"
     if trim and grid is None:
         raise ConfigError("trim blending needs the window grid")
-    index = np.full(shape, -1, dtype=np.int16)
-    acc = None if trim and not probabilities else np.zeros((k, *shape), dtype=np.float32)
+    # the block's results stay on the model's device until the last window: on a GPU no window
+    # waits for its output to be copied back, so the next batch is stacked while the GPU runs
+    index = _full(shape, -1, torch.int16, device)
+    acc = None if trim and not probabilities else _full((k, *shape), 0, torch.float32, device)
     wsum = None if trim else np.zeros(shape, dtype=np.float32)
     size = int(windows[0].height) if windows else 0
     fixed = None if trim or not windows else window_weights(size, blend)
-    weights_t: torch.Tensor | None = None  # ``fixed`` on the model's device
+    weights_t = None if fixed is None else torch.from_numpy(fixed).to(device)
     # (window, its top-left in x) for the windows holding any valid pixel where their output
     # is used: with trim blending only on the plateau (a window whose plateau is all nodata,
     # say a scene's edge seen only by a window's margin in a mosaic, would write nothing)
@@ -204,7 +206,7 @@ def predict_windows(
             todo.append((w, (r, c)))
     with torch.inference_mode():
         for batch in _batches(todo, batch_size):
-            xb = np.stack([x[:, r : r + size, c : c + size] for _, (r, c) in batch])
+            xb = _stack([x[:, r : r + size, c : c + size] for _, (r, c) in batch], device)
             logits = _forward(bundle, xb, device, precision, tta)
             for lg, (win, (r, c)) in zip(logits, batch):
                 if trim:
@@ -213,42 +215,61 @@ def predict_windows(
                     part = lg[:, pr0 - wr : pr1 - wr, pc0 - wc : pc1 - wc]
                     rows = slice(pr0 - origin[0], pr1 - origin[0])
                     cols = slice(pc0 - origin[1], pc1 - origin[1])
-                    index[rows, cols] = part.argmax(0).cpu().numpy()
+                    index[rows, cols] = part.argmax(0)
                     if acc is not None:
-                        acc[:, rows, cols] = torch.softmax(part, 0).cpu().numpy()
+                        acc[:, rows, cols] = torch.softmax(part, 0)
                 else:
                     assert acc is not None and wsum is not None and fixed is not None
-                    if weights_t is None:
-                        weights_t = torch.from_numpy(fixed).to(lg.device)
+                    assert weights_t is not None
+                    # weighted and added in one pass, in place: 2 passes over the window's
+                    # probabilities instead of 3, no temporary beside them
                     into = acc[:, r : r + size, c : c + size]
-                    if lg.device.type == "cpu":
-                        # weighted and added in one pass, in place: 2 passes over the
-                        # window's probabilities instead of 3, no temporary beside them
-                        torch.from_numpy(into).addcmul_(torch.softmax(lg, 0), weights_t)
-                    else:
-                        p = torch.softmax(lg, 0).mul_(weights_t).cpu().numpy()
-                        np.add(into, p, out=into)
+                    into.addcmul_(torch.softmax(lg, 0), weights_t)
                     w_into = wsum[r : r + size, c : c + size]
                     np.add(w_into, fixed, out=w_into)
+    sums = None if acc is None else acc.cpu().numpy()  # the one copy back (none on a CPU)
     if raw:
-        return WindowsPrediction(index, acc, len(todo), wsum)
-    if wsum is not None and acc is not None:
+        return WindowsPrediction(index.cpu().numpy(), sums, len(todo), wsum)
+    if wsum is not None and sums is not None:
         covered = wsum > 0
         # the class of the weighted mean is the class of the weighted sum
-        index = np.where(covered, _argmax_first_axis(acc), -1).astype(np.int16)
-        if probabilities:
-            np.divide(acc, np.where(covered, wsum, 1), out=acc)
-    return WindowsPrediction(index, acc if probabilities else None, len(todo))
+        classes = _argmax_first_axis(sums)
+        return WindowsPrediction(
+            np.where(covered, classes, -1).astype(np.int16),
+            np.divide(sums, np.where(covered, wsum, 1), out=sums) if probabilities else None,
+            len(todo),
+        )
+    return WindowsPrediction(index.cpu().numpy(), sums if probabilities else None, len(todo))
+
+
+def _full(shape: tuple[int, ...], value: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+    """A tensor of ``value`` on ``device``; on a CPU a view of a NumPy array, whose zeros
+    come from pages the system gives zeroed (touched only where written)."""
+    if device == "cpu":
+        kind = {torch.int16: np.int16, torch.float32: np.float32}[dtype]
+        made = np.zeros(shape, kind) if value == 0 else np.full(shape, value, kind)
+        return torch.from_numpy(made)
+    return torch.full(shape, value, dtype=dtype, device=device)
+
+
+def _stack(windows: list[np.ndarray], device: str) -> torch.Tensor:
+    """The windows as one batch; for a GPU in page-locked memory, so that the copy to it does
+    not wait for the GPU's previous batch and this thread goes on to stack the next one."""
+    if device == "cpu":
+        return torch.from_numpy(np.stack(windows))
+    batch = torch.empty((len(windows), *windows[0].shape), pin_memory=True)
+    np.stack(windows, out=batch.numpy())
+    return batch
 
 
 def _forward(
-    bundle: Bundle, xb: np.ndarray, device: str, precision: str, tta: str = "none"
+    bundle: Bundle, xb: torch.Tensor, device: str, precision: str, tta: str = "none"
 ) -> torch.Tensor:
     """The model's logits (float32) for a batch of normalised windows, channels-last, under
     autocast at ``precision``. With test-time augmentation (:data:`TTAS`), the log of the
     passes' mean class probabilities: their softmax is that mean, their argmax its class."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    t = torch.from_numpy(xb).to(device).contiguous(memory_format=torch.channels_last)
+    t = xb.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
     with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
         if tta == "none":
             return bundle.model(t).float()
@@ -334,7 +355,8 @@ def window_rates(
             )
             try:
                 for b in batches:
-                    xb = rng.standard_normal((b, bands, w, w), dtype=np.float32)
+                    xb = torch.from_numpy(rng.standard_normal((b, bands, w, w), dtype=np.float32))
+                    xb = xb.pin_memory() if dev == "cuda" else xb  # as a block's batches are
                     _forward(bundle, xb, dev, prec).softmax(1).argmax(1).cpu()  # warm up
                     runs, t0 = 0, time.perf_counter()
                     while runs < 1 or time.perf_counter() - t0 < 0.3:
