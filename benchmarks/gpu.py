@@ -7,8 +7,11 @@ model alone (the default U-Net, 6 bands, random weights) on windows from GPU mem
 bf16 autocast, channels-last, for each window and batch: the limit; (b) geoseg predict on the NC
 scene tiled to ``--size`` with ``device="cuda"`` at its defaults (window auto, precision auto, a
 local cluster of one worker per GPU), and at the fastest window and batch of (a); each as window
-Mpx/s and as a ratio to the limit at the same window and batch. Prints a table and appends it to
-benchmarks/results/gpu.json.
+Mpx/s and as a ratio to the limit at the same window and batch; (c) the reads alone: every
+block of the scene at geoseg's default block and overlap read and normalised as a block task does,
+one block after another, each read by one thread and by the threads a GPU worker reads with, as
+scene Mpx/s: where they read slower than the model runs, the reads set the pace.
+Prints a table and appends it to benchmarks/results/gpu.json.
 """
 
 from __future__ import annotations
@@ -43,6 +46,34 @@ def model_alone(bundle: Path, window: int, batch: int, dtype: torch.dtype, secon
         torch.cuda.synchronize()
         wall = time.perf_counter() - t
     return n * batch * window * window / 1e6 / wall
+
+
+def reads_alone(bundle: Path, scene: Path, block: int, overlap: int, threads: int) -> float:
+    """Scene Mpx/s of reading and normalising every ``block`` px block of ``scene`` with an
+    ``overlap`` px margin one after another, each read by ``threads`` threads, as a GPU
+    worker's block tasks do."""
+    from rasterio.windows import Window
+
+    from geoseg import load_bundle
+    from geoseg.io import read_profile, read_scene
+    from geoseg.tasks.predict import normalize
+
+    b = load_bundle(bundle)
+    profile = read_profile(scene)
+    bands = b.indexes_in(profile)
+    pixels = 0
+    t = time.perf_counter()
+    for r in range(0, profile.height, block):
+        for c in range(0, profile.width, block):
+            r0, c0 = max(0, r - overlap), max(0, c - overlap)
+            r1 = min(profile.height, r + block + overlap)
+            c1 = min(profile.width, c + block + overlap)
+            window = Window(c0, r0, c1 - c0, r1 - r0)
+            data, valid = read_scene(profile, window, bands, b.contract.nodata, threads=threads)
+            normalize(data, valid, b)
+            pixels += min(block, profile.height - r) * min(block, profile.width - c)
+    assert pixels == profile.height * profile.width  # every pixel read once as a core
+    return pixels / 1e6 / (time.perf_counter() - t)
 
 
 def main() -> int:
@@ -82,6 +113,7 @@ def main() -> int:
         scene = d / "scene.tif"
         make_scene(scene, args.size)
         mpx = args.size * args.size / 1e6
+        windows_used: dict[str, int] = {}
         for label, kw in (
             ("geoseg defaults", {}),
             ("geoseg at the best point", {"window": best[0], "batch_size": best[1]}),
@@ -90,6 +122,7 @@ def main() -> int:
             t = time.perf_counter()
             r = predict_scene(bundle, scene, d / "c.tif", device="cuda", overwrite=True, **kw)
             wall = time.perf_counter() - t
+            windows_used[label] = r.window
             win_mpx = r.windows_run * r.window**2 / 1e6 / wall
             batch = r.batch_size or best[1]
             limit = limits.get((r.window, batch, "fp16")) or limits[best]
@@ -97,6 +130,20 @@ def main() -> int:
                 {"what": label, "window": r.window, "batch": batch, "precision": "auto",
                  "window_mpx_s": round(win_mpx, 2), "scene_mpx_s": round(mpx / wall, 2),
                  "of_limit": round(win_mpx / limit, 3), "wall_s": round(wall, 2)}
+            )  # fmt: skip
+        from geoseg import load_bundle
+        from geoseg.io import read_profile
+        from geoseg.stages.predict import default_block, default_overlap
+        from geoseg.tasks.predict import read_threads
+
+        # as the defaults' run: a worker (of one thread) per GPU, its window
+        block = default_block([read_profile(scene)], torch.cuda.device_count(), None)
+        overlap = default_overlap(load_bundle(bundle), windows_used["geoseg defaults"])
+        for threads in (1, read_threads("cuda")):
+            rate = reads_alone(bundle, scene, block, overlap, threads)
+            rows.append(
+                {"what": "reads alone", "threads": threads, "block": block,
+                 "overlap": overlap, "scene_mpx_s": round(rate, 2)}
             )  # fmt: skip
     finish("gpu", rows, gpu=torch.cuda.get_device_name(0), torch=torch.__version__)
     return 0

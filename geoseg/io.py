@@ -297,6 +297,7 @@ def read_scene(
     *,
     onto: Grid | None = None,
     resampling: str = "bilinear",
+    threads: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`read_window` of ``bands`` of ``scene``, where ``window`` lies on the grid
     ``onto`` (default: the scene's own). A band on that grid is read as it is; a band on
@@ -305,7 +306,12 @@ def read_scene(
     is ever read whole and every window sees a pixel with the same value. Pixels no band
     covers, and those the scene's mask marks, are invalid. A read error (a truncated or damaged
     file) becomes one :class:`NotARasterError` naming the file and window. A file's own nodata
-    wins over ``nodata``."""
+    wins over ``nodata``. ``threads`` > 1: GDAL decodes the tiles (and warps) in that many
+    threads (``GDAL_NUM_THREADS``, for this thread's reads only): the same values, for a worker
+    whose cores would otherwise wait, such as a GPU's."""
+    if threads > 1:
+        with rasterio.Env(GDAL_NUM_THREADS=str(threads)):
+            return read_scene(scene, window, bands, nodata, onto=onto, resampling=resampling)
     target = onto or scene.grid
     parts = (
         [(s.path, [s.band], resampling) for s in (scene.sources[i - 1] for i in bands)]

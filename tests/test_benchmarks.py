@@ -28,3 +28,18 @@ def test_the_gpu_benchmark_says_there_is_no_gpu_and_exits_cleanly(tmp_path):
     assert "Traceback" not in run.stderr
     after = results.read_bytes() if results.exists() else None
     assert after == before  # no figures written where none were measured
+
+
+def test_the_gpu_benchmarks_reads_alone_cover_the_scene_on_a_cpu(tmp_path, monkeypatch):
+    """The GPU benchmark's read rate (the reads a GPU worker makes between its model passes)
+    runs on any machine, so a session lent a GPU does not find it broken there: every pixel of
+    the scene is read once as a block's core, in one thread or several."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from gpu import reads_alone
+    from predict import make_bundle, make_scene
+
+    bundle = make_bundle(tmp_path / "unet.bundle", 256)
+    scene = tmp_path / "scene.tif"
+    make_scene(scene, 1300)  # blocks of 512 px: the last row and column are partial
+    for threads in (1, 2):
+        assert reads_alone(bundle, scene, 512, 120, threads) > 0

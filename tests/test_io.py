@@ -14,10 +14,12 @@ from geoseg.errors import (
     OutputExistsError,
 )
 from geoseg.io import (
+    Grid,
     atomic_output,
     check_same_grid,
     open_raster,
     read_profile,
+    read_scene,
     read_window,
     standardize,
 )
@@ -227,3 +229,22 @@ def test_the_epsg_code_of_a_crs_without_one_is_found_once_and_kept(tmp_path, mon
     provenance._epsg_of_wkt.cache_clear()
     assert provenance.epsg_code(crs) == 32119
     provenance._epsg_of_wkt.cache_clear()
+
+
+@pytest.mark.parametrize("warped", [False, True], ids=["own grid", "warped onto another"])
+def test_a_block_read_in_several_threads_is_the_same_block(warped):
+    """A GPU worker has GDAL decode a block's tiles in several threads: the values and the
+    validity are those of one thread's read, past the scene's edges and where the scene is
+    warped onto another grid too."""
+    scene = read_profile(SCENE)  # 443 x 489 px in tiles of 256, nodata 0
+    onto = None
+    if warped:  # a finer grid, shifted by a fraction of a pixel
+        g = scene.grid
+        fine = g.transform * Affine.translation(0.3, 0.3) * Affine.scale(0.8)
+        onto = Grid(g.crs, fine, int(g.width * 1.25), int(g.height * 1.25))
+    window = Window(-40, 100, 560, 480)  # past the left, right and bottom edges
+    one = read_scene(scene, window, range(1, 7), 0, onto=onto)
+    several = read_scene(scene, window, range(1, 7), 0, onto=onto, threads=4)
+    np.testing.assert_array_equal(several[0], one[0])
+    np.testing.assert_array_equal(several[1], one[1])
+    assert one[1].any() and not one[1].all()

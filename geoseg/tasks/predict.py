@@ -424,10 +424,13 @@ def _area_mask(job: BlockJob, window: Window) -> np.ndarray | None:
     return geometry_mask([shapely.from_wkb(job.area)], shape, t, invert=True)
 
 
-def _read_block(job: BlockJob, area: Window, bundle: Bundle) -> tuple[np.ndarray, np.ndarray]:
+def _read_block(
+    job: BlockJob, area: Window, bundle: Bundle, device: str
+) -> tuple[np.ndarray, np.ndarray]:
     """The bundle's bands of ``area`` (on the job's target grid) with validity: the scene's
     own nodata, else the fill value the bundle was trained with; outside the job's area
-    nothing is valid."""
+    nothing is valid. For a GPU, GDAL decodes it in several threads (:func:`read_threads`):
+    the GPU waits while its worker reads."""
     data, valid = read_scene(
         job.scene,
         area,
@@ -435,11 +438,20 @@ def _read_block(job: BlockJob, area: Window, bundle: Bundle) -> tuple[np.ndarray
         bundle.contract.nodata,
         onto=job.target,
         resampling=job.resampling,
+        threads=read_threads(device),
     )
     inside = _area_mask(job, area)
     if inside is not None:
         valid &= inside
     return data, valid
+
+
+def read_threads(device: str) -> int:
+    """Threads that read a block: one on a CPU (the worker threads use the cores already); on
+    a GPU its share of the cores, at most 8."""
+    if device != "cuda":
+        return 1
+    return max(1, min(8, (os.cpu_count() or 1) // max(1, torch.cuda.device_count())))
 
 
 def _setup(device: str, precision: str, bundle_path: str) -> tuple[str, str, Bundle]:
@@ -556,7 +568,7 @@ def _predicted(
 ) -> tuple[WindowsPrediction, np.ndarray]:
     """The scene read over ``area`` (on the job's target grid) and predicted in ``windows``:
     the prediction and the validity."""
-    data, valid = _read_block(job, area, bundle)
+    data, valid = _read_block(job, area, bundle, settings["device"])
     x = normalize(data, valid, bundle)
     origin = (int(area.row_off), int(area.col_off))
     pred = predict_windows(
@@ -702,7 +714,7 @@ def accumulate_block(
     if not owned:
         return Accumulated({}, 0, 0, time.perf_counter() - t0)
     ext = job.grid.extent(owned)
-    data, valid = _read_block(job, ext, bundle)
+    data, valid = _read_block(job, ext, bundle, dev)
     x = normalize(data, valid, bundle)
     origin = (int(ext.row_off), int(ext.col_off))
     pred = predict_windows(
