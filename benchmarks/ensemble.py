@@ -1,8 +1,9 @@
 """A seed ensemble on the NC scene's held-out east: is the mean of several trainings worth their
 cost? Trains one bundle per seed with ``geoseg train``'s defaults (only ``--within`` given, as
 ``accuracy.py --recipe defaults`` does), predicts each with its class probabilities, and scores
-each seed alone and the class of the seeds' mean probabilities on the same test pixels, against
-the forest's row in ``accuracy.py``.
+each seed alone, the class of the seeds' mean probabilities (as written, in 0-254 steps) and the
+map of the bundles combined by ``geoseg ensemble`` on the same test pixels, against the forest's
+row in ``accuracy.py``; with each prediction's time.
 
     python benchmarks/ensemble.py [--seeds 0 1 2] [--workers 2]
 
@@ -23,6 +24,7 @@ from _results import append_result
 from accuracy import confusion, nc_split
 
 from geoseg import load_bundle
+from geoseg.bundle import combine_bundles
 from geoseg.scoring import scores
 from geoseg.stages.predict import predict_scene
 from geoseg.stages.train import train
@@ -38,6 +40,7 @@ def main() -> None:
     preds: dict[str, np.ndarray] = {}  # the class ids each way calls the test pixels
     rows: dict[str, dict[str, float]] = {}
     mean = None
+    bundles: list[str | Path] = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
             bundle, classes = Path(tmp) / f"seed{seed}.bundle", Path(tmp) / f"seed{seed}.tif"
@@ -45,14 +48,25 @@ def main() -> None:
             train(split.scene, split.labels, bundle, within=split.within, workers=args.workers,
                   seed=seed)  # fmt: skip
             rows[f"seed {seed}"] = {"train_seconds": round(time.perf_counter() - t, 1)}
+            t = time.perf_counter()
             r = predict_scene(bundle, split.scene, classes, workers=args.workers,
                               probabilities=True)  # fmt: skip
+            rows[f"seed {seed}"]["predict_seconds"] = round(time.perf_counter() - t, 1)
+            bundles.append(bundle)
             with rasterio.open(classes) as src:
                 preds[f"seed {seed}"] = src.read(1)[split.test_px]
             with rasterio.open(r.probabilities) as src:  # a band per class, in 0-254 steps
                 probs = src.read()[:, split.test_px].astype(np.float64)
             mean = probs if mean is None else mean + probs
         class_list = load_bundle(bundle).classes
+        # what a user gets: the bundles combined by `geoseg ensemble`, predicted once
+        both, classes = Path(tmp) / "ensemble.bundle", Path(tmp) / "ensemble.tif"
+        combine_bundles(bundles, both)
+        t = time.perf_counter()
+        predict_scene(both, split.scene, classes, workers=args.workers)
+        rows["geoseg ensemble"] = {"predict_seconds": round(time.perf_counter() - t, 1)}
+        with rasterio.open(classes) as src:
+            preds["geoseg ensemble"] = src.read(1)[split.test_px]
     ids = np.array([c.id for c in class_list])
     assert mean is not None
     name = f"mean of {len(args.seeds)}"

@@ -5,6 +5,8 @@ A bundle is a ``torch.save`` archive holding plain data only (loaded with ``weig
 bands the model reads and in what order, how to normalise them, the scene nodata, the classes (the
 users' own codes, names and colours), the default window and overlap, the model's receptive field,
 the training scene's CRS and pixel size, the geoseg version, and a content hash over all of it.
+An ensemble (``geoseg ensemble``) is one bundle whose contract counts its ``members``: models of
+one architecture whose mean class probabilities it predicts.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +27,15 @@ from torch import nn
 from geoseg.classes import ClassInfo
 from geoseg.derive import Derived, positions
 from geoseg.errors import BandMismatchError, BundleError
-from geoseg.io import SceneProfile, atomic_output, check_input, crs_equivalent, read_scene
-from geoseg.models import create_model
+from geoseg.io import (
+    SceneProfile,
+    atomic_output,
+    check_input,
+    crs_equivalent,
+    read_scene,
+    same_file,
+)
+from geoseg.models import Ensemble, create_model
 
 FORMAT = "geoseg.bundle/1"
 
@@ -63,6 +72,8 @@ class Contract:
     derived: list[dict[str, str]] = field(default_factory=list)
     geoseg_version: str = ""
     training: dict[str, Any] = field(default_factory=dict)
+    # models of this architecture whose mean probabilities the bundle predicts (geoseg ensemble)
+    members: int = 1
 
     @property
     def channels(self) -> int:
@@ -70,7 +81,10 @@ class Contract:
         return len(self.bands) + len(self.derived)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if d["members"] == 1:  # a single model's contract reads as it always has
+            del d["members"]
+        return d
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Contract:
@@ -328,9 +342,7 @@ def load_bundle(path: str | os.PathLike[str], *, device: str | torch.device = "c
     if _content_hash(cj, state) != raw["hash"]:
         raise BundleError(f"bundle {p!r} is damaged: its content does not match its hash")
     contract = Contract.from_json(cj)
-    model = create_model(
-        contract.arch, contract.channels, len(contract.classes), **contract.arch_args
-    )
+    model = _model_of(contract)
     try:
         model.load_state_dict(state)
     except RuntimeError:
@@ -340,3 +352,70 @@ def load_bundle(path: str | os.PathLike[str], *, device: str | torch.device = "c
         ) from None
     model.to(device).eval()
     return Bundle(model=model, contract=contract, hash=raw["hash"], path=str(Path(p).resolve()))
+
+
+def _model_of(contract: Contract) -> nn.Module:
+    """The untrained model a bundle's weights load into."""
+    args = (contract.arch, contract.channels, len(contract.classes))
+    if contract.members == 1:
+        return create_model(*args, **contract.arch_args)
+    return Ensemble([create_model(*args, **contract.arch_args) for _ in range(contract.members)])
+
+
+# what may differ between an ensemble's members: how each was trained
+_OWN = ("training", "effective_overlap", "geoseg_version", "members")
+
+
+def combine_bundles(
+    paths: list[str | os.PathLike[str]], output: str | os.PathLike[str], *, overwrite: bool = False
+) -> Bundle:
+    """Write one bundle that predicts the mean class probabilities of the bundles at ``paths``
+    (trained with the same settings but ``seed``: the same bands, normalisation, classes,
+    architecture and window). Averaging models trained apart narrows the spread of their scores
+    (benchmarks/README.md, "The defaults now"), at one model pass per member."""
+    if len(paths) < 2:
+        raise BundleError(
+            f"an ensemble needs at least two bundles, got {len(paths)}; train more with other "
+            "--seed values"
+        )
+    for p in paths:
+        if same_file(p, output):
+            raise BundleError(
+                f"the ensemble's output {str(output)!r} is one of its bundles; write it to a new "
+                "file (-o)"
+            )
+    bundles = [load_bundle(p) for p in paths]
+    first = bundles[0]
+    for b in bundles:
+        if b.contract.members > 1:
+            raise BundleError(
+                f"bundle {b.path!r} is already an ensemble of {b.contract.members}; combine the "
+                "single bundles it was made of instead"
+            )
+    mine = {k: v for k, v in first.contract.to_json().items() if k not in _OWN}
+    for b in bundles[1:]:
+        theirs = {k: v for k, v in b.contract.to_json().items() if k not in _OWN}
+        differ = sorted(k for k in mine if mine[k] != theirs.get(k))
+        if differ:
+            raise BundleError(
+                f"bundles {first.path!r} and {b.path!r} differ in {', '.join(differ)}; an "
+                "ensemble's members must be trained on the same bands and classes with the same "
+                "architecture and window: train them with the same settings and another --seed"
+            )
+    effective = [b.contract.effective_overlap for b in bundles]
+    contract = replace(
+        first.contract,
+        members=len(bundles),
+        effective_overlap=None if None in effective else max(e or 0 for e in effective),
+        # the first member's record (its data, such as the pixels per class, are the others'
+        # too), and every member's
+        training={
+            **first.contract.training,
+            "members": [{"hash": b.hash, **b.contract.training} for b in bundles],
+        },
+    )
+    model = Ensemble([b.model for b in bundles])
+    digest = save_bundle(output, model, contract, overwrite=overwrite)
+    return Bundle(
+        model=model.eval(), contract=contract, hash=digest, path=str(Path(output).resolve())
+    )

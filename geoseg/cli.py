@@ -571,6 +571,29 @@ def predict(
 @cli.command(
     epilog="""\b
 Example:
+  for s in 0 1 2; do geoseg train scene.tif labels.tif -o m$s.bundle --seed $s; done
+  geoseg ensemble m0.bundle m1.bundle m2.bundle -o models.bundle
+"""
+)
+@click.argument("bundles", nargs=-1, required=True)
+@click.option("-o", "--output", required=True, help="The ensemble bundle to write.")
+@click.option("--overwrite", is_flag=True, help="Replace an output that exists.")
+@common
+def ensemble(
+    bundles: tuple[str, ...], output: str, overwrite: bool, verbose: int, quiet: bool
+) -> None:
+    """One bundle that predicts the mean class probabilities of BUNDLES (trained with the same
+    settings and other seeds); every window then runs every model."""
+    from geoseg.bundle import combine_bundles
+
+    _setup_logging(verbose, quiet)
+    b = combine_bundles(list(bundles), output, overwrite=overwrite)
+    click.echo(f"wrote {output}: an ensemble of {b.contract.members} {b.contract.arch} models")
+
+
+@cli.command(
+    epilog="""\b
+Example:
   geoseg vectorize classes.tif -o polygons.geojson
   geoseg vectorize classes.tif -o polygons.gpkg --classes 1,5
   geoseg vectorize classes.tif -o polygons.parquet --min-area 5000 --simplify 15

@@ -75,7 +75,7 @@ def make_raster(tmp_path: Path) -> Callable[..., Path]:
     return make
 
 
-def make_random_bundle(path: Path, bands: int, mean: float, std: float) -> Path:
+def make_random_bundle(path: Path, bands: int, mean: float, std: float, seed: int = 0) -> Path:
     """An untrained, tiny U-Net bundle: for tests about tiling, not learning. Its receptive
     field is measured (20 px) and its overlap covers it, as training would store them."""
     import torch
@@ -85,7 +85,7 @@ def make_random_bundle(path: Path, bands: int, mean: float, std: float) -> Path:
     from geoseg.io import read_profile
     from geoseg.models import create_model, receptive_field
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = create_model("unet", bands, 3, depth=2, base_width=4).eval()
     rf = receptive_field(model, bands)
     assert rf is not None

@@ -36,6 +36,21 @@ MODELS: dict[str, tuple[type[nn.Module], type[Any]]] = {
 }
 
 
+class Ensemble(nn.Module):
+    """Models of one architecture, trained apart, run as one: the output is the log of their
+    mean class probabilities, whose softmax is that mean and whose argmax is its class, so
+    prediction runs an ensemble as it runs any model (``geoseg ensemble``)."""
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        total = sum(m(x).float().softmax(1) for m in self.members)
+        assert isinstance(total, torch.Tensor)
+        return torch.log((total / len(self.members)).clamp_min(1e-30))
+
+
 def register_model(name: str, cls: type[nn.Module], config: type[Any]) -> None:
     """Add an architecture to the registry (for plug-ins and tests)."""
     MODELS[name] = (cls, config)
