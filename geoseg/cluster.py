@@ -30,7 +30,7 @@ from geoseg.allocator import DASK_DEFAULTS, worker_malloc
 from geoseg.errors import AsCaller, ClusterError, again, option
 from geoseg.io import describe_window
 from geoseg.progress import Progress
-from geoseg.tasks import TORCH_THREADS
+from geoseg.tasks import TORCH_THREADS, cuda_devices
 
 log = logging.getLogger("geoseg")
 
@@ -95,7 +95,7 @@ def session(
         with connect(address) as client, client.as_current():
             yield prepare(client)
         return
-    if small and workers is None and not (gpu and _cuda_devices()):
+    if small and workers is None and not (gpu and cuda_devices()):
         with in_process() as client, client.as_current():
             yield client
         return
@@ -150,7 +150,7 @@ def local_cluster(
     ``workers`` processes of one thread each (default: one per core, at most 8; with ``gpu``
     on a machine with GPUs, one per GPU; see :func:`session`). ``set_as_default=False``: the
     client does not become the process's current one (``distributed.get_client()``)."""
-    gpus = _cuda_devices() if gpu else 0
+    gpus = cuda_devices() if gpu else 0
     n = workers or gpus or default_workers()
     if n < 1:
         raise ClusterError(f"{option('--workers', None)} must be at least 1, got {n}")
@@ -308,13 +308,6 @@ def count_workers(address: str) -> int:
 
 
 GPU = "GPU"  # the Dask worker resource that --device cuda tasks ask for
-
-
-def _cuda_devices() -> int:
-    """The CUDA GPUs this process sees (0 without CUDA)."""
-    import torch
-
-    return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
 
 
 def task_resources(client: Any, device: str) -> dict[str, int] | None:

@@ -30,7 +30,7 @@ import psutil
 
 from geoseg import __version__
 from geoseg.errors import ClusterError
-from geoseg.tasks import TORCH_THREADS
+from geoseg.tasks import TORCH_THREADS, cuda_devices
 from geoseg.tuning import cache_path
 
 log = logging.getLogger("geoseg")
@@ -132,11 +132,10 @@ def _start_lock(folder: Path) -> Iterator[None]:
 
 
 def _start(folder: Path, workers: int, idle_timeout: str) -> Resident:
-    import torch
     from dask.utils import parse_timedelta
     from distributed import Client
 
-    if torch.cuda.is_available() and torch.cuda.device_count():
+    if cuda_devices():
         raise ClusterError(
             "'geoseg cluster start' keeps CPU workers, and this machine has CUDA GPUs; "
             "GPU work starts its own local cluster of a worker per GPU, or use 'dask worker "
@@ -244,7 +243,7 @@ def _wait_for_address(scheduler_file: Path, proc: subprocess.Popen[Any], folder:
         if proc.poll() is not None:
             break
         time.sleep(0.1)
-    proc.kill()
+    # the caller ends the scheduler
     raise ClusterError(
         f"the kept cluster's scheduler did not start; see {folder / 'scheduler.log'}"
     )

@@ -327,7 +327,7 @@ def test_a_gpu_machine_gets_one_local_worker_per_gpu(monkeypatch, caplog):
         calls.append(kwargs)
         return LocalCluster(processes=True, **kwargs)
 
-    monkeypatch.setattr(geoseg.cluster, "_cuda_devices", lambda: 2)
+    monkeypatch.setattr(geoseg.cluster, "cuda_devices", lambda: 2)
     monkeypatch.setitem(
         sys.modules, "dask_cuda", types.SimpleNamespace(LocalCUDACluster=fake_cuda_cluster)
     )

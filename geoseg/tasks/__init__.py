@@ -21,3 +21,10 @@ def torch_threads() -> int:
     cores."""
     env = os.environ.get(TORCH_THREADS)
     return max(1, int(env)) if env else os.cpu_count() or 1
+
+
+def cuda_devices() -> int:
+    """The CUDA GPUs this process sees (0 without CUDA)."""
+    import torch
+
+    return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0

@@ -33,7 +33,7 @@ from geoseg.classes import NODATA
 from geoseg.derive import add_derived
 from geoseg.errors import ConfigError, check_choice, option
 from geoseg.io import Grid, SceneProfile, read_scene, standardize
-from geoseg.tasks import torch_threads
+from geoseg.tasks import cuda_devices, torch_threads
 from geoseg.tiling import WindowGrid, spans
 from geoseg.tuning import Rate, cache_path, cached_rates, save_cache, stop_measuring
 
@@ -451,7 +451,7 @@ def read_threads(device: str) -> int:
     a GPU its share of the cores, at most 8."""
     if device != "cuda":
         return 1
-    return max(1, min(8, (os.cpu_count() or 1) // max(1, torch.cuda.device_count())))
+    return max(1, min(8, (os.cpu_count() or 1) // max(1, cuda_devices())))
 
 
 def _setup(device: str, precision: str, bundle_path: str) -> tuple[str, str, Bundle]:
