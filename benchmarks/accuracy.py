@@ -167,6 +167,15 @@ def neon_split(tmp: Path) -> Split:
 MASK_CLASS = {"spacenet": ("building", "#e31a1c"), "neon": ("tree box", "#33a02c")}
 
 
+def parse_settings(items: list[str]) -> dict:
+    """``--set KEY=VALUE`` items as ``train`` keyword arguments, each value read as YAML."""
+    settings = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        settings[key] = yaml.safe_load(value)
+    return settings
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -216,9 +225,7 @@ def main() -> None:
                 {"id": 0, "name": "background", "color": "#cccccc"},
                 {"id": 1, "name": name, "color": colour},
             ]
-        for item in args.set:
-            key, _, value = item.partition("=")
-            settings[key] = yaml.safe_load(value)
+        settings.update(parse_settings(args.set))
         train(scene, split.labels, bundle, within=split.within, workers=args.workers, **settings)
         t_unet = time.perf_counter() - t
         maps, t_predict = {}, {}

@@ -5,7 +5,7 @@ each seed alone, the class of the seeds' mean probabilities (as written, in 0-25
 map of the bundles combined by ``geoseg ensemble`` on the same test pixels, against the forest's
 row in ``accuracy.py``; with each prediction's time.
 
-    python benchmarks/ensemble.py [--seeds 0 1 2] [--workers 2]
+    python benchmarks/ensemble.py [--seeds 0 1 2] [--workers 2] [--set KEY=VALUE ...]
 
 Prints the figures and appends them to benchmarks/results/ensemble.json.
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import rasterio
 from _results import append_result
-from accuracy import confusion, nc_split
+from accuracy import confusion, nc_split, parse_settings
 
 from geoseg import load_bundle
 from geoseg.bundle import combine_bundles
@@ -35,7 +35,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a training setting for every seed, as in accuracy.py")  # fmt: skip
     args = ap.parse_args()
+    settings = parse_settings(args.set)
     split = nc_split()
     preds: dict[str, np.ndarray] = {}  # the class ids each way calls the test pixels
     rows: dict[str, dict[str, float]] = {}
@@ -46,7 +49,7 @@ def main() -> None:
             bundle, classes = Path(tmp) / f"seed{seed}.bundle", Path(tmp) / f"seed{seed}.tif"
             t = time.perf_counter()
             train(split.scene, split.labels, bundle, within=split.within, workers=args.workers,
-                  seed=seed)  # fmt: skip
+                  seed=seed, **settings)  # fmt: skip
             rows[f"seed {seed}"] = {"train_seconds": round(time.perf_counter() - t, 1)}
             t = time.perf_counter()
             r = predict_scene(bundle, split.scene, classes, workers=args.workers,
@@ -79,7 +82,7 @@ def main() -> None:
         row.update(miou=round(sc.miou, 3), accuracy=round(sc.overall_accuracy, 3),
                    water_iou=round(sc.iou_by_name()["water"], 3))  # fmt: skip
         print(f"{name:>10}: " + ", ".join(f"{k} {v}" for k, v in row.items()))
-    append_result("ensemble", {"scene": "nc", "seeds": args.seeds, "rows": rows})
+    append_result("ensemble", {"scene": "nc", "seeds": args.seeds, **settings, "rows": rows})
 
 
 if __name__ == "__main__":
