@@ -2,10 +2,17 @@ import geopandas as gpd
 import numpy as np
 import pytest
 import rasterio
+import torch
 from shapely.affinity import translate
 
 from geoseg import load_bundle
-from geoseg.errors import BandMismatchError, ConfigError, GridMismatchError, LabelError
+from geoseg.errors import (
+    BandMismatchError,
+    ConfigError,
+    GridMismatchError,
+    LabelError,
+    OutputExistsError,
+)
 from geoseg.io import read_profile
 from geoseg.labels import LabelSpec
 from geoseg.stages.train import train
@@ -337,3 +344,50 @@ def _float_crop(folder, crop, prefix: str) -> dict:
         with rasterio.open(paths[name], "w", **prof) as dst:
             dst.write(data)
     return paths
+
+
+TINY_RUN = {"arch_args": {"depth": 2, "base_width": 8}, "window": 32, "epochs": 1,
+            "samples_per_epoch": 32, "augment": "none", "within": str(WEST)}  # fmt: skip
+
+
+def test_members_train_an_ensemble_and_a_stopped_one_resumes_its_member(tmp_path, dask_client):
+    """``members=2``: two models with seeds 5 and 6, each kept beside the output, and the output
+    an ensemble of exactly those weights. Resumed from the second member's checkpoint, the first
+    member is taken as written and the ensemble made again is the same."""
+    out = tmp_path / "m.bundle"
+    r = train(SCENE, LABELS, out, members=2, seed=5, client=dask_client, **TINY_RUN)
+    one, two = tmp_path / "m.member1.bundle", tmp_path / "m.member2.bundle"
+    assert r.members == [one, two] and r.path == out
+    both, a, b = load_bundle(out), load_bundle(one), load_bundle(two)
+    assert both.contract.members == 2
+    assert [m["hash"] for m in both.contract.training["members"]] == [a.hash, b.hash]
+    weights = [m.state_dict() for m in both.model.members]
+    for mine, theirs in zip(weights, (a.model.state_dict(), b.model.state_dict())):
+        assert all(torch.equal(mine[k], v) for k, v in theirs.items())
+    assert not torch.equal(weights[0]["head.weight"], weights[1]["head.weight"])  # other seeds
+    # as if stopped while the second member was training: its bundle and the ensemble not yet made
+    first = one.stat().st_mtime_ns
+    ensemble_hash = both.hash
+    two.unlink()
+    out.unlink()
+    ckpt = tmp_path / "m.member2.bundle.checkpoint"
+    r = train(SCENE, LABELS, out, members=2, seed=5, resume=ckpt, client=dask_client, **TINY_RUN)
+    assert one.stat().st_mtime_ns == first  # not trained again
+    assert load_bundle(out).hash == ensemble_hash
+
+
+def test_members_refusals_come_before_any_training(tmp_path, dask_client):
+    out = tmp_path / "m.bundle"
+    with pytest.raises(ConfigError, match="members must be at least 1"):
+        train(SCENE, LABELS, out, members=0, client=dask_client, **TINY_RUN)
+    # a member's file from an earlier run: refused before the first member trains
+    (tmp_path / "m.member2.bundle.log.jsonl").write_text("")
+    with pytest.raises(OutputExistsError, match=r"m\.member2\.bundle\.log\.jsonl.* exists"):
+        train(SCENE, LABELS, out, members=2, client=dask_client, **TINY_RUN)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.member2.bundle.log.jsonl"]
+    # the checkpoint of another run
+    other = tmp_path / "other.bundle.checkpoint"
+    train(SCENE, LABELS, tmp_path / "other.bundle", client=dask_client, **TINY_RUN)
+    with pytest.raises(ConfigError, match="not one of this ensemble's members'"):
+        train(SCENE, LABELS, out, members=2, resume=other, client=dask_client, **TINY_RUN)
+    assert not list(tmp_path.glob("m.member1*")) and not out.exists()
