@@ -812,8 +812,9 @@ def train(
         ``output`` as ``NAME.memberK.bundle`` (with its checkpoint and log), and write to
         ``output`` the bundle that predicts their mean class probabilities
         (:func:`geoseg.bundle.combine_bundles`). Every window then runs every member. On NC's
-        held-out east five ensembles of three consecutive seeds scored mIoU 0.317-0.326,
-        where one model scored 0.290-0.316 by its seed (benchmarks/README.md).
+        held-out east every pair of five default seeds scored mIoU 0.308-0.324 and every
+        triple 0.317-0.330, where one model scored 0.290-0.316 by its seed
+        (benchmarks/README.md).
     resume
         A checkpoint of an earlier run with the same settings: training continues after its
         last finished epoch. With ``members``, a member's checkpoint: the members before it
