@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -402,6 +403,15 @@ def combine_bundles(
                 "ensemble's members must be trained on the same bands and classes with the same "
                 "architecture and window: train them with the same settings and another --seed"
             )
+    splits = [b.contract.training.get("validation") for b in bundles]
+    if any(v != splits[0] for v in splits[1:]):
+        warnings.warn(
+            "the bundles were validated on different pixels (another --val-region, "
+            "--val-fraction or --val-seed), so each trained on pixels another holds out: the "
+            "ensemble has no held-out validation; train them with one --val-seed, or "
+            "with geoseg train --members",
+            stacklevel=2,
+        )
     effective = [b.contract.effective_overlap for b in bundles]
     contract = replace(
         first.contract,

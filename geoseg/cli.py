@@ -311,6 +311,12 @@ Example:
     help="Share of labelled pixels kept for validation, as whole blocks (e.g. 0.2).",
 )
 @click.option(
+    "--val-seed",
+    type=int,
+    help="Seed of the --val-fraction split. Default: --seed (the members of --members share "
+    "the first's).",
+)
+@click.option(
     "--sampler",
     default="balanced",
     show_default=True,

@@ -1,3 +1,5 @@
+import warnings
+
 import geopandas as gpd
 import numpy as np
 import pytest
@@ -6,6 +8,7 @@ import torch
 from shapely.affinity import translate
 
 from geoseg import load_bundle
+from geoseg.bundle import combine_bundles
 from geoseg.errors import (
     BandMismatchError,
     ConfigError,
@@ -391,3 +394,26 @@ def test_members_refusals_come_before_any_training(tmp_path, dask_client):
     with pytest.raises(ConfigError, match="not one of this ensemble's members'"):
         train(SCENE, LABELS, out, members=2, resume=other, client=dask_client, **TINY_RUN)
     assert not list(tmp_path.glob("m.member1*")) and not out.exists()
+
+
+def test_members_share_one_validation_split(tmp_path, dask_client):
+    """With ``val_fraction`` every member holds out the same blocks, so no validation pixel was
+    seen by any model of the ensemble; a member trained with its own seed's split would have
+    trained on pixels another member validates on."""
+    out = tmp_path / "m.bundle"
+    run = {**TINY_RUN, "within": None}
+    train(SCENE, LABELS, out, members=3, val_fraction=0.3, client=dask_client, **run)
+    held = [
+        load_bundle(tmp_path / f"m.member{k}.bundle").contract.training["validation_pixels"]
+        for k in (1, 2, 3)
+    ]
+    assert held[0] and held[0] == held[1] == held[2]
+    # bundles trained apart on other splits: combined, with a warning that nothing is held out
+    apart = tmp_path / "apart.bundle"
+    train(SCENE, LABELS, apart, seed=9, val_fraction=0.3, client=dask_client, **run)
+    with pytest.warns(UserWarning, match="no held-out validation"):
+        combine_bundles([tmp_path / "m.member1.bundle", apart], tmp_path / "e.bundle")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        combine_bundles([tmp_path / "m.member1.bundle", tmp_path / "m.member2.bundle"],
+                        tmp_path / "f.bundle")  # fmt: skip

@@ -454,6 +454,7 @@ class TrainConfig:
     within: str | os.PathLike[str] | None = None
     val_region: str | os.PathLike[str] | None = None
     val_fraction: float | None = None
+    val_seed: int | None = None
     nodata: float | None = None
     seed: int = 0
     device: str = "auto"
@@ -521,7 +522,8 @@ def plan_training(
     c = config
     area = None if c.within is None else str(c.within)
     region = None if c.val_region is None else str(c.val_region)
-    window, val_fraction, seed, nodata = c.window, c.val_fraction, c.seed, c.nodata
+    window, val_fraction, nodata = c.window, c.val_fraction, c.nodata
+    split_seed = c.seed if c.val_seed is None else c.val_seed
     if not isinstance(window, int):
         raise ConfigError("plan_training needs the window resolved (train() resolves 'auto')")
     arch_args = dict(c.arch_args or {})
@@ -547,7 +549,7 @@ def plan_training(
     )
     val_cells: list[set[tuple[int, int]]] = [set() for _ in profiles]
     if val_fraction is not None:
-        parts, chosen = _split_fraction(parts, val_fraction, seed)
+        parts, chosen = _split_fraction(parts, val_fraction, split_seed)
         for i in chosen:
             scene, blk = items[i]
             val_cells[scene].add((int(blk.row_off) // cell, int(blk.col_off) // cell))
@@ -631,7 +633,7 @@ def plan_training(
         loss=c.loss,
         label_smoothing=c.label_smoothing,
         class_weights=_class_weights(total.codes, class_list) if c.balance else None,
-        seed=seed,
+        seed=c.seed,
         device=c.device,
     )
     return TrainingPlan(cfg, class_list, total, worker_list)
@@ -682,7 +684,8 @@ def _train_members(
         for i in range(first, n):
             log.info("member %d of %d (seed %d)", i + 1, n, seed + i)
             resumed = resume if i == first else None
-            one = {**args, "output": paths[i], "seed": seed + i, "members": 1, "resume": resumed}
+            one = {**args, "output": paths[i], "seed": seed + i, "members": 1, "resume": resumed,
+                   "val_seed": seed if given["val_seed"] is None else given["val_seed"]}  # fmt: skip
             results.append(train(**one, client=client))
     made = combine_bundles(list(paths), out, overwrite=overwrite)
     log.info("%s: an ensemble of %d members (%s)", out, n, ", ".join(p.name for p in paths))
@@ -722,6 +725,7 @@ def train(
     within: str | os.PathLike[str] | None = _D.within,
     val_region: str | os.PathLike[str] | None = _D.val_region,
     val_fraction: float | None = _D.val_fraction,
+    val_seed: int | None = _D.val_seed,
     nodata: float | None = _D.nodata,
     seed: int = _D.seed,
     device: str = _D.device,
@@ -795,9 +799,11 @@ def train(
         (mean 0.283) against 0.270-0.295 (mean 0.285).
     within
         A polygon file: windows lie wholly inside it, statistics are computed inside it.
-    val_region, val_fraction
+    val_region, val_fraction, val_seed
         Validation pixels: those inside the polygons of ``val_region``, or whole blocks of
-        :func:`split_cell` px holding ``val_fraction`` of the labelled pixels. No training
+        :func:`split_cell` px holding ``val_fraction`` of the labelled pixels, drawn with
+        ``val_seed`` (default: ``seed``; runs of several seeds compare on one split with one
+        ``val_seed``, and the members of an ensemble share their first seed's). No training
         window touches a validation pixel. With validation, the bundle holds the epoch with the
         best validation mIoU; without, the last epoch.
     nodata
@@ -1057,6 +1063,7 @@ def train(
                 "validation": {
                     "region": region,
                     "fraction": val_fraction,
+                    "seed": (seed if val_seed is None else val_seed) if val_fraction else None,
                     "cell": split_cell(window),
                 }
                 if val_windows
