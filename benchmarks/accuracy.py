@@ -4,6 +4,7 @@ scikit-learn random forest on the same bands and the same training pixels.
     python benchmarks/accuracy.py [--epochs 40] [--workers 2] [--tta none flips d4]
         [--recipe benchmark|defaults] [--set loss=ce+dice --set epochs=30 ...]
         [--scene nc|iguazu|spacenet|neon]
+    python benchmarks/accuracy.py --table [--scene nc] [--since 2026-12-05]
 
 Training pixels: every labelled, valid pixel inside the western 60 % (``nc_train_west60.gpkg``);
 the U-Net draws its windows there (``--within``), the forest is fitted on those pixels' six band
@@ -16,11 +17,15 @@ settings this script has always used; ``--set KEY=VALUE`` changes one of train()
 augmentation) with the same bundle: each is a row, with its prediction time. Prints per-class IoU
 and mIoU for every row and appends them to benchmarks/results/accuracy.json. ``--scene`` picks
 another labelled scene of ``../shared/data`` (each split is described by its function below).
+``--table`` trains nothing: it prints the rows recorded in results/accuracy.json, a table per
+scene, each row's lever (the settings it changed), mIoU and accuracy against the forest's and
+against the row before it, with its training time.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import tempfile
 import time
@@ -31,7 +36,7 @@ import geopandas as gpd
 import numpy as np
 import rasterio
 import yaml
-from _results import append_result
+from _results import RESULTS, append_result
 from rasterio.features import rasterize
 from sklearn.ensemble import RandomForestClassifier
 
@@ -176,6 +181,44 @@ def parse_settings(items: list[str]) -> dict:
     return settings
 
 
+# the keys of a row's settings that say how it ran, not which lever it pulled
+_NOT_LEVERS = {"recipe", "train_seconds", "seed", "within"}
+
+
+def print_table(scene: str | None, since: str) -> None:
+    """The recorded rows, a table per scene in the order they were run (``since``: the first
+    date shown, ``YYYY-MM-DD``)."""
+    rows = json.loads((RESULTS / "accuracy.json").read_text())
+    scenes = sorted({r.get("scene") or "nc" for r in rows} if scene is None else {scene})
+    for name in scenes:
+        mine = [r for r in rows if (r.get("scene") or "nc") == name and r["date"] >= since]
+        mine.sort(key=lambda r: r["date"])  # rows run in worktrees were copied in later
+        if not mine:
+            continue
+        print(f"\n{name}: {len(mine)} rows since {since}")
+        print(f"{'date':16} {'seed':>4} {'mIoU':>6} {'change':>7} {'acc':>6} {'forest':>13} "
+              f"{'train s':>7}  lever")  # fmt: skip
+        before = None
+        for r in mine:
+            unet = r.get("unet", {})
+            lever = {k: v for k, v in unet.items() if k not in _NOT_LEVERS}
+            lever.update({k: r[k] for k in ("code", "lovasz_ramp") if k in r})
+            for key in [k for k in r if k.startswith("unet tta")]:
+                got = r[key]
+                if "miou" not in got:
+                    continue
+                change = "" if before is None else f"{got['miou'] - before:+.3f}"
+                forest = r.get("random_forest", {})
+                print(
+                    f"{r['date']:16} {unet.get('seed', 0)!s:>4} {got['miou']:6.3f} {change:>7} "
+                    f"{got['accuracy']:6.3f} {forest.get('miou', 0):6.3f}/"
+                    f"{forest.get('accuracy', 0):.3f} {unet.get('train_seconds', 0):7.1f}  "
+                    + (f"tta {got['tta']} " if got.get("tta", "none") != "none" else "")
+                    + (json.dumps(lever, sort_keys=True) if lever else "defaults")
+                )
+                before = got["miou"]
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -185,8 +228,14 @@ def main() -> None:
     ap.add_argument("--tta", nargs="+", default=["none"], choices=["none", "flips", "d4"])
     ap.add_argument("--recipe", default="benchmark", choices=["benchmark", "defaults"])
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--scene", default="nc", choices=["nc", "iguazu", "spacenet", "neon"])
+    ap.add_argument("--scene", choices=["nc", "iguazu", "spacenet", "neon"])
+    ap.add_argument("--table", action="store_true", help="print the recorded rows; train nothing")
+    ap.add_argument("--since", default="2000-01-01", help="with --table: the first date shown")
     args = ap.parse_args()
+    if args.table:
+        print_table(args.scene, args.since)
+        return
+    args.scene = args.scene or "nc"
 
     with tempfile.TemporaryDirectory() as tmp:
         splits = {

@@ -43,3 +43,31 @@ def test_the_gpu_benchmarks_reads_alone_cover_the_scene_on_a_cpu(tmp_path, monke
     make_scene(scene, 1300)  # blocks of 512 px: the last row and column are partial
     for threads in (1, 2):
         assert reads_alone(bundle, scene, 512, 120, threads) > 0
+
+
+def test_the_accuracy_table_shows_every_recorded_row_and_its_change(tmp_path):
+    """``accuracy.py --table`` trains nothing: a row per recorded map of the scene, in the
+    order they were run, each with its change from the row before."""
+    import json
+
+    recorded = json.loads((BENCHMARKS / "results" / "accuracy.json").read_text())
+    spacenet = sorted(
+        (r for r in recorded if r.get("scene") == "spacenet"), key=lambda r: r["date"]
+    )
+    run = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "accuracy.py"), "--table", "--scene", "spacenet"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.strip().splitlines()
+    assert lines[0] == f"spacenet: {len(spacenet)} rows since 2000-01-01"
+    rows = lines[2:]
+    maps = [r[k] for r in spacenet for k in r if k.startswith("unet tta") and "miou" in r[k]]
+    assert len(rows) == len(maps)
+    for line, before, now in zip(rows[1:], maps, maps[1:]):
+        miou, change = (float(x) for x in line.split()[3:5])  # after the date, time and seed
+        assert miou == round(now["miou"], 3)
+        assert change == pytest.approx(now["miou"] - before["miou"], abs=1e-3)
