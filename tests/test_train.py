@@ -383,6 +383,8 @@ def test_members_refusals_come_before_any_training(tmp_path, dask_client):
     out = tmp_path / "m.bundle"
     with pytest.raises(ConfigError, match="members must be at least 1"):
         train(SCENE, LABELS, out, members=0, client=dask_client, **TINY_RUN)
+    with pytest.raises(ConfigError, match="val_seed draws the val_fraction split"):
+        train(SCENE, LABELS, out, val_seed=3, client=dask_client, **TINY_RUN)
     # a member's file from an earlier run: refused before the first member trains
     (tmp_path / "m.member2.bundle.log.jsonl").write_text("")
     with pytest.raises(OutputExistsError, match=r"m\.member2\.bundle\.log\.jsonl.* exists"):

@@ -484,6 +484,12 @@ class TrainConfig:
             raise ConfigError(
                 f"give {option('--val-region', None)} or {option('--val-fraction', None)}, not both"
             )
+        if self.val_seed is not None and self.val_fraction is None:
+            raise ConfigError(
+                f"{option('--val-seed', None)} draws the {option('--val-fraction', None)} "
+                f"split; give {option('--val-fraction', None)} too, or leave out "
+                f"{option('--val-seed', None)}"
+            )
         if self.val_fraction is not None and not 0 < self.val_fraction < 1:
             raise ConfigError(
                 f"{option('--val-fraction', None)} must lie between 0 and 1, got {self.val_fraction}"
@@ -684,8 +690,9 @@ def _train_members(
         for i in range(first, n):
             log.info("member %d of %d (seed %d)", i + 1, n, seed + i)
             resumed = resume if i == first else None
-            one = {**args, "output": paths[i], "seed": seed + i, "members": 1, "resume": resumed,
-                   "val_seed": seed if given["val_seed"] is None else given["val_seed"]}  # fmt: skip
+            one = {**args, "output": paths[i], "seed": seed + i, "members": 1, "resume": resumed}
+            if given["val_fraction"] is not None:  # one split for every member
+                one["val_seed"] = seed if given["val_seed"] is None else given["val_seed"]
             results.append(train(**one, client=client))
     made = combine_bundles(list(paths), out, overwrite=overwrite)
     log.info("%s: an ensemble of %d members (%s)", out, n, ", ".join(p.name for p in paths))
