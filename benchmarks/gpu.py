@@ -57,21 +57,21 @@ def reads_alone(bundle: Path, scene: Path, block: int, overlap: int, threads: in
     from geoseg import load_bundle
     from geoseg.io import read_profile, read_scene
     from geoseg.tasks.predict import normalize
+    from geoseg.tiling import block_windows, spans
 
     b = load_bundle(bundle)
     profile = read_profile(scene)
     bands = b.indexes_in(profile)
     pixels = 0
     t = time.perf_counter()
-    for r in range(0, profile.height, block):
-        for c in range(0, profile.width, block):
-            r0, c0 = max(0, r - overlap), max(0, c - overlap)
-            r1 = min(profile.height, r + block + overlap)
-            c1 = min(profile.width, c + block + overlap)
-            window = Window(c0, r0, c1 - c0, r1 - r0)
-            data, valid = read_scene(profile, window, bands, b.contract.nodata, threads=threads)
-            normalize(data, valid, b)
-            pixels += min(block, profile.height - r) * min(block, profile.width - c)
+    for core in block_windows(profile.height, profile.width, block):
+        (r0, r1), (c0, c1) = spans(core)
+        r0, c0 = max(0, r0 - overlap), max(0, c0 - overlap)
+        r1, c1 = min(profile.height, r1 + overlap), min(profile.width, c1 + overlap)
+        window = Window(c0, r0, c1 - c0, r1 - r0)
+        data, valid = read_scene(profile, window, bands, b.contract.nodata, threads=threads)
+        normalize(data, valid, b)
+        pixels += int(core.height * core.width)
     assert pixels == profile.height * profile.width  # every pixel read once as a core
     return pixels / 1e6 / (time.perf_counter() - t)
 

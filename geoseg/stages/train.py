@@ -497,6 +497,11 @@ class TrainConfig:
         make_loss(self.loss)  # the names, before any work
         parse_derived(self.derive)
 
+    @property
+    def split_seed(self) -> int:
+        """The seed the ``val_fraction`` blocks are drawn with."""
+        return self.seed if self.val_seed is None else self.val_seed
+
 
 _D = TrainConfig  # the defaults of train()'s keywords: one place
 
@@ -529,7 +534,6 @@ def plan_training(
     area = None if c.within is None else str(c.within)
     region = None if c.val_region is None else str(c.val_region)
     window, val_fraction, nodata = c.window, c.val_fraction, c.nodata
-    split_seed = c.seed if c.val_seed is None else c.val_seed
     if not isinstance(window, int):
         raise ConfigError("plan_training needs the window resolved (train() resolves 'auto')")
     arch_args = dict(c.arch_args or {})
@@ -555,7 +559,7 @@ def plan_training(
     )
     val_cells: list[set[tuple[int, int]]] = [set() for _ in profiles]
     if val_fraction is not None:
-        parts, chosen = _split_fraction(parts, val_fraction, split_seed)
+        parts, chosen = _split_fraction(parts, val_fraction, c.split_seed)
         for i in chosen:
             scene, blk = items[i]
             val_cells[scene].add((int(blk.row_off) // cell, int(blk.col_off) // cell))
@@ -645,22 +649,28 @@ def plan_training(
     return TrainingPlan(cfg, class_list, total, worker_list)
 
 
+def beside(bundle: Path) -> tuple[Path, Path]:
+    """The files training writes beside ``bundle``: its checkpoint and its log."""
+    return (
+        bundle.with_name(bundle.name + ".checkpoint"),
+        bundle.with_name(bundle.name + ".log.jsonl"),
+    )
+
+
 def member_path(output: Path, k: int) -> Path:
     """Where member ``k`` (from 1) of the ensemble ``output`` is written: ``NAME.memberK.bundle``."""
     return output.with_name(f"{output.stem}.member{k}{output.suffix}")
 
 
 def _train_members(
-    given: dict[str, Any], out: Path, inputs: list[Any], resume: str | None
+    given: dict[str, Any], config: TrainConfig, out: Path, inputs: list[Any], resume: str | None
 ) -> TrainResult:
-    """:func:`train` with ``members`` > 1 (``given``: its arguments, ``out`` its checked output,
-    ``inputs`` the files it reads, ``resume`` the resolved checkpoint): each member trained in
-    turn on one cluster, then combined into ``out``."""
-    n, seed, overwrite = given["members"], given["seed"], given["overwrite"]
+    """:func:`train` with ``members`` > 1 (``given``: its arguments, ``config`` their checked
+    settings, ``out`` its checked output, ``inputs`` the files it reads, ``resume`` the resolved
+    checkpoint): each member trained in turn on one cluster, then combined into ``out``."""
+    n, seed, overwrite = config.members, config.seed, given["overwrite"]
     paths = [member_path(out, k) for k in range(1, n + 1)]
-    side = [
-        (p.with_name(p.name + ".checkpoint"), p.with_name(p.name + ".log.jsonl")) for p in paths
-    ]
+    side = [beside(p) for p in paths]
     first = 0
     if resume is not None:
         first = next((i for i, (c, _) in enumerate(side) if same_file(c, resume)), -1)
@@ -685,14 +695,14 @@ def _train_members(
     args = {k: v for k, v in given.items() if k not in ("client", "workers", "scheduler")}
     results = []
     with session(
-        given["workers"], given["scheduler"], client=given["client"], gpu=given["device"] != "cpu"
+        given["workers"], given["scheduler"], client=given["client"], gpu=config.device != "cpu"
     ) as client:
         for i in range(first, n):
             log.info("member %d of %d (seed %d)", i + 1, n, seed + i)
             resumed = resume if i == first else None
             one = {**args, "output": paths[i], "seed": seed + i, "members": 1, "resume": resumed}
-            if given["val_fraction"] is not None:  # one split for every member
-                one["val_seed"] = seed if given["val_seed"] is None else given["val_seed"]
+            if config.val_fraction is not None:  # one split for every member
+                one["val_seed"] = config.split_seed
             results.append(train(**one, client=client))
     made = combine_bundles(list(paths), out, overwrite=overwrite)
     log.info("%s: an ensemble of %d members (%s)", out, n, ", ".join(p.name for p in paths))
@@ -863,9 +873,8 @@ def train(
     ckpt = _read_checkpoint(ckpt_in) if ckpt_in is not None else None
     out = check_output(output, overwrite, inputs=[*inputs, ckpt_in], what="bundle")
     if members > 1:
-        return _train_members(given, out, inputs, ckpt_in)
-    ckpt_path = out.with_name(out.name + ".checkpoint")
-    log_path = out.with_name(out.name + ".log.jsonl")
+        return _train_members(given, config, out, inputs, ckpt_in)
+    ckpt_path, log_path = beside(out)
     # resuming rewrites the checkpoint it resumes and the log beside it; nothing else
     resuming = ckpt_in is not None and same_file(ckpt_path, ckpt_in)
     try:
@@ -1070,7 +1079,7 @@ def train(
                 "validation": {
                     "region": region,
                     "fraction": val_fraction,
-                    "seed": (seed if val_seed is None else val_seed) if val_fraction else None,
+                    "seed": config.split_seed if val_fraction else None,
                     "cell": split_cell(window),
                 }
                 if val_windows
