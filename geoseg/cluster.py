@@ -203,6 +203,7 @@ def _local_cluster(n: int, gpus: int) -> Any:
     if not gpus:
         return LocalCluster(processes=True, **common)
     common["resources"] = {GPU: 1}
+    common["threads_per_worker"] = GPU_BLOCKS
     try:
         from dask_cuda import LocalCUDACluster
     except ImportError:
@@ -309,10 +310,16 @@ def count_workers(address: str) -> int:
 
 GPU = "GPU"  # the Dask worker resource that --device cuda tasks ask for
 
+GPU_BLOCKS = 2
+"""Block tasks a GPU worker runs at once (given as many threads): while one block's model
+runs, the other's block is read, or its parts written. Their models take turns on the GPU
+(:func:`geoseg.tasks.predict.gpu_turn`)."""
 
-def task_resources(client: Any, device: str) -> dict[str, int] | None:
-    """The Dask resources a task on ``device`` asks for: one ``GPU`` for ``cuda`` (refused
-    with a clear message when no worker declares one), none otherwise."""
+
+def task_resources(client: Any, device: str, *, blocks: bool = False) -> dict[str, float] | None:
+    """The Dask resources a task on ``device`` asks for: for ``cuda`` a ``GPU`` (refused with a
+    clear message when no worker declares one), a share of one for ``blocks`` of a prediction
+    (:data:`GPU_BLOCKS` run on a GPU at once); none otherwise."""
     if device != "cuda":
         return None
     workers = workers_info(client).values()
@@ -322,7 +329,7 @@ def task_resources(client: Any, device: str) -> dict[str, int] | None:
             f"machines with 'dask worker ADDRESS --resources GPU=1', or use "
             f"{option('--device', 'auto')}"
         )
-    return {GPU: 1}
+    return {GPU: 1 / GPU_BLOCKS if blocks else 1}
 
 
 def cpu_workers(client: Any) -> list[str] | None:
@@ -378,7 +385,7 @@ def run_tasks(
     *args: Any,
     unit: str = "blocks",
     pixels: Sequence[int] | None = None,
-    resources: dict[str, int] | None = None,
+    resources: dict[str, float] | None = None,
     cpu_only: bool = False,
     paced: bool = False,
     then: FollowUp | None = None,
@@ -474,16 +481,29 @@ def run_tasks(
     return results
 
 
-def worker_slots(client: Any, resources: dict[str, int] | None, where: list[str] | None) -> int:
-    """Worker threads that may run a task with these ``resources`` and ``where`` restriction."""
+def worker_slots(client: Any, resources: dict[str, float] | None, where: list[str] | None) -> int:
+    """Tasks with these ``resources`` and ``where`` restriction that the workers run at once:
+    each worker's threads, or fewer where its resources hold fewer such tasks (a GPU worker of
+    several threads runs one task that asks for its GPU)."""
     n = 0
     for address, w in workers_info(client).items():
         have = w.get("resources", {})
         if where is not None and address not in where:
             continue
-        if resources and any(have.get(k, 0) < v for k, v in resources.items()):
-            continue
-        n += int(w.get("nthreads", 1))
+        fits = [int(have.get(k, 0) / v + 1e-9) for k, v in (resources or {}).items() if v > 0]
+        n += min([int(w.get("nthreads", 1)), *fits])
+    return max(1, n)
+
+
+def model_slots(client: Any, device: str) -> int:
+    """Models that run at once on the cluster for tasks on ``device``: one per GPU worker (its
+    block tasks take turns with the model), one per thread of any other worker they may use."""
+    n = 0
+    for w in workers_info(client).values():
+        gpu = w.get("resources", {}).get(GPU, 0) >= 1
+        if device == "cuda" and not gpu:
+            continue  # its tasks ask for a GPU
+        n += 1 if gpu and device != "cpu" else int(w.get("nthreads", 1))
     return max(1, n)
 
 

@@ -139,7 +139,7 @@ def _start(folder: Path, workers: int, idle_timeout: str) -> Resident:
         raise ClusterError(
             "'geoseg cluster start' keeps CPU workers, and this machine has CUDA GPUs; "
             "GPU work starts its own local cluster of a worker per GPU, or use 'dask worker "
-            "--resources GPU=1' once per GPU and pass --scheduler (docs/cluster.md)"
+            "--nthreads 2 --resources GPU=1' once per GPU and pass --scheduler (docs/cluster.md)"
         )
     if _read() is not None:  # another version's, still running
         raise ClusterError(

@@ -334,7 +334,8 @@ def test_a_gpu_machine_gets_one_local_worker_per_gpu(monkeypatch, caplog):
     cores = __import__("os").cpu_count()
     with session(gpu=True) as client:
         seen = list(client.run(torch_threads_and_gpu).values())
-    assert len(calls) == 1 and calls[0]["n_workers"] == 2 and calls[0]["threads_per_worker"] == 1
+    # two threads a GPU worker: one block is read and written while the other's model runs
+    assert len(calls) == 1 and calls[0]["n_workers"] == 2 and calls[0]["threads_per_worker"] == 2
     assert calls[0]["resources"] == {GPU: 1}
     assert seen == [(str(max(1, cores // 2)), 1)] * 2
     # CPU-only work on the same machine: a plain cluster without the GPU resource
@@ -375,6 +376,43 @@ def test_tasks_start_in_the_order_given_one_per_worker_thread(dask_client):
     for k in range(2, len(items)):
         free = sorted(ends[:k])[k - 2]
         assert free - 0.01 <= starts[k] < free + 0.1, (k, starts[k] - free)
+
+
+@pytest.mark.slow
+def test_a_gpu_worker_runs_two_blocks_at_once_and_one_training(monkeypatch):
+    """A GPU worker as geoseg's local cluster makes one (no GPU here: the machine is told it
+    has one, and no dask-cuda): predict's block tasks run two at a time on it, so that one
+    reads its block while the other's model runs, and never more; a training rank, and the
+    model-time estimate of ``--window auto``, count one per GPU."""
+    import geoseg.cluster
+    from geoseg.cluster import (
+        GPU,
+        model_slots,
+        run_tasks,
+        session,
+        task_resources,
+        worker_slots,
+    )
+
+    def stamp(item: int) -> tuple[float, float]:  # travels by value to the workers
+        import time
+
+        t = time.monotonic()
+        time.sleep(0.4)
+        return t, time.monotonic()
+
+    monkeypatch.setattr(geoseg.cluster, "cuda_devices", lambda: 1)
+    monkeypatch.setitem(__import__("sys").modules, "dask_cuda", None)
+    with session(gpu=True) as client:
+        blocks = task_resources(client, "cuda", blocks=True)
+        assert blocks == {GPU: 0.5}
+        assert task_resources(client, "cuda") == {GPU: 1}
+        assert worker_slots(client, blocks, None) == 2
+        assert worker_slots(client, {GPU: 1}, None) == 1  # the worker's two threads: one GPU
+        assert model_slots(client, "cuda") == model_slots(client, "auto") == 1
+        ran = run_tasks(client, stamp, list(range(6)), "stamps", resources=blocks, paced=True)
+    at_once = max(sum(s <= t < e for s, e in ran) for t, _ in ran)
+    assert at_once == 2, ran
 
 
 def test_follow_ups_run_as_soon_as_what_they_need_is_done(dask_client):

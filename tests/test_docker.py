@@ -27,7 +27,10 @@ def test_compose_has_a_scheduler_cpu_workers_and_a_gpu_worker_on_shared_data():
         cmd = svc["command"]
         if name not in ("scheduler", "client"):
             assert cmd[:3] == ["dask", "worker", "tcp://scheduler:8786"]
-            assert cmd[cmd.index("--nthreads") + 1] == "1"  # torch, not Dask, uses the cores
+            # torch, not Dask, uses the cores; a GPU worker reads one block while the model
+            # runs another
+            threads = "2" if name == "gpu-worker" else "1"
+            assert cmd[cmd.index("--nthreads") + 1] == threads
         assert "data:/data" in svc["volumes"]
     assert "data" in compose["volumes"]
 

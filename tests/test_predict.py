@@ -170,6 +170,35 @@ def test_bf16_and_fp32_agree_almost_everywhere(random_bundle, tmp_path, dask_cli
     assert agreement > 0.99
 
 
+@pytest.mark.skipif(
+    not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU (run on a lent device)"
+)
+@pytest.mark.parametrize("blend", ["trim", "gaussian"])
+def test_a_gpu_worker_two_blocks_at_once_gives_the_map_of_one_at_a_time(
+    random_bundle, tmp_path, monkeypatch, blend
+):
+    """On a GPU a worker runs two blocks at once, their models taking turns: the map is the
+    one its blocks give one at a time, to the pixel, and the CPU's at fp32 almost everywhere."""
+    import geoseg.cluster
+
+    maps = {}
+    for blocks in (2, 1):
+        monkeypatch.setattr(geoseg.cluster, "GPU_BLOCKS", blocks)
+        out = tmp_path / f"gpu{blocks}.tif"
+        predict_scene(
+            random_bundle, SCENE, out, device="cuda", precision="fp32", block=128, blend=blend
+        )
+        with rasterio.open(out) as c:
+            maps[blocks] = c.read(1)
+    out = tmp_path / "cpu.tif"
+    predict_scene(random_bundle, SCENE, out, device="cpu", precision="fp32", block=128, blend=blend)
+    with rasterio.open(out) as c:
+        cpu = c.read(1)
+    assert np.array_equal(maps[2], maps[1])
+    valid = cpu != NODATA
+    assert (maps[2] == cpu)[valid].mean() > 0.99  # cuDNN may use TF32 at "fp32"
+
+
 def test_bad_prediction_inputs(random_bundle, tmp_path, make_raster, dask_client):
     import shutil
 

@@ -44,12 +44,12 @@ from geoseg.cluster import (
     connect,
     count_workers,
     default_workers,
+    model_slots,
     run_tasks,
     scheduler_address,
     session,
     task_resources,
     task_result,
-    worker_slots,
     workers_info,
 )
 from geoseg.errors import (
@@ -266,7 +266,7 @@ def _auto_window(
     outs: list[Path],
     opts: PredictOptions,
     auto: _Auto,
-    resources: dict[str, int] | None,
+    resources: dict[str, float] | None,
     overwrite: bool,
 ) -> PredictOptions:
     """``opts`` with the window (and, unless given, the batch) chosen for throughput: the
@@ -303,9 +303,9 @@ def _auto_window(
         resources=resources,
     )
     rates: list[Rate] = task_result(fut, "window auto", windows)
-    # every worker thread runs a block at once (a small scene's in-process worker has one per
-    # core, each with one torch thread, as the speeds were measured)
-    slots = worker_slots(client, resources, None)
+    # every CPU worker thread runs a block's model at once (a small scene's in-process worker
+    # has one per core, each with one torch thread, as the speeds were measured); a GPU one
+    slots = model_slots(client, opts.device)
     try:
         choice = choose(rates, sizes, overlap_for=overlap_for, slots=slots, step=step)
     except ValueError:
@@ -739,7 +739,7 @@ def _run(
             bundle_path = str(Path(bundle).resolve())
             if opts.device != "cuda" and resolve_device(opts.device) == "cpu":
                 share_bundle(bundle_path, b)  # a worker in this process takes it as it is
-            resources = task_resources(client, opts.device)
+            resources = task_resources(client, opts.device, blocks=True)
             if auto is not None:
                 opts = _auto_window(
                     client, b, bundle_path, layouts, outs, opts, auto, resources, overwrite
@@ -916,7 +916,7 @@ def _run_shared_windows(
     blend: str,
     probabilities: bool,
     options: dict[str, Any],
-    resources: dict[str, int] | None,
+    resources: dict[str, float] | None,
 ) -> list[BlockResult]:
     """Weighted blending with every window run once: each block runs the windows it owns and
     sums their weighted probabilities (:func:`accumulate_block`); each unfinished block then

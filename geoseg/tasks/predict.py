@@ -204,7 +204,7 @@ def predict_windows(
             used = valid[r : r + size, c : c + size]
         if used.any():
             todo.append((w, (r, c)))
-    with torch.inference_mode():
+    with torch.inference_mode(), gpu_turn(device):
         for batch in _batches(todo, batch_size):
             xb = _stack([x[:, r : r + size, c : c + size] for _, (r, c) in batch], device)
             logits = _forward(bundle, xb, device, precision, tta)
@@ -227,19 +227,31 @@ def predict_windows(
                     into.addcmul_(torch.softmax(lg, 0), weights_t)
                     w_into = wsum[r : r + size, c : c + size]
                     np.add(w_into, fixed, out=w_into)
-    sums = None if acc is None else acc.cpu().numpy()  # the one copy back (none on a CPU)
+        # the one copy back (none on a CPU); the device's copies go before the turn ends
+        sums = None if acc is None else acc.cpu().numpy()
+        classes = index.cpu().numpy()
+        del acc, index
     if raw:
-        return WindowsPrediction(index.cpu().numpy(), sums, len(todo), wsum)
+        return WindowsPrediction(classes, sums, len(todo), wsum)
     if wsum is not None and sums is not None:
         covered = wsum > 0
         # the class of the weighted mean is the class of the weighted sum
-        classes = _argmax_first_axis(sums)
         return WindowsPrediction(
-            np.where(covered, classes, -1).astype(np.int16),
+            np.where(covered, _argmax_first_axis(sums), -1).astype(np.int16),
             np.divide(sums, np.where(covered, wsum, 1), out=sums) if probabilities else None,
             len(todo),
         )
-    return WindowsPrediction(index.cpu().numpy(), sums if probabilities else None, len(todo))
+    return WindowsPrediction(classes, sums if probabilities else None, len(todo))
+
+
+_GPU_TURN = threading.Lock()
+
+
+def gpu_turn(device: str) -> contextlib.AbstractContextManager[Any]:
+    """Held while a block's windows run on a GPU: the block tasks a GPU worker runs at once
+    (:data:`geoseg.cluster.GPU_BLOCKS`) take turns with its model, one block's sums on it at a
+    time, while the others read or write. On a CPU every worker thread runs its own model."""
+    return _GPU_TURN if device == "cuda" else contextlib.nullcontext()
 
 
 def _full(shape: tuple[int, ...], value: int, dtype: torch.dtype, device: str) -> torch.Tensor:
@@ -334,7 +346,7 @@ def window_rates(
     new: list[Rate] = []
     t_start = time.perf_counter()
     overlaps = dict(windows)
-    with torch.inference_mode():
+    with torch.inference_mode(), gpu_turn(dev):
         for w, _ in todo:
             seen = [r for r in [*have, *new] if r.px_per_s > 0 and r.window in overlaps]
             # two passes at the speed of the largest window so far: would they end past budget?
