@@ -183,14 +183,9 @@ def predict_windows(
     trim = blend == "trim"
     if trim and grid is None:
         raise ConfigError("trim blending needs the window grid")
-    # the block's results stay on the model's device until the last window: on a GPU no window
-    # waits for its output to be copied back, so the next batch is stacked while the GPU runs
-    index = _full(shape, -1, torch.int16, device)
-    acc = None if trim and not probabilities else _full((k, *shape), 0, torch.float32, device)
     wsum = None if trim else np.zeros(shape, dtype=np.float32)
     size = int(windows[0].height) if windows else 0
     fixed = None if trim or not windows else window_weights(size, blend)
-    weights_t = None if fixed is None else torch.from_numpy(fixed).to(device)
     # (window, its top-left in x) for the windows holding any valid pixel where their output
     # is used: with trim blending only on the plateau (a window whose plateau is all nodata,
     # say a scene's edge seen only by a window's margin in a mosaic, would write nothing)
@@ -205,6 +200,12 @@ def predict_windows(
         if used.any():
             todo.append((w, (r, c)))
     with torch.inference_mode(), gpu_turn(device):
+        # the block's results stay on the model's device until the last window: on a GPU no
+        # window waits for its output to be copied back, so the next batch is stacked while the
+        # GPU runs; made in the block's turn, so a GPU holds one block's at a time
+        index = _full(shape, -1, torch.int16, device)
+        acc = None if trim and not probabilities else _full((k, *shape), 0, torch.float32, device)
+        weights_t = None if fixed is None else torch.from_numpy(fixed).to(device)
         for batch in _batches(todo, batch_size):
             xb = _stack([x[:, r : r + size, c : c + size] for _, (r, c) in batch], device)
             logits = _forward(bundle, xb, device, precision, tta)
@@ -230,7 +231,7 @@ def predict_windows(
         # the one copy back (none on a CPU); the device's copies go before the turn ends
         sums = None if acc is None else acc.cpu().numpy()
         classes = index.cpu().numpy()
-        del acc, index
+        del acc, index, weights_t
     if raw:
         return WindowsPrediction(classes, sums, len(todo), wsum)
     if wsum is not None and sums is not None:
