@@ -208,3 +208,16 @@ def assert_same_polygons(a: Path, b: Path, *, exact: bool = True) -> None:
     pd.testing.assert_frame_equal(left.drop(columns="_g"), right.drop(columns="_g"))
     same = shapely.equals_exact if exact else shapely.equals
     assert same(left["_g"].to_numpy(), right["_g"].to_numpy()).all()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` run only where torch sees a CUDA GPU (``bash
+    benchmarks/gpu_check.sh`` on a lent one); elsewhere they are skipped, saying why."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU: run benchmarks/gpu_check.sh on one")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)

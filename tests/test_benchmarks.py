@@ -30,6 +30,29 @@ def test_the_gpu_benchmark_says_there_is_no_gpu_and_exits_cleanly(tmp_path):
     assert after == before  # no figures written where none were measured
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the script measures it")
+def test_the_prepared_gpu_check_runs_its_tests_and_benchmark_and_reports_no_gpu(tmp_path):
+    """``benchmarks/gpu_check.sh``, the one call a session lent a GPU makes, runs through on a
+    machine without one: the GPU tests are collected and skipped, the benchmark says so, and
+    what it printed lands in ``$OUT``."""
+    import os
+
+    if (BENCHMARKS.parent / ".whl").exists():
+        pytest.skip("wheels fetched for the device are in this checkout; it would install them")
+    run = subprocess.run(
+        ["bash", str(BENCHMARKS / "gpu_check.sh")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable},
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    tests = (tmp_path / "tests.txt").read_text()
+    assert "skipped" in tests and "needs a CUDA GPU" in tests and "error" not in tests.lower()
+    assert (tmp_path / "gpu.txt").read_text().startswith("no GPU: ")
+    assert "torch" in (tmp_path / "env.txt").read_text()
+
+
 def test_the_gpu_benchmarks_reads_alone_cover_the_scene_on_a_cpu(tmp_path, monkeypatch):
     """The GPU benchmark's read rate (the reads a GPU worker makes between its model passes)
     runs on any machine, so a session lent a GPU does not find it broken there: every pixel of

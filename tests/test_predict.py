@@ -170,9 +170,7 @@ def test_bf16_and_fp32_agree_almost_everywhere(random_bundle, tmp_path, dask_cli
     assert agreement > 0.99
 
 
-@pytest.mark.skipif(
-    not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU (run on a lent device)"
-)
+@pytest.mark.gpu
 @pytest.mark.parametrize("blend", ["trim", "gaussian"])
 def test_a_gpu_worker_two_blocks_at_once_gives_the_map_of_one_at_a_time(
     random_bundle, tmp_path, monkeypatch, blend
