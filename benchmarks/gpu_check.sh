@@ -27,7 +27,8 @@ export PATH=/tmp/site/bin:$PATH
 'cuda', torch.cuda.is_available(), 'rasterio', rasterio.__version__, 'GDAL',
 rasterio.__gdal_version__, 'dask', dask.__version__)"
 } 2>&1 | tee "$OUT/env.txt"
-# the CUDA tests: predict on the GPU, two blocks at once against one at a time and the CPU
+# the CUDA tests: training under mixed precision, predict with two blocks at once against one
+# at a time and against the CPU
 # (only the files that hold them: no other test module's imports need to be there)
 "$PY" -m pytest -q -p no:cacheprovider -m gpu $(grep -l "mark.gpu" tests/test_*.py) 2>&1 \
   | tee "$OUT/tests.txt"

@@ -9,6 +9,7 @@ from shapely.affinity import translate
 
 from geoseg import load_bundle
 from geoseg.bundle import combine_bundles
+from geoseg.classes import NODATA
 from geoseg.errors import (
     BandMismatchError,
     ConfigError,
@@ -419,3 +420,22 @@ def test_members_share_one_validation_split(tmp_path, dask_client):
         warnings.simplefilter("error")
         combine_bundles([tmp_path / "m.member1.bundle", tmp_path / "m.member2.bundle"],
                         tmp_path / "f.bundle")  # fmt: skip
+
+
+@pytest.mark.gpu
+def test_training_on_a_gpu_learns_and_its_bundle_predicts_there(tmp_path):
+    """``device="cuda"``: the local cluster's GPU worker trains under mixed precision (its loss
+    finite and falling over a few epochs), and the bundle predicts on the GPU. No ``within``:
+    the GPU checks carry no vector reader (``benchmarks/gpu_kit.sh``)."""
+    from geoseg.stages.predict import predict_scene
+
+    run = {k: v for k, v in TINY_RUN.items() if k not in ("within", "epochs")}
+    out = tmp_path / "g.bundle"
+    r = train(SCENE, LABELS, out, device="cuda", epochs=4, **run)
+    losses = [h["loss"] for h in r.history]
+    assert len(losses) == 4 and all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+    classes = tmp_path / "c.tif"
+    predict_scene(out, SCENE, classes, device="cuda")
+    with rasterio.open(classes) as c:
+        found = set(np.unique(c.read(1))) - {NODATA}
+    assert found and found <= {k.id for k in load_bundle(out).classes}
