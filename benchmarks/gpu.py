@@ -96,6 +96,7 @@ def main() -> int:
     from predict import make_bundle, make_scene
 
     from geoseg.stages.predict import predict_scene
+    from geoseg.tasks.predict import default_batch_size
 
     rows: list[dict[str, object]] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -132,8 +133,11 @@ def main() -> int:
             wall = time.perf_counter() - t
             windows_used[label] = r.window
             win_mpx = r.windows_run * r.window**2 / 1e6 / wall
-            batch = r.batch_size or best[1]
-            limit = limits.get((r.window, batch, "fp16")) or limits[best]
+            # as the run resolved them: the device's default batch for the window, and
+            # precision auto (bf16 where the GPU has it); the fastest point where not measured
+            batch = r.batch_size or default_batch_size("cuda", r.window)
+            prec = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            limit = limits.get((r.window, batch, prec)) or limits[best]
             geoseg.cluster.GPU_BLOCKS = gpu_blocks
             rows.append(
                 {"what": label, "window": r.window, "batch": batch, "precision": "auto",
