@@ -6,9 +6,11 @@ On a machine without a CUDA GPU it says so, measures nothing and exits 0. With o
 model alone (the default U-Net, 6 bands, random weights) on windows from GPU memory, fp16 and
 bf16 autocast, channels-last, for each window and batch: the limit; (b) geoseg predict on the NC
 scene tiled to ``--size`` with ``device="cuda"`` at its defaults (window auto, precision auto, a
-local cluster of one worker per GPU, two blocks at once on it), the same one block at a time
-(what reading one block while the other's model runs is worth), and at the fastest window and
-batch of (a); each as window Mpx/s and as a ratio to the limit at the same window and batch;
+local cluster of one worker per GPU, two blocks at once on it), once as a command runs (the
+call starts its cluster) and then on one cluster kept across calls: at the defaults, one block
+at a time (what reading one block while the other's model runs is worth), and at the fastest
+window and batch of (a); each as window Mpx/s and as a ratio to the limit at the same window,
+batch and precision;
 (c) the reads alone: every block of the scene at geoseg's default block and overlap read and
 normalised as a block task does, one block after another, each read by one thread and by the
 threads a GPU worker reads with, as scene Mpx/s: where they read slower than the model runs,
@@ -24,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from _results import finish
@@ -120,31 +123,42 @@ def main() -> int:
         import geoseg.cluster
 
         gpu_blocks = geoseg.cluster.GPU_BLOCKS
-        for label, kw, blocks in (
-            ("geoseg defaults", {}, gpu_blocks),
-            # what the worker's second block task (read while the other's model runs) is worth
-            ("geoseg defaults, one block at a time", {}, 1),
-            ("geoseg at the best point", {"window": best[0], "batch_size": best[1]}, gpu_blocks),
-        ):
-            geoseg.cluster.GPU_BLOCKS = blocks  # read when the call makes its cluster
-            predict_scene(bundle, scene, d / "c.tif", device="cuda", overwrite=True, **kw)  # warm
-            t = time.perf_counter()
-            r = predict_scene(bundle, scene, d / "c.tif", device="cuda", overwrite=True, **kw)
-            wall = time.perf_counter() - t
+        prec = "bf16" if torch.cuda.is_bf16_supported() else "fp16"  # precision auto's
+
+        def timed(label: str, kw: dict[str, Any], blocks: int, client: Any) -> None:
+            """One predict call, after one untimed (the window's measurement, the cache)."""
+            # a task's share of the GPU is read at each call: 1 runs one block at a time
+            geoseg.cluster.GPU_BLOCKS = blocks
+            try:
+                run = {"device": "cuda", "overwrite": True, "client": client, **kw}
+                predict_scene(bundle, scene, d / "c.tif", **run)
+                t = time.perf_counter()
+                r = predict_scene(bundle, scene, d / "c.tif", **run)
+                wall = time.perf_counter() - t
+            finally:
+                geoseg.cluster.GPU_BLOCKS = gpu_blocks
             windows_used[label] = r.window
             win_mpx = r.windows_run * r.window**2 / 1e6 / wall
-            # as the run resolved them: the device's default batch for the window, and
-            # precision auto (bf16 where the GPU has it); the fastest point where not measured
+            # as the run resolved them: the device's default batch for the window, precision
+            # auto; the fastest point of (a) where that one was not measured
             batch = r.batch_size or default_batch_size("cuda", r.window)
-            prec = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
             limit = limits.get((r.window, batch, prec)) or limits[best]
-            geoseg.cluster.GPU_BLOCKS = gpu_blocks
             rows.append(
-                {"what": label, "window": r.window, "batch": batch, "precision": "auto",
-                 "blocks_at_once": blocks,
+                {"what": label, "window": r.window, "batch": batch, "precision": prec,
+                 "blocks_at_once": blocks, "cluster": "kept" if client else "the call's",
                  "window_mpx_s": round(win_mpx, 2), "scene_mpx_s": round(mpx / wall, 2),
                  "of_limit": round(win_mpx / limit, 3), "wall_s": round(wall, 2)}
             )  # fmt: skip
+
+        # as a command runs: the call starts its local cluster (one worker per GPU)
+        timed("geoseg defaults", {}, gpu_blocks, None)
+        # on one cluster kept across the calls, as `geoseg cluster start` or a Python session
+        with geoseg.cluster.local_cluster(gpu=True) as client:
+            timed("geoseg defaults", {}, gpu_blocks, client)
+            # what the worker's second block task (read while the other's model runs) is worth
+            timed("geoseg defaults, one block at a time", {}, 1, client)
+            best_point = {"window": best[0], "batch_size": best[1]}
+            timed("geoseg at the best point", best_point, gpu_blocks, client)
         from geoseg import load_bundle
         from geoseg.io import read_profile
         from geoseg.stages.predict import default_block, default_overlap
