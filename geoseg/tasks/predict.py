@@ -147,7 +147,7 @@ class WindowsPrediction:
     """The blended prediction over an array: per pixel, the index of the winning class (-1
     where no window ran) and, when asked for, every class's probability."""
 
-    index: np.ndarray  # (H, W) int16
+    index: np.ndarray | None  # (H, W) int16; None for ``raw`` sums
     probabilities: np.ndarray | None  # (classes, H, W) float32
     windows_run: int
     weights: np.ndarray | None = None  # with ``raw``: the summed weights; probabilities unscaled
@@ -203,7 +203,8 @@ def predict_windows(
         # the block's results stay on the model's device until the last window: on a GPU no
         # window waits for its output to be copied back, so the next batch is stacked while the
         # GPU runs; made in the block's turn, so a GPU holds one block's at a time
-        index = _full(shape, -1, torch.int16, device)
+        # the class per pixel: trim's own; a weighted blend's comes from its sums at the end
+        index = _full(shape, -1, torch.int16, device) if trim else None
         acc = None if trim and not probabilities else _full((k, *shape), 0, torch.float32, device)
         weights_t = None if fixed is None else torch.from_numpy(fixed).to(device)
         for batch in _batches(todo, batch_size):
@@ -216,6 +217,7 @@ def predict_windows(
                     part = lg[:, pr0 - wr : pr1 - wr, pc0 - wc : pc1 - wc]
                     rows = slice(pr0 - origin[0], pr1 - origin[0])
                     cols = slice(pc0 - origin[1], pc1 - origin[1])
+                    assert index is not None
                     index[rows, cols] = part.argmax(0)
                     if acc is not None:
                         acc[:, rows, cols] = torch.softmax(part, 0)
@@ -230,10 +232,10 @@ def predict_windows(
                     np.add(w_into, fixed, out=w_into)
         # the one copy back (none on a CPU); the device's copies go before the turn ends
         sums = None if acc is None else acc.cpu().numpy()
-        classes = index.cpu().numpy()
+        classes = None if index is None else index.cpu().numpy()
         del acc, index, weights_t
     if raw:
-        return WindowsPrediction(classes, sums, len(todo), wsum)
+        return WindowsPrediction(None, sums, len(todo), wsum)
     if wsum is not None and sums is not None:
         covered = wsum > 0
         # the class of the weighted mean is the class of the weighted sum
@@ -563,6 +565,7 @@ def predict_block(
     rows, cols = _slices(core, halo)
     windows = grid.windows_for(core)
     pred, read_valid = _predicted(job, bundle, halo, windows, probabilities, settings)
+    assert pred.index is not None  # not raw sums
     index = pred.index[rows, cols]
     valid = read_valid[rows, cols] & (index >= 0)
     probs = None if pred.probabilities is None else pred.probabilities[:, rows, cols]
