@@ -439,3 +439,48 @@ def test_training_on_a_gpu_learns_and_its_bundle_predicts_there(tmp_path):
     with rasterio.open(classes) as c:
         found = set(np.unique(c.read(1))) - {NODATA}
     assert found and found <= {k.id for k in load_bundle(out).classes}
+
+
+def test_batches_drawn_ahead_are_the_batches_drawn_in_turn():
+    """On a GPU the next batch is drawn in a second thread while the model trains on this one:
+    the same windows in the same order as drawn in turn, a failed draw raised at its batch, and
+    a run that stops leaves no draw running on the sampler it closes next."""
+    import threading
+    import time
+
+    from geoseg.errors import LabelError
+    from geoseg.tasks.train import _drawn
+
+    class Counting:
+        def __init__(self, fail_at: int = 0) -> None:
+            self.n, self.fail_at, self.threads = 0, fail_at, set()
+
+        def sample(self):
+            self.threads.add(threading.get_ident())
+            time.sleep(0.002)
+            self.n += 1
+            if self.n == self.fail_at:
+                raise LabelError(f"no labelled window at draw {self.n}")
+            return np.full((2, 4, 4), self.n, np.float32), np.full((4, 4), self.n % 3), (0, None)
+
+    def drawn(sampler, ahead):
+        return [
+            (x.numpy().copy(), y.numpy().copy()) for _, x, y in _drawn(sampler, 5, 3, ahead=ahead)
+        ]
+
+    turn, ahead = Counting(), Counting()
+    a, b = drawn(turn, False), drawn(ahead, True)
+    assert len(a) == len(b) == 5 and turn.n == ahead.n == 15
+    assert all(np.array_equal(p[0], q[0]) and np.array_equal(p[1], q[1]) for p, q in zip(a, b))
+    assert b[2][1].dtype == np.int64 and b[4][0][0, 0, 0, 0] == 13  # batch 5 starts at draw 13
+    assert threading.get_ident() not in ahead.threads  # drawn in the second thread
+    with pytest.raises(LabelError, match="at draw 8"):
+        drawn(Counting(fail_at=8), True)
+    stopped = Counting()
+    batches = _drawn(stopped, 5, 3, ahead=True)
+    next(batches), next(batches)
+    batches.close()  # as a failed step leaves the loop
+    n = stopped.n
+    assert n <= 9  # the two batches taken and at most the one drawn ahead
+    time.sleep(0.05)
+    assert stopped.n == n  # nothing drew after the close

@@ -12,7 +12,7 @@ import gc
 import math
 import socket
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -100,6 +100,40 @@ def _process_group(rendezvous: str | None, rank: int, world: int, device: str) -
         dist.destroy_process_group()
 
 
+Drawn = tuple[list[tuple[np.ndarray, np.ndarray, Any]], torch.Tensor, torch.Tensor]
+
+
+def _drawn(sampler: Any, steps: int, size: int, *, ahead: bool) -> Generator[Drawn, None, None]:
+    """An epoch's ``steps`` batches of ``size`` windows from ``sampler``, in the order it draws
+    them: each the samples, their images and their masks (class indexes, int64). ``ahead`` (for
+    a GPU): the next batch is drawn in a second thread while the caller trains on this one, in
+    page-locked memory, so the windows are read while the GPU runs; the draws, one at a time in
+    the same order, are the same as without it."""
+
+    pin = ahead and torch.cuda.is_available()
+
+    def draw() -> Drawn:
+        batch = [sampler.sample() for _ in range(size)]
+        x = torch.from_numpy(np.stack([b[0] for b in batch]))
+        y = torch.from_numpy(np.stack([b[1] for b in batch]).astype(np.int64))
+        return (batch, x.pin_memory(), y.pin_memory()) if pin else (batch, x, y)
+
+    if not ahead:
+        for _ in range(steps):
+            yield draw()
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    # one thread: the draws stay in order; leaving early waits for the one in flight
+    with ThreadPoolExecutor(1, thread_name_prefix="geoseg-draw") as pool:
+        coming = pool.submit(draw) if steps else None
+        for step in range(steps):
+            assert coming is not None
+            got = coming.result()
+            coming = pool.submit(draw) if step + 1 < steps else None
+            yield got
+
+
 def _describe(spec: SampleSpec, window: Any) -> str:
     scene = spec.scene  # a file by its name; band files or an item by the scene's
     label = scene.name if scene.sources else Path(scene.path).name
@@ -152,31 +186,36 @@ def train_epoch(
         losses, pixels, where = [], 0, []
         try:
             model.train()
-            for step in range(cfg.steps):
-                batch = [sampler.sample() for _ in range(cfg.batch_size)]
-                x = torch.from_numpy(np.stack([b[0] for b in batch])).to(device)
-                y = torch.from_numpy(np.stack([b[1] for b in batch]).astype(np.int64)).to(device)
-                with torch.autocast(device, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    loss = loss_fn(net(x), y)
-                mean_loss, bad_here = _mean_over_ranks(loss.detach().float(), world)
-                if bad_here or not math.isfinite(mean_loss):
-                    places = "; ".join(_describe(cfg.specs[s], w) for _, _, (s, w) in batch)
-                    raise TrainingError(
-                        f"the loss became non-finite at epoch {epoch + 1}, batch {step + 1}"
-                        + (
-                            f" on rank {rank}, windows: {places}"
-                            if bad_here
-                            else " on another rank"
+            # closed before the sampler is, also when a step fails: no draw is left in flight
+            drawn = contextlib.closing(
+                _drawn(sampler, cfg.steps, cfg.batch_size, ahead=device == "cuda")
+            )
+            with drawn as batches:
+                for step, (batch, xs, ys) in enumerate(batches):
+                    x = xs.to(device, non_blocking=True)
+                    y = ys.to(device, non_blocking=True)
+                    with torch.autocast(device, dtype=amp_dtype, enabled=amp_dtype is not None):
+                        loss = loss_fn(net(x), y)
+                    mean_loss, bad_here = _mean_over_ranks(loss.detach().float(), world)
+                    if bad_here or not math.isfinite(mean_loss):
+                        places = "; ".join(_describe(cfg.specs[s], w) for _, _, (s, w) in batch)
+                        raise TrainingError(
+                            f"the loss became non-finite at epoch {epoch + 1}, batch {step + 1}"
+                            + (
+                                f" on rank {rank}, windows: {places}"
+                                if bad_here
+                                else " on another rank"
+                            )
+                            + f"; lower {option('--lr', None)} or check the scenes for "
+                            "extreme values"
                         )
-                        + f"; lower {option('--lr', None)} or check the scenes for extreme values"
-                    )
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-                losses.append(mean_loss)
-                pixels += int((y != NODATA).sum())
-                where += [(s, int(w.row_off), int(w.col_off)) for _, _, (s, w) in batch]
+                    opt.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
+                    losses.append(mean_loss)
+                    pixels += int((ys != NODATA).sum())  # on the host: no wait for the GPU
+                    where += [(s, int(w.row_off), int(w.col_off)) for _, _, (s, w) in batch]
             confusion, val_loss = _validate(model, cfg, sampler, rank, world, device, amp_dtype)
         finally:
             sampler.close()
