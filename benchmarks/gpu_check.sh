@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # geoseg's GPU checks in one call on a lent GPU machine (the wheels from benchmarks/gpu_kit.sh
-# carried in .whl/): the tests that need CUDA, then benchmarks/gpu.py. Everything it prints and
-# the results file go to $OUT (or ./gpu-check where that is unset).
+# carried in .whl/): the tests that need CUDA, then benchmarks/gpu.py and train.py on the GPU.
+# Everything it prints and the results files go to $OUT (or ./gpu-check where that is unset).
 #
 #   bash benchmarks/gpu_check.sh [--size 8192]   # arguments go to benchmarks/gpu.py
 #
-# Within one device call of 10 minutes: the tests take about a minute, gpu.py at 8192 px a few.
+# Within one device call of 10 minutes: the tests take about a minute, gpu.py at 8192 px and
+# train.py a few (estimated: not yet run on a GPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-check}
@@ -35,6 +36,9 @@ rasterio.__gdal_version__, 'dask', dask.__version__)"
 tests=${PIPESTATUS[0]}
 "$PY" benchmarks/gpu.py "$@" 2>&1 | tee "$OUT/gpu.txt"
 bench=${PIPESTATUS[0]}
-cp benchmarks/results/gpu.json "$OUT/" 2>/dev/null || true
-echo "tests rc=$tests, gpu.py rc=$bench" | tee -a "$OUT/gpu.txt"
-[ "$tests" = 0 ] && [ "$bench" = 0 ]
+# training: the loop alone on the GPU, the draws alone, and geoseg train (next batch drawn ahead)
+"$PY" benchmarks/train.py --device cuda --steps 128 2>&1 | tee "$OUT/train.txt"
+train=${PIPESTATUS[0]}
+cp benchmarks/results/gpu.json benchmarks/results/train.json "$OUT/" 2>/dev/null || true
+echo "tests rc=$tests, gpu.py rc=$bench, train.py rc=$train" | tee -a "$OUT/gpu.txt"
+[ "$tests" = 0 ] && [ "$bench" = 0 ] && [ "$train" = 0 ]

@@ -50,6 +50,7 @@ def test_the_prepared_gpu_check_runs_its_tests_and_benchmark_and_reports_no_gpu(
     tests = (tmp_path / "tests.txt").read_text()
     assert "skipped" in tests and "needs a CUDA GPU" in tests and "error" not in tests.lower()
     assert (tmp_path / "gpu.txt").read_text().startswith("no GPU: ")
+    assert (tmp_path / "train.txt").read_text().startswith("no GPU: ")
     assert "torch" in (tmp_path / "env.txt").read_text()
 
 
