@@ -202,8 +202,8 @@ def predict_windows(
     with torch.inference_mode(), gpu_turn(device):
         # the block's results stay on the model's device until the last window: on a GPU no
         # window waits for its output to be copied back, so the next batch is stacked while the
-        # GPU runs; made in the block's turn, so a GPU holds one block's at a time
-        # the class per pixel: trim's own; a weighted blend's comes from its sums at the end
+        # GPU runs; made in the block's turn, so a GPU holds one block's at a time. A class per
+        # pixel only for trim: a weighted blend's class comes from its sums at the end
         index = _full(shape, -1, torch.int16, device) if trim else None
         acc = None if trim and not probabilities else _full((k, *shape), 0, torch.float32, device)
         weights_t = None if fixed is None else torch.from_numpy(fixed).to(device)

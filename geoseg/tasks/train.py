@@ -109,7 +109,6 @@ def _drawn(sampler: Any, steps: int, size: int, *, ahead: bool) -> Generator[Dra
     a GPU): the next batch is drawn in a second thread while the caller trains on this one, in
     page-locked memory, so the windows are read while the GPU runs; the draws, one at a time in
     the same order, are the same as without it."""
-
     pin = ahead and torch.cuda.is_available()
 
     def draw() -> Drawn:
