@@ -467,3 +467,22 @@ def test_test_time_augmentation_on_the_command_line_is_tagged_and_tiles_seamless
     assert ra.windows_run > 0
     with pytest.raises(Exception, match="tta"):
         predict_scene(random_bundle, SCENE, tmp_path / "x.tif", tta="d8", client=dask_client)
+
+
+@pytest.mark.parametrize("args", [["--blend", "gaussian"], ["--blend", "none", "--tta", "flips"]])
+def test_weighted_blending_warns_the_user_of_nothing(random_bundle, tmp_path, args):
+    """A weighted blend ran the model without a word of its own, yet the command printed
+    torch's "The given NumPy array is not writable ..." (the blend's weights, a read-only
+    array, given to torch). torch says it once per process: a fresh command shows it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    geoseg = str(Path(sys.executable).with_name("geoseg"))
+    out = tmp_path / "c.tif"
+    cmd = [geoseg, "predict", str(random_bundle), str(SCENE), "-o", str(out), "--window", "64"]
+    r = subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "warning" not in r.stderr.lower(), r.stderr
+    assert out.exists()
+

@@ -206,7 +206,8 @@ def predict_windows(
         # pixel only for trim: a weighted blend's class comes from its sums at the end
         index = _full(shape, -1, torch.int16, device) if trim else None
         acc = None if trim and not probabilities else _full((k, *shape), 0, torch.float32, device)
-        weights_t = None if fixed is None else torch.from_numpy(fixed).to(device)
+        # a copy: the cached weights are read-only, which torch warns of when it shares them
+        weights_t = None if fixed is None else torch.tensor(fixed, device=device)
         for batch in _batches(todo, batch_size):
             xb = _stack([x[:, r : r + size, c : c + size] for _, (r, c) in batch], device)
             logits = _forward(bundle, xb, device, precision, tta)
