@@ -466,7 +466,8 @@ SCENES: raster files or GDAL URLs; band files joined with commas (one scene); ST
     default="auto",
     show_default=True,
     help="Model window, px, or auto: the window and batch that map the scenes soonest, from "
-    "the model's speed measured once per model and device.",
+    "the model's speed measured once per model and device. Never larger than one that holds "
+    "the largest scene whole.",
 )
 @click.option(
     "--overlap",

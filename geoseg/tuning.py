@@ -94,6 +94,13 @@ def stop_measuring(seen: Sequence[Rate], overlaps: dict[int, int], window: int) 
     return max(score(r) for r in seen) > 1.02 * last
 
 
+def covering(sizes: Iterable[tuple[int, int]], step: int = 1) -> int:
+    """The smallest window, a multiple of ``step`` (the model's stride), that holds each of the
+    scenes of ``sizes`` (height, width) whole."""
+    side = max(max(s) for s in sizes)
+    return -(-side // step) * step
+
+
 def windows_needed(sizes: Iterable[tuple[int, int]], window: int, overlap: int) -> int:
     """Model windows a trim-blended prediction of scenes of ``sizes`` runs at ``window``."""
     stride = window - overlap
@@ -113,11 +120,15 @@ def best_rates(points: Iterable[Rate]) -> dict[int, Rate]:
 
 def _rate_at(points: Sequence[Rate], window: int) -> tuple[float, int]:
     """Speed and batch at ``window``: measured, or interpolated in log window between the
-    measured windows around it (the batch keeping the pixels per pass of the smaller one)."""
+    measured windows around it (the batch keeping the pixels per pass of the smaller one); below
+    the smallest measured window, that one's speed."""
     best = best_rates(points)
     ws = list(best)
     if window in best:
         return best[window].px_per_s, best[window].batch
+    if window < ws[0]:  # a window smaller than any measured: the smallest's speed
+        lo = ws[0]
+        return best[lo].px_per_s, max(1, round(best[lo].batch * lo * lo / (window * window)))
     lo = max(w for w in ws if w < window)
     hi = min(w for w in ws if w > window)
     f = (math.log(window) - math.log(lo)) / (math.log(hi) - math.log(lo))
@@ -137,16 +148,22 @@ def choose(
     """The window (a multiple of :data:`STEP` and of the model's ``step``, within the measured
     range) that maps scenes of ``sizes`` soonest on ``slots`` workers: the windows needed,
     a whole number of rounds of ``slots`` at a time, each costing ``window²`` over the speed
-    there. Ties go to the smaller window (less memory)."""
+    there; and the window that holds the largest scene whole (a multiple of ``step``), above
+    which a window only adds padding. Ties go to the smaller window (less memory)."""
     if not points:
         raise ValueError("no measured speed to choose a window from")
     ws = sorted({p.window for p in points})
     unit = STEP * step // math.gcd(STEP, step)
     grid = {*ws, *range(-(-ws[0] // unit) * unit, ws[-1] + 1, unit)}
+    whole = covering(sizes, step)
+    if whole <= ws[-1]:
+        grid = {w for w in grid if w < whole} | {whole}
     candidates = sorted(w for w in grid if w % step == 0)
     best: Choice | None = None
     for w in candidates:
         ovl = overlap_for(w)
+        if ovl >= w and w == whole:  # one window holds each scene: no neighbour to overlap
+            ovl = w // 2
         if ovl >= w:
             continue
         rate, batch = _rate_at(points, w)
@@ -154,7 +171,7 @@ def choose(
         rounds = math.ceil(n / max(1, slots))
         seconds = rounds * w * w / rate
         if best is None or seconds < best.seconds * (1 - 1e-9):
-            best = Choice(w, batch, ovl, n, seconds)
+            best = Choice(w, max(1, min(batch, n)), ovl, n, seconds)  # no batch above the windows
     if best is None:
         raise ValueError("no measured window is larger than the overlap")
     return best

@@ -49,6 +49,24 @@ def test_a_small_scene_gets_one_window_that_holds_it_not_four():
     assert choice.windows == 1 and 608 <= choice.window <= 704
 
 
+def test_a_scene_smaller_than_every_measured_window_gets_a_window_of_its_size():
+    """A 100 px scene: the smallest measured window (256 px) is 85 % padding, 6.5x the model
+    time of the 112 px window (a multiple of the model's stride 16) that holds it; that one is
+    costed at the smallest measured window's speed."""
+    choice = choose(
+        CPU_LIKE, [(100, 100)], overlap_for=lambda w: min(120, w // 2), slots=1, step=16
+    )
+    assert (choice.window, choice.windows) == (112, 1)
+    assert choice.batch >= 1 and choice.seconds == pytest.approx(112 * 112 / 1.09e6)
+
+
+def test_no_window_larger_than_the_one_that_holds_the_scene():
+    """A 500 px scene, overlap 120, one worker: one 504 px window (the model's stride 8) holds
+    it; 512 px, the measured window that holds it, costs 3 % more for the same one window."""
+    choice = choose(CPU_LIKE, [(500, 500)], overlap_for=lambda w: 120, slots=1, step=8)
+    assert (choice.window, choice.windows) == (504, 1)
+
+
 def test_more_workers_than_windows_favour_smaller_windows():
     """One 1024 px window keeps one of eight workers busy; 512 px windows keep four."""
     flat = [Rate(256, 4, 1e6), Rate(512, 1, 1e6), Rate(1024, 1, 1e6)]

@@ -110,7 +110,15 @@ from geoseg.tasks.predict import (
     window_rates,
 )
 from geoseg.tiling import MIN_BLOCK, MIN_WINDOW, WindowGrid, block_windows
-from geoseg.tuning import MEASURED, Rate, best_rates, cache_path, choose, measured_windows
+from geoseg.tuning import (
+    MEASURED,
+    Rate,
+    best_rates,
+    cache_path,
+    choose,
+    covering,
+    measured_windows,
+)
 
 log = logging.getLogger("geoseg")
 _P = ParamSpec("_P")
@@ -153,6 +161,7 @@ class PredictOptions:
     composite: str = "mean"
     resampling: str = "bilinear"
     tta: str = "none"
+    overlap_from: str = "exact"  # exact, effective or given: for the plan line, not the parts
 
     def run_settings(self, bundle_hash: str) -> dict[str, Any]:
         """What the parts of a run depend on: a part of another run is not reused."""
@@ -315,7 +324,8 @@ def _auto_window(
             f"{option('--window', None)}"
         ) from None
     blend = resolve_blend(auto.blend, b.contract.receptive_field, choice.overlap)
-    _warn_overlap(b, choice.window, choice.overlap, auto.overlap is not None)
+    if choice.window < covering(sizes, step):
+        _warn_overlap(b, choice.window, choice.overlap, auto.overlap is not None)
     log.info(
         "window auto: %d px, batch %d: %d windows, about %.1f s of model time on %d worker "
         "thread(s), "
@@ -504,6 +514,9 @@ def predict_scenes(
     if not scenes:
         raise ConfigError("no scene to predict")
     b = load_bundle(bundle)
+    source = (
+        overlap if overlap in ("exact", "effective") else "exact" if overlap is None else "given"
+    )
     overlap = _overlap_asked(b, overlap)
     if device == "cuda" and client is None and not scheduler_address(scheduler, workers):
         resolve_device("cuda")  # a local cluster: fail here, not on every worker
@@ -534,8 +547,6 @@ def predict_scenes(
     check_choice("tta", tta, TTAS)
     check_choice("resampling", resampling, RESAMPLINGS)
     region = _Region.check(mosaic, within, bounds, crs, resolution)
-    ovl = overlap if overlap is not None else default_overlap(b, win) if win else 0
-    blend = resolve_blend(blend, b.contract.receptive_field, ovl) if win else blend
     # every path is resolved here: workers may run in other folders, or on other machines;
     # each scene's header is read once, here: for a GDAL URL every read is a request
     amap = parse_asset_map(asset_map)
@@ -563,14 +574,25 @@ def predict_scenes(
     for profile in profiles:
         _check_scene(b, profile, allow_no_crs=allow_no_crs, polygons=polygons)
     _compare_scenes(b, profiles, strict=strict)
-    if win:
+    layouts = region.layouts(profiles)
+    whole = covering(_piece_sizes(layouts, _model_step(b)), _model_step(b))
+    if win > whole:
+        log.info(
+            "window %d px is larger than the scene%s: predicting with %d px, which holds %s whole",
+            win, "s" if len(profiles) > 1 else "", whole, "each" if len(profiles) > 1 else "it",
+        )  # fmt: skip
+        win = whole
+        if overlap is not None and overlap >= win:
+            overlap = win // 2  # one window a scene: no neighbour to overlap
+    ovl = overlap if overlap is not None else default_overlap(b, win) if win else 0
+    blend = resolve_blend(blend, b.contract.receptive_field, ovl) if win else blend
+    if win and win < whole:
         _warn_overlap(b, win, ovl, overlap is not None)
     opts = PredictOptions(
         window=win, overlap=ovl, block=block, blend=blend, batch_size=batch_size,
         device=device, precision=precision, probabilities=probabilities,
-        composite=composite, resampling=resampling, tta=tta,
+        composite=composite, resampling=resampling, tta=tta, overlap_from=str(source),
     )  # fmt: skip
-    layouts = region.layouts(profiles)
     _look_up_epsg([lay.target for lay in layouts if lay.target.crs is not None])
     plans: list[_Plan] = []
     with contextlib.ExitStack() as locks:
@@ -750,6 +772,7 @@ def _run(
                 opts.blend,
                 opts.probabilities,
             )
+            whole = covering(_piece_sizes(layouts, _model_step(b)), _model_step(b))
             targets = [lay.target for lay in layouts]
             opts = replace(opts, block=opts.block or default_block(targets, workers, client))
             settings = opts.run_settings(b.hash)
@@ -783,7 +806,7 @@ def _run(
                     f" ({resumed} already done, resuming)" if resumed else "",
                     win,
                     ovl,
-                    _overlap_note(b, win, ovl),
+                    _overlap_note(b, win, ovl, opts.overlap_from, win >= whole),
                     p.n_windows,
                     blend,
                 )
@@ -1172,16 +1195,23 @@ def _warn_overlap(b: Bundle, window: int, overlap: int, given: bool) -> None:
     )
 
 
-def _overlap_note(b: Bundle, window: int, overlap: int) -> str:
-    """Why the overlap differs from the bundle's, and the other overlap the bundle offers, for
-    the plan line."""
+def _overlap_note(b: Bundle, window: int, overlap: int, source: str, holds: bool) -> str:
+    """Where the overlap came from (``source``: exact, effective or given) when it is not
+    plainly the bundle's, and the other overlaps the bundle offers, for the plan line."""
+    if holds:
+        return " (a window holds each scene whole: no seams to hide)"
     effective = b.contract.effective_overlap
-    if effective is None:
-        return _exact_note(b, window, overlap)
     exact = default_overlap(b, window)
-    if overlap == effective and overlap != exact:
+    if source == "given":
+        return f" (as given; exact {exact}" + (
+            f", effective {effective})" if effective is not None else ")"
+        )
+    if source == "effective":
         return f" (effective, measured at training; exact {exact})"
-    return _exact_note(b, window, overlap) + f" (effective {effective}: --overlap effective)"
+    note = _exact_note(b, window, overlap)
+    return note + (
+        f" (effective {effective}: --overlap effective)" if effective is not None else ""
+    )
 
 
 def _exact_note(b: Bundle, window: int, overlap: int) -> str:
