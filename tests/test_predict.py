@@ -526,3 +526,24 @@ def test_the_plan_line_says_an_overlap_was_given(random_bundle, tmp_path, dask_c
                       client=dask_client)  # fmt: skip
     [line] = [m for m in caplog.messages if m.startswith("predict ")]
     assert "overlap 12 (as given; exact " in line and "the bundle's" not in line
+
+
+def test_a_scene_one_window_holds_is_not_blended(random_bundle, tmp_path, dask_client, caplog):
+    """A 30 px scene and a model whose receptive field is 20 px: the window cut to the scene
+    has room for an overlap of 15 only, which made the blend Gaussian (sums of one window's
+    probabilities, weighted, on the slower path) where nothing is blended."""
+    import logging
+
+    from rasterio.windows import Window
+
+    crop = tmp_path / "crop.tif"
+    with rasterio.open(SCENE) as src:
+        w = Window(200, 200, 30, 30)
+        profile = {**src.profile, "width": 30, "height": 30, "transform": src.window_transform(w)}
+        profile.update(tiled=False, blockxsize=None, blockysize=None)
+        with rasterio.open(crop, "w", **{k: v for k, v in profile.items() if v is not None}) as d:
+            d.write(src.read(window=w))
+    with caplog.at_level(logging.INFO, logger="geoseg"):
+        r = predict_scene(random_bundle, crop, tmp_path / "c.tif", window=64, client=dask_client)
+    [line] = [m for m in caplog.messages if m.startswith("predict ")]
+    assert r.window == 30 and line.endswith("blend trim"), line
