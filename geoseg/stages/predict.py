@@ -361,6 +361,13 @@ def _stopped_window(outs: list[Path], bundle_hash: str) -> int | None:
     return None
 
 
+def _holding_window(b: Bundle, layouts: list[_Layout]) -> int:
+    """The smallest window on the model's stride that holds every scene (or mosaic share)
+    whole: a larger one only computes padding."""
+    step = _model_step(b)
+    return covering(_piece_sizes(layouts, step), step)
+
+
 def _piece_sizes(layouts: list[_Layout], step: int) -> list[tuple[int, int]]:
     """The (height, width) of every grid the windows lie on: a scene's, or each scene's share
     of a mosaic's grid."""
@@ -576,7 +583,7 @@ def predict_scenes(
         _check_scene(b, profile, allow_no_crs=allow_no_crs, polygons=polygons)
     _compare_scenes(b, profiles, strict=strict)
     layouts = region.layouts(profiles)
-    whole = covering(_piece_sizes(layouts, _model_step(b)), _model_step(b))
+    whole = _holding_window(b, layouts)
     if win > whole:
         log.info(
             "window %d px is larger than the scene%s: predicting with %d px, which holds %s whole",
@@ -773,7 +780,7 @@ def _run(
                 opts.blend,
                 opts.probabilities,
             )
-            whole = covering(_piece_sizes(layouts, _model_step(b)), _model_step(b))
+            whole = _holding_window(b, layouts)
             targets = [lay.target for lay in layouts]
             opts = replace(opts, block=opts.block or default_block(targets, workers, client))
             settings = opts.run_settings(b.hash)
