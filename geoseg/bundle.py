@@ -110,6 +110,15 @@ class Bundle:
         return self.contract.bands
 
     @property
+    def shape_key(self) -> str:
+        """What the model's speed depends on, unlike its weights: its architecture and their
+        arguments, its input channels, classes and members. A model trained again in the same
+        shape (another seed, more epochs, mended labels) runs at the same speed."""
+        c = self.contract
+        shape = [c.arch, c.arch_args, c.channels, len(c.classes), c.members]
+        return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()
+
+    @property
     def classes(self) -> list[ClassInfo]:
         return self.contract.classes
 

@@ -131,6 +131,32 @@ def test_window_auto_measures_on_a_worker_once_and_keeps_the_speeds(
         assert np.array_equal(x.read(1), y.read(1))
 
 
+def test_a_retrained_model_of_the_same_shape_is_not_measured_again(
+    random_bundle, tmp_path, dask_client, monkeypatch
+):
+    """The speeds were kept by the bundle's content hash, so every retraining (another seed,
+    more epochs, mended labels) measured the model again, 7-10 s for a large scene. A model's
+    speed depends on its shape (architecture, its arguments, channels, classes), not on its
+    weights: another bundle of the same shape reads the speeds kept."""
+    from geoseg.bundle import load_bundle
+    from geoseg.stages.predict import predict_scene
+    from tests.conftest import make_random_bundle
+
+    other = make_random_bundle(tmp_path / "other.bundle", 6, 80.0, 30.0, seed=1)
+    assert load_bundle(other).hash != load_bundle(random_bundle).hash
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("GEOSEG_CACHE", str(cache))
+    dask_client.run(lambda: __import__("os").environ.__setitem__("GEOSEG_CACHE", str(cache)))
+    try:
+        a = predict_scene(random_bundle, SCENE, tmp_path / "a.tif", client=dask_client)
+        stamp = cache_path().stat().st_mtime_ns
+        b = predict_scene(other, SCENE, tmp_path / "b.tif", client=dask_client)
+        assert cache_path().stat().st_mtime_ns == stamp  # read, not measured again
+        assert len(json.loads(cache_path().read_text())) == 1 and a.window == b.window
+    finally:
+        dask_client.run(lambda: __import__("os").environ.pop("GEOSEG_CACHE", None))
+
+
 def test_window_auto_counts_the_threads_of_an_in_process_worker(
     random_bundle, tmp_path, monkeypatch, caplog
 ):

@@ -328,15 +328,16 @@ def window_rates(
     budget_s: float = 10.0,
 ) -> list[Rate]:
     """The model's speed at ``windows`` (``(window, overlap)`` pairs) on this worker (a Dask
-    task), from the measurement cache (:func:`geoseg.tuning.cache_path`) or measured now and
-    cached: for each window, a few batch sizes (more on a GPU), each timed over forward passes
+    task), from the measurement cache (:func:`geoseg.tuning.cache_path`: by the model's shape,
+    not its weights, and the device) or measured now and cached: for each window, a few batch sizes (more on a GPU), each timed over forward passes
     of random windows, softmax and argmax included, after one pass to warm up. Windows are
     measured from the smallest up, and no further once larger ones stop paying
     (:func:`geoseg.tuning.stop_measuring`), one runs out of memory, or ``budget_s`` seconds
     have gone; those left out are recorded as tried (speed 0), so they are not tried again."""
     dev, prec, bundle = _setup(device, precision, bundle_path)
     key = "|".join(
-        [bundle.hash, dev, prec, _device_name(dev), f"threads={torch.get_num_threads()}",
+        [f"shape={bundle.shape_key}", dev, prec, _device_name(dev),
+         f"threads={torch.get_num_threads()}",
          f"torch={torch.__version__}"]
     )  # fmt: skip
     path = cache_path()
