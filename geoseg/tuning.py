@@ -267,7 +267,8 @@ def tiled_classes(
 @dataclass(frozen=True)
 class OverlapMeasure:
     """What :func:`effective_overlap` found: the overlap (None when no overlap up to the exact
-    one, or half the window, got below :data:`EFFECTIVE_SHARE`), the share of pixels that
+    one, or half the window, got below :data:`EFFECTIVE_SHARE`, or when the crop is too small
+    to hold a window edge away from its own: no overlap tried), the share of pixels that
     differed at each overlap tried, and the crop and window it was measured on."""
 
     overlap: int | None
@@ -302,6 +303,9 @@ def effective_overlap(
     m = min(exact, image.shape[1] // 4, image.shape[2] // 4)
     inner = (slice(m, image.shape[1] - m), slice(m, image.shape[2] - m))
     shares: dict[int, float] = {}
+    if min(image.shape[1], image.shape[2]) - 2 * m <= window:
+        # no window edge need fall inside the crop's middle: every overlap would look enough
+        return OverlapMeasure(None, shares, (image.shape[1], image.shape[2]), window)
 
     def share(ovl: int) -> float:
         if ovl not in shares:

@@ -83,6 +83,32 @@ def test_windows_measured_stop_at_the_one_that_holds_the_largest_scene():
     assert measured_windows([(443, 489)], 2048) == []
 
 
+def _wide_classes(batch: np.ndarray) -> np.ndarray:
+    """A stand-in model whose every pixel sees a 33 px square around it (zero padding at the
+    window's edges, as a network's layers have): the sign of its mean."""
+    import torch
+
+    x = torch.from_numpy(np.ascontiguousarray(batch[:, :1], dtype=np.float32))
+    pooled = torch.nn.functional.avg_pool2d(x, 33, stride=1, padding=16)
+    return (pooled[:, 0] > 0).numpy().astype(np.int64)
+
+
+def test_the_effective_overlap_is_not_made_up_on_a_scene_too_small_for_a_seam():
+    """A 50 px training scene reported "effective overlap 0 px": the measuring window held the
+    whole crop, so no seam was ever made and any overlap looked enough; ``--overlap
+    effective`` would then tile a large scene with none. A crop whose middle holds no window
+    edge gives no figure."""
+    from geoseg.tuning import effective_overlap
+
+    rng = np.random.default_rng(0)
+    small = rng.standard_normal((1, 50, 50)).astype(np.float32)
+    assert effective_overlap(_wide_classes, small, 256, 1, 34).overlap is None
+    # where seams fall inside the crop it is found as before: 32, a 16 px half-field each side
+    # of the middle of the overlap, where trim cuts
+    large = rng.standard_normal((1, 256, 256)).astype(np.float32)
+    assert effective_overlap(_wide_classes, large, 128, 1, 34).overlap == 32
+
+
 def test_window_auto_measures_on_a_worker_once_and_keeps_the_speeds(
     random_bundle, tmp_path, dask_client, monkeypatch, caplog
 ):

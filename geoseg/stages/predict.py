@@ -1166,8 +1166,9 @@ def _overlap_asked(b: Bundle, overlap: int | str | None) -> int | None:
         if b.contract.effective_overlap is None:
             raise ConfigError(
                 f"{option('--overlap', 'effective')}: this bundle has no measured effective "
-                "overlap (trained before geoseg measured it, or no overlap below half its window "
-                f"was enough); use {option('--overlap', 'exact')} or a number of pixels"
+                "overlap (trained before geoseg measured it, on a scene too small to hold a "
+                "window edge, or no overlap below half its window was enough); use "
+                f"{option('--overlap', 'exact')} or a number of pixels"
             )
         return b.contract.effective_overlap
     if isinstance(overlap, str):

@@ -1117,8 +1117,11 @@ def train(
             epochs,
             "the whole window" if rf is None else f"{rf} px",
             overlap,
-            "not found (no overlap below half the window was enough)"
-            if measured.overlap is None
-            else f"{measured.overlap} px (--overlap effective)",
+            f"{measured.overlap} px (--overlap effective)"
+            if measured.overlap is not None
+            else "not found (no overlap below half the window was enough)"
+            if measured.shares
+            else f"not measured (a {measured.crop[0]} x {measured.crop[1]} px scene holds no "
+            "window edge away from its own)",
         )
     return TrainResult(out, list(class_list), history, digest, best["epoch"], ckpt_path, log_path)
