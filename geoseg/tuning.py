@@ -247,12 +247,7 @@ def tiled_classes(
     )
     padded[:, :h, :w] = image
     out = np.empty((h, w), dtype=np.int64)
-
-    def cuts(starts: np.ndarray, size: int) -> list[int]:  # the middles of the overlaps
-        middles = [min(size, (int(a) + int(b) + window) // 2) for a, b in pairwise(starts)]
-        return [0, *middles, size]
-
-    rc, cc = cuts(rows, h), cuts(cols, w)
+    rc, cc = _cuts(rows, h, window), _cuts(cols, w, window)
     for i, r in enumerate(rows.tolist()):
         for j, c in enumerate(cols.tolist()):
             if rc[i] >= rc[i + 1] or cc[j] >= cc[j + 1]:
@@ -262,6 +257,13 @@ def tiled_classes(
                 rc[i] - r : rc[i + 1] - r, cc[j] - c : cc[j + 1] - c
             ]
     return out
+
+
+def _cuts(starts: np.ndarray, size: int, window: int) -> list[int]:
+    """Where trim takes one window's pixels after another's along an axis of ``size`` px:
+    0, the middles of the overlaps, ``size``."""
+    middles = [min(size, (int(a) + int(b) + window) // 2) for a, b in pairwise(starts)]
+    return [0, *middles, size]
 
 
 @dataclass(frozen=True)
@@ -289,7 +291,8 @@ def effective_overlap(
     classes the whole image at once gives on all but :data:`EFFECTIVE_SHARE` of its pixels
     (away from the image's edges). ``classes_of`` maps a batch (n, bands, h, w) to classes
     (n, h, w). The share falls as the overlap grows, so the overlaps are bisected: about five
-    tiled predictions of the image.
+    tiled predictions of the image. Overlaps whose window edges all fall outside the crop's
+    middle are not tried (there any overlap looks enough); with none left, no figure.
 
     The model's receptive field bounds the overlap that makes tiling exact; most of its weight
     lies much nearer the centre, so a far smaller overlap changes almost no pixel. The window
@@ -303,9 +306,6 @@ def effective_overlap(
     m = min(exact, image.shape[1] // 4, image.shape[2] // 4)
     inner = (slice(m, image.shape[1] - m), slice(m, image.shape[2] - m))
     shares: dict[int, float] = {}
-    if min(image.shape[1], image.shape[2]) - 2 * m <= window:
-        # no window edge need fall inside the crop's middle: every overlap would look enough
-        return OverlapMeasure(None, shares, (image.shape[1], image.shape[2]), window)
 
     def share(ovl: int) -> float:
         if ovl not in shares:
@@ -315,6 +315,18 @@ def effective_overlap(
 
     # the share falls as the overlap grows: bisect the multiples of the stride
     candidates = [o for o in range(0, exact + 1, max(1, step)) if o == 0 or o < window // 2]
+
+    def seam_inside(ovl: int) -> bool:  # else the tiles equal the whole there, whatever ovl
+        return any(
+            m < c < size - m
+            for size in image.shape[1:]
+            for c in _cuts(axis_starts(size, window, window - ovl), size, window)[1:-1]
+        )
+
+    # a crop the window holds whole, or almost, makes no seam in its middle
+    candidates = [o for o in candidates if seam_inside(o)]
+    if not candidates:
+        return OverlapMeasure(None, shares, (image.shape[1], image.shape[2]), window)
     lo, hi = 0, len(candidates) - 1
     if share(candidates[hi]) >= EFFECTIVE_SHARE:
         return OverlapMeasure(None, shares, (image.shape[1], image.shape[2]), window)

@@ -107,6 +107,11 @@ def test_the_effective_overlap_is_not_made_up_on_a_scene_too_small_for_a_seam():
     # of the middle of the overlap, where trim cuts
     large = rng.standard_normal((1, 256, 256)).astype(np.float32)
     assert effective_overlap(_wide_classes, large, 128, 1, 34).overlap == 32
+    # the NC scene's crop (443 x 489) at the bundle's 256 px window, margins of the default
+    # U-Net's exact overlap (120): the middle is narrower than a window, yet the window edges
+    # the overlaps tried put there fall inside it
+    nc_like = rng.standard_normal((1, 443, 489)).astype(np.float32)
+    assert effective_overlap(_wide_classes, nc_like, 256, 8, 120).overlap == 32
 
 
 def test_window_auto_measures_on_a_worker_once_and_keeps_the_speeds(
