@@ -1121,7 +1121,7 @@ def train(
             if measured.overlap is not None
             else "not found (no overlap below half the window was enough)"
             if measured.shares
-            else f"not measured (a {measured.crop[0]} x {measured.crop[1]} px scene holds no "
-            "window edge away from its own)",
+            else f"not measured (its {measured.crop[1]} x {measured.crop[0]} px crop of the scene "
+            "holds no window edge away from its own edges)",
         )
     return TrainResult(out, list(class_list), history, digest, best["epoch"], ckpt_path, log_path)
