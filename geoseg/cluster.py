@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -103,6 +104,18 @@ def session(
         yield client
 
 
+_NO_DASHBOARD: weakref.WeakSet[Any] = weakref.WeakSet()
+"""Clients of clusters made without a dashboard (:func:`in_process`)."""
+
+
+def dashboard_link(client: Any) -> str | None:
+    """The link to the dashboard of ``client``'s cluster; None for a cluster in this process,
+    which has none (its client still offers a link, to a page that is not there)."""
+    if client in _NO_DASHBOARD:
+        return None
+    return getattr(client, "dashboard_link", None)
+
+
 @contextlib.contextmanager
 def in_process() -> Iterator[Any]:
     """A client of a Dask cluster in this process: one worker with a thread per core (at most
@@ -125,9 +138,13 @@ def in_process() -> Iterator[Any]:
                 n_workers=1,
                 threads_per_worker=threads,
                 dashboard_address=None,
+                # no dashboard, but the scheduler's web server still starts: on a free port of
+                # this machine's loopback, not on Dask's 8787 for all to see
+                scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
                 silence_logs=logging.ERROR,
             )
             with cluster, Client(cluster) as client:
+                _NO_DASHBOARD.add(client)
                 log.info(
                     "small enough to run in this process: one Dask worker, %d threads", threads
                 )

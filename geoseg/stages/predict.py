@@ -43,6 +43,7 @@ from geoseg.cluster import (
     chosen_client,
     connect,
     count_workers,
+    dashboard_link,
     default_workers,
     model_slots,
     run_tasks,
@@ -1482,7 +1483,7 @@ def remove_parts(parts: Path, *, keep_lock: bool = False) -> None:
 
 
 def _log_dashboard(client: Any) -> None:
-    link = getattr(client, "dashboard_link", None)
+    link = dashboard_link(client)
     if link:
         log.info("Dask dashboard: %s", link)
 
