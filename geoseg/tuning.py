@@ -32,6 +32,9 @@ from geoseg.tiling import axis_starts
 
 MEASURED = (256, 384, 512, 768, 1024, 1536, 2048)
 """The windows whose speed is measured (those a run's scenes can use)."""
+MEASURE_BUDGET_S = 10
+"""Seconds a first measurement of a model's speed may take, about (the last window measured
+may end past it)."""
 STEP = 64
 """Candidate windows are multiples of this (and of the model's stride)."""
 CACHE_ENV = "GEOSEG_CACHE"

@@ -112,12 +112,14 @@ from geoseg.tasks.predict import (
 )
 from geoseg.tiling import MIN_BLOCK, MIN_WINDOW, WindowGrid, block_windows
 from geoseg.tuning import (
+    MEASURE_BUDGET_S,
     MEASURED,
     Rate,
     best_rates,
     cache_path,
     choose,
     covering,
+    load_cache,
     measured_windows,
 )
 
@@ -303,6 +305,14 @@ def _auto_window(
 
     sizes = _piece_sizes(layouts, step)
     windows = measured_windows(sizes, auto.overlap if auto.overlap is not None else b.overlap)
+    if getattr(client, "cluster", None) is not None and not _speeds_kept(b):
+        # a cluster of this machine shares its cache: say what the silence is about
+        log.info(
+            "window auto: measuring the model's speed on a worker at windows of %s px (once "
+            "per model shape and device on this machine; at most about %d s)",
+            ", ".join(map(str, windows)),
+            MEASURE_BUDGET_S,
+        )
     fut = client.submit(
         AsCaller(window_rates),
         bundle_path,
@@ -348,6 +358,11 @@ def _auto_window(
         blend=blend,
         batch_size=opts.batch_size or choice.batch,
     )
+
+
+def _speeds_kept(b: Bundle) -> bool:
+    """Whether this machine's cache holds speeds of ``b``'s model shape (on any device)."""
+    return any(k.startswith(f"shape={b.shape_key}|") for k in load_cache(cache_path()))
 
 
 def _stopped_window(outs: list[Path], bundle_hash: str) -> int | None:

@@ -35,7 +35,14 @@ from geoseg.errors import ConfigError, check_choice, option
 from geoseg.io import Grid, SceneProfile, read_scene, standardize
 from geoseg.tasks import cuda_devices, torch_threads
 from geoseg.tiling import WindowGrid, spans
-from geoseg.tuning import Rate, cache_path, cached_rates, save_cache, stop_measuring
+from geoseg.tuning import (
+    MEASURE_BUDGET_S,
+    Rate,
+    cache_path,
+    cached_rates,
+    save_cache,
+    stop_measuring,
+)
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -325,7 +332,7 @@ def window_rates(
     *,
     device: str = "auto",
     precision: str = "auto",
-    budget_s: float = 10.0,
+    budget_s: float = MEASURE_BUDGET_S,
 ) -> list[Rate]:
     """The model's speed at ``windows`` (``(window, overlap)`` pairs) on this worker (a Dask
     task), from the measurement cache (:func:`geoseg.tuning.cache_path`: by the model's shape,
