@@ -299,7 +299,7 @@ def _auto_window(
             opts,
             window=kept,
             overlap=ovl,
-            blend=resolve_blend(auto.blend, b.contract.receptive_field, ovl),
+            blend=_blend_for(auto.blend, b, ovl, kept >= _holding_window(b, layouts)),
             batch_size=opts.batch_size,  # the device's default for that window
         )
 
