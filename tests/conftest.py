@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,41 @@ def shared(relative: str) -> Path:
     if not p.exists():
         pytest.skip(f"{p} is not here (shared data lies beside the repository in CI)")
     return p
+
+
+@dataclass
+class GeosegLog:
+    """What geoseg logged while a test ran (:func:`geoseg_log`)."""
+
+    messages: list[str] = field(default_factory=list)
+    hooks: list[Callable[[str], None]] = field(default_factory=list)
+
+
+@pytest.fixture
+def geoseg_log() -> Iterator[GeosegLog]:
+    """The messages geoseg logs at INFO and above during the test, caught on geoseg's own
+    logger: a Dask cluster made inside the call stops pytest's ``caplog`` (on the root logger)
+    from seeing them. Each of ``hooks`` is called with every message as it is logged, while the
+    run that logs it is still going."""
+    import logging
+
+    seen = GeosegLog()
+
+    class Note(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.messages.append(record.getMessage())
+            for hook in seen.hooks:
+                hook(seen.messages[-1])
+
+    log, note = logging.getLogger("geoseg"), Note(logging.INFO)
+    level = log.level
+    log.addHandler(note)
+    log.setLevel(logging.INFO)
+    try:
+        yield seen
+    finally:
+        log.removeHandler(note)
+        log.setLevel(level)
 
 
 @pytest.fixture

@@ -549,31 +549,23 @@ def test_a_scene_one_window_holds_is_not_blended(random_bundle, tmp_path, dask_c
     assert r.window == 30 and line.endswith("blend trim"), line
 
 
-def test_a_scene_run_in_this_process_offers_no_dashboard_it_does_not_have(random_bundle, tmp_path):
+def test_a_scene_run_in_this_process_offers_no_dashboard_it_does_not_have(
+    random_bundle, tmp_path, geoseg_log
+):
     """A small scene's run in the calling process said "Dask dashboard:
     http://HOST:8787/status", a page that answered 404 (its cluster has no dashboard), and its
     web server took port 8787 from any Dask dashboard started beside it."""
-    import logging
-
     from distributed import get_client
 
-    said, ports = [], []
+    ports = []
 
-    class Note(logging.Handler):  # on geoseg's logger: a cluster made in the call resets
-        def emit(self, record: logging.LogRecord) -> None:  # the capture of the root logger
-            said.append(record.getMessage())
-            if said[-1].startswith("predict "):  # the run's cluster is up by then
-                ports.append(get_client().scheduler_info()["services"].get("dashboard"))
+    def note_port(message: str) -> None:
+        if message.startswith("predict "):  # the run's cluster is up by then
+            ports.append(get_client().scheduler_info()["services"].get("dashboard"))
 
-    log, note = logging.getLogger("geoseg"), Note(logging.INFO)
-    level = log.level
-    log.addHandler(note)
-    log.setLevel(logging.INFO)
-    try:
-        predict_scene(random_bundle, SCENE, tmp_path / "c.tif", window=64)
-    finally:
-        log.removeHandler(note)
-        log.setLevel(level)
+    geoseg_log.hooks.append(note_port)
+    predict_scene(random_bundle, SCENE, tmp_path / "c.tif", window=64)
+    said = geoseg_log.messages
     assert any(m.startswith("small enough to run in this process") for m in said), said
     assert not any("dashboard" in m for m in said), said
     assert ports and ports[0] != 8787  # its web server took a free port

@@ -188,38 +188,24 @@ def test_a_retrained_model_of_the_same_shape_is_not_measured_again(
         dask_client.run(lambda: __import__("os").environ.pop("GEOSEG_CACHE", None))
 
 
-def test_the_first_measurement_is_said_before_it_starts(random_bundle, tmp_path, monkeypatch):
+def test_the_first_measurement_is_said_before_it_starts(
+    random_bundle, tmp_path, monkeypatch, geoseg_log
+):
     """The first run of a model shape on a machine spent 6.5 s (a 4096² scene, the default
     U-Net) measuring it, with nothing on the screen between "small enough to run in this
     process" and the window chosen; a run that reads the speeds kept says nothing of it."""
-    import logging
-
     from geoseg.stages.predict import predict_scene
 
     monkeypatch.setenv("GEOSEG_CACHE", str(tmp_path / "cache"))
-    said: list[str] = []
-
-    class Note(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            said.append(record.getMessage())
-
-    log, note = logging.getLogger("geoseg"), Note(logging.INFO)
-    level = log.level
-    log.addHandler(note)
-    log.setLevel(logging.INFO)
-    try:
-        predict_scene(random_bundle, SCENE, tmp_path / "a.tif")
-        first = list(said)
-        said.clear()
-        predict_scene(random_bundle, SCENE, tmp_path / "b.tif")
-    finally:
-        log.removeHandler(note)
-        log.setLevel(level)
+    predict_scene(random_bundle, SCENE, tmp_path / "a.tif")
+    first = list(geoseg_log.messages)
+    geoseg_log.messages.clear()
+    predict_scene(random_bundle, SCENE, tmp_path / "b.tif")
     measuring = [i for i, m in enumerate(first) if m.startswith("window auto: measuring")]
     chosen = [i for i, m in enumerate(first) if m.startswith("window auto: ") and " px, batch" in m]
     assert measuring and chosen and measuring[0] < chosen[0], first
     assert "256, 384, 512 px" in first[measuring[0]]  # up to the window that holds the scene
-    assert not any(m.startswith("window auto: measuring") for m in said), said
+    assert not any(m.startswith("window auto: measuring") for m in geoseg_log.messages)
 
 
 def test_window_auto_counts_the_threads_of_an_in_process_worker(
