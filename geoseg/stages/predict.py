@@ -274,7 +274,7 @@ def _auto_window(
     client: Any,
     b: Bundle,
     bundle_path: str,
-    layouts: list[_Layout],
+    sizes: list[tuple[int, int]],
     outs: list[Path],
     opts: PredictOptions,
     auto: _Auto,
@@ -284,8 +284,10 @@ def _auto_window(
     """``opts`` with the window (and, unless given, the batch) chosen for throughput: the
     model's speed is measured on one worker (or read from the cache there), and the window
     that maps the scenes soonest on the cluster's workers is taken
-    (:func:`geoseg.tuning.choose`)."""
+    (:func:`geoseg.tuning.choose`). ``sizes``: those of the grids the windows lie on
+    (:func:`_piece_sizes`)."""
     step = _model_step(b)
+    whole = covering(sizes, step)
 
     def overlap_for(w: int) -> int:
         return auto.overlap if auto.overlap is not None else default_overlap(b, w)
@@ -299,11 +301,10 @@ def _auto_window(
             opts,
             window=kept,
             overlap=ovl,
-            blend=_blend_for(auto.blend, b, ovl, kept >= _holding_window(b, layouts)),
+            blend=_blend_for(auto.blend, b, ovl, kept >= whole),
             batch_size=opts.batch_size,  # the device's default for that window
         )
 
-    sizes = _piece_sizes(layouts, step)
     windows = measured_windows(sizes, auto.overlap if auto.overlap is not None else b.overlap)
     if getattr(client, "cluster", None) is not None and not _speeds_kept(b):
         # a cluster of this machine shares its cache: say what the silence is about
@@ -334,7 +335,7 @@ def _auto_window(
             f"(measured: {', '.join(map(str, windows))} px); pass a smaller overlap or "
             f"{option('--window', None)}"
         ) from None
-    holds = choice.window >= covering(sizes, step)
+    holds = choice.window >= whole
     blend = _blend_for(auto.blend, b, choice.overlap, holds)
     if not holds:
         _warn_overlap(b, choice.window, choice.overlap, auto.overlap is not None)
@@ -375,13 +376,6 @@ def _stopped_window(outs: list[Path], bundle_hash: str) -> int | None:
         if isinstance(run, dict) and run.get("bundle") == bundle_hash and run.get("window"):
             return int(run["window"])
     return None
-
-
-def _holding_window(b: Bundle, layouts: list[_Layout]) -> int:
-    """The smallest window on the model's stride that holds every scene (or mosaic share)
-    whole: a larger one only computes padding."""
-    step = _model_step(b)
-    return covering(_piece_sizes(layouts, step), step)
 
 
 def _piece_sizes(layouts: list[_Layout], step: int) -> list[tuple[int, int]]:
@@ -599,7 +593,9 @@ def predict_scenes(
         _check_scene(b, profile, allow_no_crs=allow_no_crs, polygons=polygons)
     _compare_scenes(b, profiles, strict=strict)
     layouts = region.layouts(profiles)
-    whole = _holding_window(b, layouts)
+    # the grids the windows lie on; no window need be larger than the one that holds them
+    sizes = _piece_sizes(layouts, _model_step(b))
+    whole = covering(sizes, _model_step(b))
     if win > whole:
         log.info(
             "window %d px is larger than the scene%s: predicting with %d px, which holds %s whole",
@@ -625,7 +621,7 @@ def predict_scenes(
             return _run(
                 b, bundle, plans, layouts, outs, polygon_outs, locks, opts,
                 polygon_settings=(min_area, simplify), client=client, workers=workers,
-                scheduler=scheduler, overwrite=overwrite, auto=auto,
+                scheduler=scheduler, overwrite=overwrite, auto=auto, sizes=sizes,
             )  # fmt: skip
         except KeyboardInterrupt:
             raise Interrupted(_progress_note(plans)) from None
@@ -761,9 +757,10 @@ def _run(
     scheduler: str | None,
     overwrite: bool,
     auto: _Auto | None = None,
+    sizes: list[tuple[int, int]],
 ) -> list[PredictResult]:
     """Plan the blocks of every scene (``plans`` is filled as they are made), run them and
-    assemble the outputs."""
+    assemble the outputs. ``sizes``: those of the grids the windows lie on."""
     for layout, out in zip(layouts, outs):
         _check_touching(layout, out)
         _lock_parts(out, locks)  # before any cluster starts: a second run is refused at once
@@ -788,7 +785,7 @@ def _run(
             resources = task_resources(client, opts.device, blocks=True)
             if auto is not None:
                 opts = _auto_window(
-                    client, b, bundle_path, layouts, outs, opts, auto, resources, overwrite
+                    client, b, bundle_path, sizes, outs, opts, auto, resources, overwrite
                 )
             win, ovl, blend, probabilities = (
                 opts.window,
@@ -796,7 +793,7 @@ def _run(
                 opts.blend,
                 opts.probabilities,
             )
-            whole = _holding_window(b, layouts)
+            whole = covering(sizes, _model_step(b))
             targets = [lay.target for lay in layouts]
             opts = replace(opts, block=opts.block or default_block(targets, workers, client))
             settings = opts.run_settings(b.hash)
