@@ -23,13 +23,17 @@ def check_blend(mode: str) -> str:
     return mode
 
 
-def resolve_blend(mode: str, receptive_field: int | None, overlap: int) -> str:
+def resolve_blend(
+    mode: str, receptive_field: int | None, overlap: int, *, holds: bool = False
+) -> str:
     """``auto``: ``trim`` when the overlap covers the model's receptive field (the tiled map then
-    equals a whole-scene prediction), else ``gaussian``."""
+    equals a whole-scene prediction) or a window ``holds`` each scene whole (nothing to
+    blend), else ``gaussian``."""
     check_blend(mode)
     if mode != "auto":
         return mode
-    return "trim" if receptive_field is not None and overlap >= receptive_field - 1 else "gaussian"
+    covered = receptive_field is not None and overlap >= receptive_field - 1
+    return "trim" if holds or covered else "gaussian"
 
 
 @lru_cache(maxsize=8)

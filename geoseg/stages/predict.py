@@ -301,7 +301,7 @@ def _auto_window(
             opts,
             window=kept,
             overlap=ovl,
-            blend=_blend_for(auto.blend, b, ovl, kept >= whole),
+            blend=resolve_blend(auto.blend, b.contract.receptive_field, ovl, holds=kept >= whole),
             batch_size=opts.batch_size,  # the device's default for that window
         )
 
@@ -336,7 +336,7 @@ def _auto_window(
             f"{option('--window', None)}"
         ) from None
     holds = choice.window >= whole
-    blend = _blend_for(auto.blend, b, choice.overlap, holds)
+    blend = resolve_blend(auto.blend, b.contract.receptive_field, choice.overlap, holds=holds)
     if not holds:
         _warn_overlap(b, choice.window, choice.overlap, auto.overlap is not None)
     log.info(
@@ -605,7 +605,9 @@ def predict_scenes(
         if overlap is not None and overlap >= win:
             overlap = win // 2  # one window a scene: no neighbour to overlap
     ovl = overlap if overlap is not None else default_overlap(b, win) if win else 0
-    blend = _blend_for(blend, b, ovl, win >= whole) if win else blend
+    blend = (
+        resolve_blend(blend, b.contract.receptive_field, ovl, holds=win >= whole) if win else blend
+    )
     if win and win < whole:
         _warn_overlap(b, win, ovl, overlap is not None)
     opts = PredictOptions(
@@ -1215,14 +1217,6 @@ def _warn_overlap(b: Bundle, window: int, overlap: int, given: bool) -> None:
         f"can show faint seams along window edges; {fix}",
         stacklevel=3,
     )
-
-
-def _blend_for(asked: str, b: Bundle, overlap: int, holds: bool) -> str:
-    """The blend ``asked`` for, resolved: with ``auto``, trim where the overlap covers the
-    model's receptive field or a window ``holds`` each scene whole (nothing to blend)."""
-    if holds and asked == "auto":
-        return "trim"
-    return resolve_blend(asked, b.contract.receptive_field, overlap)
 
 
 def _overlap_note(b: Bundle, window: int, overlap: int, source: str, holds: bool) -> str:
