@@ -107,6 +107,7 @@ from geoseg.tasks.predict import (
     resolve_device,
     resolve_precision,
     share_bundle,
+    speeds_kept,
     take_piece,
     window_rates,
 )
@@ -119,7 +120,6 @@ from geoseg.tuning import (
     cache_path,
     choose,
     covering,
-    load_cache,
     measured_windows,
 )
 
@@ -306,7 +306,7 @@ def _auto_window(
         )
 
     windows = measured_windows(sizes, auto.overlap if auto.overlap is not None else b.overlap)
-    if getattr(client, "cluster", None) is not None and not _speeds_kept(b):
+    if getattr(client, "cluster", None) is not None and not speeds_kept(b):
         # a cluster of this machine shares its cache: say what the silence is about
         log.info(
             "window auto: measuring the model's speed on a worker at windows of %s px (once "
@@ -359,11 +359,6 @@ def _auto_window(
         blend=blend,
         batch_size=opts.batch_size or choice.batch,
     )
-
-
-def _speeds_kept(b: Bundle) -> bool:
-    """Whether this machine's cache holds speeds of ``b``'s model shape (on any device)."""
-    return any(k.startswith(f"shape={b.shape_key}|") for k in load_cache(cache_path()))
 
 
 def _stopped_window(outs: list[Path], bundle_hash: str) -> int | None:

@@ -40,6 +40,7 @@ from geoseg.tuning import (
     Rate,
     cache_path,
     cached_rates,
+    load_cache,
     save_cache,
     stop_measuring,
 )
@@ -326,6 +327,16 @@ def _device_name(device: str) -> str:
     return platform.processor() or platform.machine()
 
 
+def _shape_part(bundle: Bundle) -> str:
+    """The first part of a measurement's key in the cache: the model's shape."""
+    return f"shape={bundle.shape_key}"
+
+
+def speeds_kept(bundle: Bundle) -> bool:
+    """Whether this machine's cache holds speeds of ``bundle``'s model shape (on any device)."""
+    return any(k.split("|", 1)[0] == _shape_part(bundle) for k in load_cache(cache_path()))
+
+
 def window_rates(
     bundle_path: str,
     windows: list[tuple[int, int]],
@@ -336,14 +347,15 @@ def window_rates(
 ) -> list[Rate]:
     """The model's speed at ``windows`` (``(window, overlap)`` pairs) on this worker (a Dask
     task), from the measurement cache (:func:`geoseg.tuning.cache_path`: by the model's shape,
-    not its weights, and the device) or measured now and cached: for each window, a few batch sizes (more on a GPU), each timed over forward passes
-    of random windows, softmax and argmax included, after one pass to warm up. Windows are
+    not its weights, and the device) or measured now and cached: for each window, a few batch
+    sizes (more on a GPU), each timed over forward passes of random windows, softmax and
+    argmax included, after one pass to warm up. Windows are
     measured from the smallest up, and no further once larger ones stop paying
     (:func:`geoseg.tuning.stop_measuring`), one runs out of memory, or ``budget_s`` seconds
     have gone; those left out are recorded as tried (speed 0), so they are not tried again."""
     dev, prec, bundle = _setup(device, precision, bundle_path)
     key = "|".join(
-        [f"shape={bundle.shape_key}", dev, prec, _device_name(dev),
+        [_shape_part(bundle), dev, prec, _device_name(dev),
          f"threads={torch.get_num_threads()}",
          f"torch={torch.__version__}"]
     )  # fmt: skip
