@@ -61,9 +61,10 @@ class GeosegLog:
 @pytest.fixture
 def geoseg_log() -> Iterator[GeosegLog]:
     """The messages geoseg logs at INFO and above during the test, caught on geoseg's own
-    logger: a Dask cluster made inside the call stops pytest's ``caplog`` (on the root logger)
-    from seeing them. Each of ``hooks`` is called with every message as it is logged, while the
-    run that logs it is still going."""
+    logger: while a cluster in the calling process runs (``silence_logs=ERROR``), Dask raises
+    the root logger's stream handlers, ``caplog``'s among them, to ERROR, so ``caplog`` misses
+    them. Each of ``hooks`` is called with every message as it is logged, while the run that
+    logs it is still going."""
     import logging
 
     seen = GeosegLog()
