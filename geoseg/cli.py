@@ -384,7 +384,7 @@ Example:
     show_default=True,
     help="Train this many models (seeds SEED, SEED+1, ...; each kept as NAME.memberK.bundle) "
     "and write the bundle of their mean probabilities: every window then runs each. On "
-    "held-out NC two scored mIoU 0.308-0.324, three 0.317-0.330, one 0.290-0.316 by its seed.",
+    "held-out NC two scored mIoU 0.289-0.324, three 0.292-0.330, one 0.274-0.316 by its seed.",
 )
 @click.option(
     "--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"])

@@ -835,9 +835,9 @@ def train(
         ``output`` as ``NAME.memberK.bundle`` (with its checkpoint and log), and write to
         ``output`` the bundle that predicts their mean class probabilities
         (:func:`geoseg.bundle.combine_bundles`). Every window then runs every member. On NC's
-        held-out east every pair of five default seeds scored mIoU 0.308-0.324 and every
-        triple 0.317-0.330, where one model scored 0.290-0.316 by its seed
-        (benchmarks/README.md).
+        held-out east every pair of the default seeds 0-4 scored mIoU 0.308-0.324 and every
+        triple 0.317-0.330, but seeds 7 and 8 together 0.289 and 7-9 0.292; one model scored
+        0.274-0.316 over ten seeds (benchmarks/README.md).
     resume
         A checkpoint of an earlier run with the same settings: training continues after its
         last finished epoch. With ``members``, a member's checkpoint: the members before it
