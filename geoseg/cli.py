@@ -404,9 +404,9 @@ def train(
     quiet: bool,
     **kw: Any,
 ) -> None:
-    """Train a model on each SCENE with its LABELS (a class raster on the scene's grid, or a
-    vector file), given in the same order: scenes first, then as many label files. A SCENE may
-    be band files joined by commas or a STAC item, as for predict.
+    """Train a model on each SCENE with its LABELS (a class raster on the scene's pixel grid, of
+    any extent, or a vector file), given in the same order: scenes first, then as many label
+    files. A SCENE may be band files joined by commas or a STAC item, as for predict.
 
     Writes the bundle (the best epoch by validation mIoU, or the last), a checkpoint after every
     epoch (NAME.checkpoint) and a log line per epoch (NAME.log.jsonl)."""

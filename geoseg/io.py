@@ -451,12 +451,45 @@ def check_same_grid(a: SceneProfile, b: SceneProfile, what: str, grid: str = "sc
     when they place the scene's centre within a tenth of a pixel of each other.
     """
     if a.shape != b.shape or not a.transform.almost_equals(b.transform, precision=1e-6):
+        raise _off_grid(a, b, what, grid)
+    _check_same_crs(a, b, what, grid)
+
+
+def grid_offset(
+    a: SceneProfile, b: SceneProfile, what: str, grid: str = "scene"
+) -> tuple[int, int]:
+    """``(row, col)`` of ``a``'s first pixel in ``b``, where ``b`` shares ``a``'s pixels (the same
+    size, orientation and edges, and in effect CRS) over any extent that overlaps it: a label
+    raster of a larger area than the scene, cut to another extent, or the scene itself
+    (``(0, 0)``). Raise a :class:`GridMismatchError` unless it does (as :func:`check_same_grid`)."""
+    ta, tb = a.transform, b.transform
+    same_pixels = all(
+        np.isclose(x, y, rtol=1e-6, atol=1e-9 * max(abs(ta.a), abs(ta.e)))
+        for x, y in ((ta.a, tb.a), (ta.b, tb.b), (ta.d, tb.d), (ta.e, tb.e))
+    )
+    col, row = ~tb * (ta.c, ta.f)
+    r, c = round(row), round(col)
+    if not same_pixels or abs(row - r) > 1e-3 or abs(col - c) > 1e-3:
+        raise _off_grid(a, b, what, grid)
+    _check_same_crs(a, b, what, grid)
+    if r >= b.height or c >= b.width or r + a.height <= 0 or c + a.width <= 0:
         raise GridMismatchError(
-            f"{what} {b.path!r} is not on the {grid}'s grid: it is {b.width}x{b.height} px with "
-            f"transform {tuple(b.transform)[:6]}, the {grid} {a.width}x{a.height} px with "
-            f"{tuple(a.transform)[:6]}; resample it onto the {grid}'s grid (gdalwarp -tr -te) "
-            f"or pass vector {what}"
+            f"{what} {b.path!r} lie on the {grid}'s pixel grid but do not overlap the {grid} "
+            f"{a.path!r}; pass {what} that cover it"
         )
+    return r, c
+
+
+def _off_grid(a: SceneProfile, b: SceneProfile, what: str, grid: str) -> GridMismatchError:
+    return GridMismatchError(
+        f"{what} {b.path!r} is not on the {grid}'s grid: it is {b.width}x{b.height} px with "
+        f"transform {tuple(b.transform)[:6]}, the {grid} {a.width}x{a.height} px with "
+        f"{tuple(a.transform)[:6]}; resample it onto the {grid}'s grid (gdalwarp -tr -te) "
+        f"or pass vector {what}"
+    )
+
+
+def _check_same_crs(a: SceneProfile, b: SceneProfile, what: str, grid: str) -> None:
     if a.crs and b.crs and a.crs != b.crs and not crs_equivalent(a, b.crs):
         raise GridMismatchError(
             f"{what} {b.path!r} is in {b.crs.to_string()!r}, the {grid} in "

@@ -12,7 +12,7 @@ import logging
 import os
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any
 
@@ -28,7 +28,7 @@ from geoseg.classes import CODE_RANGE, ClassInfo
 from geoseg.errors import ConfigError, LabelError, option
 from geoseg.io import (
     SceneProfile,
-    check_same_grid,
+    grid_offset,
     is_vector_path,
     raster_bounds,
     read_class_metadata,
@@ -61,14 +61,17 @@ _PALETTE = [
 
 @dataclass(frozen=True)
 class LabelSpec:
-    """Where labels come from: a class raster on the scene's grid, or a vector file with a
+    """Where labels come from: a class raster on the scene's pixel grid, or a vector file with a
     class field. Codes in ``ignore`` mean unlabelled; ``class_map`` turns codes into class ids
-    (``(code, id)`` pairs; codes it does not name stay as they are)."""
+    (``(code, id)`` pairs; codes it does not name stay as they are). ``offset``: the ``(row,
+    col)`` of the scene's first pixel in the raster, which may cover another extent (set by
+    :func:`check_labels`)."""
 
     path: str
     field: str | None = None
     ignore: tuple[int, ...] = ()
     class_map: tuple[tuple[int, int], ...] = ()
+    offset: tuple[int, int] = (0, 0)
 
     @property
     def is_vector(self) -> bool:
@@ -149,6 +152,9 @@ def read_codes(
             fill=-1,
             dtype="int32",
         )
+    if spec.offset != (0, 0):  # the same pixels, in a raster of another extent
+        r, c = spec.offset
+        window = Window(window.col_off + c, window.row_off + r, window.width, window.height)
     with contextlib.ExitStack() as stack:
         if src is None:
             src = stack.enter_context(rasterio.open(spec.path))
@@ -219,8 +225,20 @@ def check_labels(
         if not gdf.intersects(_box(*raster_bounds(scene))).any():
             raise LabelError(f"{what} {spec.path!r} do not overlap the {grid} {scene.path!r}")
     else:
-        check_same_grid(scene, read_profile(spec.path, what), what, grid)
-        check_codes(spec, raster_values(spec.path), what)
+        labels = read_profile(spec.path, what)
+        r, c = grid_offset(scene, labels, what, grid)
+        if (r, c) != (0, 0) or labels.shape != scene.shape:
+            log.info(
+                "%s %s: %dx%d px on the %s's pixel grid; the %s's %dx%d px read from row %d, "
+                "column %d",
+                what, spec.path, labels.width, labels.height, grid, grid, scene.width,
+                scene.height, r, c,
+            )  # fmt: skip
+        spec = replace(spec, offset=(r, c))
+        inside = Window(c, r, scene.width, scene.height).intersection(
+            Window(0, 0, labels.width, labels.height)
+        )
+        check_codes(spec, raster_values(spec.path, inside), what)
     return spec
 
 
@@ -246,14 +264,18 @@ def _say_field(path: str, what: str, field: str, values: Any) -> None:
         )
 
 
-def raster_values(path: str) -> np.ndarray:
+def raster_values(path: str, within: Window | None = None) -> np.ndarray:
     """Every distinct value of a label raster's first band outside its nodata (and NaN), read
-    block by block, as float64."""
+    block by block, as float64; only inside ``within`` when given."""
     from geoseg.tiling import block_windows
 
     found: set[float] = set()
     with rasterio.open(path) as src:
-        for win in block_windows(src.height, src.width, 2048):
+        area = within or Window(0, 0, src.width, src.height)
+        for win in block_windows(int(area.height), int(area.width), 2048):
+            win = Window(
+                win.col_off + area.col_off, win.row_off + area.row_off, win.width, win.height
+            )
             a = src.read(1, window=win, masked=True)
             v = a.compressed()
             if v.dtype.kind == "f":

@@ -258,3 +258,30 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip)
+
+
+def labels_on_a_wider_grid(folder, pad, outside_code=250, shift=(0.0, 0.0)) -> str:
+    """The NC labels inside a raster ``pad`` = (top, left, bottom, right) px larger on the same
+    pixel grid (moved by ``shift`` pixels, to make one off the grid), the margin nodata but for
+    ``outside_code`` in its last column: a code the class list lacks, so reading it is seen."""
+    top, left, bottom, right = pad
+    with rasterio.open(LABELS) as src:
+        data, prof = src.read(1), src.profile
+    out = np.full((data.shape[0] + top + bottom, data.shape[1] + left + right), prof["nodata"])
+    out = out.astype(data.dtype)
+    out[top : top + data.shape[0], left : left + data.shape[1]] = data
+    out[:, -1] = outside_code
+    prof.update(
+        width=out.shape[1],
+        height=out.shape[0],
+        transform=prof["transform"]
+        * rasterio.Affine.translation(-left + shift[1], -top + shift[0]),
+        tiled=False,
+    )
+    prof.pop("blockxsize", None), prof.pop("blockysize", None)
+    path = folder / f"labels_{top}_{left}_{bottom}_{right}_{shift[0]}.tif"
+    with rasterio.open(path, "w", **prof) as dst:
+        dst.write(out, 1)
+        with rasterio.open(LABELS) as src:
+            dst.update_tags(**src.tags())
+    return str(path)

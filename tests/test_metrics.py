@@ -12,7 +12,7 @@ from geoseg.io import read_vector
 from geoseg.scoring import scores
 from geoseg.stages.evaluate import evaluate
 
-from .conftest import EAST, LABELS, REGIONS, iguazu_index_classes, shared
+from .conftest import EAST, LABELS, REGIONS, iguazu_index_classes, labels_on_a_wider_grid, shared
 
 
 def _arrays(classes_path):
@@ -60,6 +60,15 @@ def test_block_size_changes_no_number(nc_run, dask_client):
     a = evaluate(nc_run["classes"], LABELS, regions=REGIONS, block=100, client=dask_client)
     b = evaluate(nc_run["classes"], LABELS, regions=REGIONS, block=4096, client=dask_client)
     assert a == b
+
+
+def test_truth_of_a_larger_extent_on_the_map_grid_scores_as_the_cut_truth(
+    nc_run, tmp_path, dask_client
+):
+    wide = labels_on_a_wider_grid(tmp_path, (4, 9, 6, 2))
+    a = evaluate(nc_run["classes"], LABELS, block=100, client=dask_client)
+    b = evaluate(nc_run["classes"], wide, block=100, client=dask_client)
+    assert a.overall == b.overall and a.overall.pixels > 100_000
 
 
 def test_scores_by_hand():

@@ -28,7 +28,7 @@ from geoseg.tasks.sampling import (
     pixel_bounds,
 )
 
-from .conftest import EAST, LABELS, SCENE, WEST, shared
+from .conftest import EAST, LABELS, SCENE, WEST, labels_on_a_wider_grid, shared
 
 
 def test_bundle_carries_the_whole_contract(nc_run):
@@ -533,3 +533,27 @@ def test_batches_drawn_ahead_are_the_batches_drawn_in_turn():
     assert n <= 9  # the two batches taken and at most the one drawn ahead
     time.sleep(0.05)
     assert stopped.n == n  # nothing drew after the close
+
+
+def test_a_label_raster_of_a_larger_extent_on_the_scene_grid_trains_as_the_scene_sized_one(
+    tmp_path, dask_client
+):
+    """A land-cover map of a wider area on the scene's pixel grid (as cut from a national map)
+    is read at the scene's pixels: the same model as with the labels cut to the scene, the
+    code in its margin never read; off the grid by half a pixel, or beside the scene, it is
+    refused with one line."""
+    wide = labels_on_a_wider_grid(tmp_path, (7, 5, 3, 4))
+    run = {k: v for k, v in TINY_RUN.items() if k != "within"}
+    train(SCENE, LABELS, tmp_path / "cut.bundle", **run, client=dask_client)
+    train(SCENE, wide, tmp_path / "wide.bundle", **run, client=dask_client)
+    cut, got = load_bundle(tmp_path / "cut.bundle"), load_bundle(tmp_path / "wide.bundle")
+    assert cut.contract.training["class_pixels"] == got.contract.training["class_pixels"]
+    for k, v in cut.model.state_dict().items():
+        assert torch.equal(v, got.model.state_dict()[k]), k
+    half = labels_on_a_wider_grid(tmp_path, (7, 5, 3, 4), shift=(0.5, 0.0))
+    with pytest.raises(GridMismatchError, match="is not on the scene's grid"):
+        train(SCENE, half, tmp_path / "half.bundle", **run, client=dask_client)
+    beside = labels_on_a_wider_grid(tmp_path, (0, 0, 0, 0), shift=(0.0, 600.0))
+    with pytest.raises(GridMismatchError, match="do not overlap the scene"):
+        train(SCENE, beside, tmp_path / "beside.bundle", **run, client=dask_client)
+    assert not list(tmp_path.glob("half.bundle*")) and not list(tmp_path.glob("beside.bundle*"))
