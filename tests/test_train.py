@@ -330,8 +330,9 @@ def test_a_scene_smaller_than_the_default_window_trains_and_predicts(tmp_path, d
         train(tiny["scene"], tiny["labels"], tmp_path / "t.bundle", client=dask_client)
 
 
-def _float_crop(folder, crop, prefix: str) -> dict:
-    """The NC scene's bands 3-5 over ``crop`` as float reflectance (0-1), and its labels."""
+def _nc_crop(folder, crop, prefix: str, bands_as) -> dict:
+    """The NC scene over ``crop``, its bands as ``bands_as(bands read)`` makes them (the bands,
+    and what changes in the profile), and its labels over the same crop."""
     paths = {}
     for name, path in (("scene", SCENE), ("labels", LABELS)):
         with rasterio.open(path) as src:
@@ -342,12 +343,22 @@ def _float_crop(folder, crop, prefix: str) -> dict:
             }  # fmt: skip
         prof.pop("blockxsize", None), prof.pop("blockysize", None)
         if name == "scene":
-            data = data[[2, 3, 4]].astype("float32") / 255
-            prof.update(count=3, dtype="float32", nodata=None)
+            data, changes = bands_as(data)
+            prof.update(count=len(data), **changes)
         paths[name] = folder / f"{prefix}{name}.tif"
         with rasterio.open(paths[name], "w", **prof) as dst:
             dst.write(data)
     return paths
+
+
+def _float_crop(folder, crop, prefix: str) -> dict:
+    """The NC scene's bands 3-5 over ``crop`` as float reflectance (0-1), and its labels."""
+    return _nc_crop(
+        folder,
+        crop,
+        prefix,
+        lambda d: (d[[2, 3, 4]].astype("float32") / 255, {"dtype": "float32", "nodata": None}),
+    )
 
 
 def test_a_13_band_16_bit_scene_of_100_px_trains_and_predicts_at_the_defaults(
@@ -361,33 +372,23 @@ def test_a_13_band_16_bit_scene_of_100_px_trains_and_predicts_at_the_defaults(
 
     from geoseg.stages.predict import predict_scene
 
-    crop = Window(150, 150, 100, 100)
-    with rasterio.open(SCENE) as src:
-        six = src.read(window=crop).astype("float64")
-        prof = {
-            **src.profile, "width": 100, "height": 100, "count": 13, "dtype": "uint16",
-            "transform": src.window_transform(crop), "tiled": False, "nodata": 0,
-        }  # fmt: skip
-    with rasterio.open(LABELS) as src:
-        labels = src.read(1, window=crop)
-        lprof = {**src.profile, "width": 100, "height": 100, "tiled": False}
-        lprof["transform"] = src.window_transform(crop)
-    for p in (prof, lprof):
-        p.pop("blockxsize", None), p.pop("blockysize", None)
-    mixes = [six[i] for i in range(6)] + [
-        0.5 * (six[i] + six[(i + 1) % 6]) for i in range(6)  # more bands, as mixtures
-    ] + [six[3] - six[2] + 100]  # fmt: skip
-    bands = np.stack([np.clip(m * 35 + 100 * i, 1, 10_000) for i, m in enumerate(mixes)])
-    scene, truth = tmp_path / "s2.tif", tmp_path / "labels.tif"
-    with rasterio.open(scene, "w", **prof) as dst:
-        dst.write(bands.astype("uint16"))
-    with rasterio.open(truth, "w", **lprof) as dst:
-        dst.write(labels, 1)
+    def thirteen(six: np.ndarray) -> tuple[np.ndarray, dict]:
+        six = six.astype("float64")
+        mixes = [six[i] for i in range(6)] + [
+            0.5 * (six[i] + six[(i + 1) % 6]) for i in range(6)  # more bands, as mixtures
+        ] + [six[3] - six[2] + 100]  # fmt: skip
+        dn = np.stack([np.clip(m * 35 + 100 * i, 1, 10_000) for i, m in enumerate(mixes)])
+        return dn.astype("uint16"), {"dtype": "uint16", "nodata": 0}
+
+    paths = _nc_crop(tmp_path, Window(150, 150, 100, 100), "s2_", thirteen)
+    scene, truth = paths["scene"], paths["labels"]
+    with rasterio.open(scene) as src, rasterio.open(truth) as lab:
+        bands, labels = src.read(), lab.read(1)
     out = tmp_path / "m.bundle"
     train(scene, truth, out, epochs=4, client=dask_client)
     b = load_bundle(out)
     assert b.contract.training["window"] == 64 and len(b.contract.bands) == 13
-    own = bands.astype("uint16").reshape(13, -1).mean(axis=1)
+    own = bands.reshape(13, -1).mean(axis=1)
     np.testing.assert_allclose(b.contract.mean, own, rtol=0.01)  # each band's own, in DN
     r = predict_scene(out, scene, tmp_path / "c.tif", client=dask_client)
     assert r.valid_pixels == 100 * 100

@@ -589,8 +589,9 @@ def predict_scenes(
     _compare_scenes(b, profiles, strict=strict)
     layouts = region.layouts(profiles)
     # the grids the windows lie on; no window need be larger than the one that holds them
-    sizes = _piece_sizes(layouts, _model_step(b))
-    whole = covering(sizes, _model_step(b))
+    step = _model_step(b)
+    sizes = _piece_sizes(layouts, step)
+    whole = covering(sizes, step)
     if win > whole:
         log.info(
             "window %d px is larger than the scene%s: predicting with %d px, which holds %s whole",
